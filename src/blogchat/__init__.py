@@ -1,0 +1,1 @@
+"""blogchat: a blog with a Claude assistant readers can chat with."""

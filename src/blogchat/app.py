@@ -1,0 +1,199 @@
+"""The application: wires content, store, engine, sessions and hub into a FastAPI app."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from blogchat.content import Blog
+from blogchat.engines.base import AgentEngine
+from blogchat.engines.offline import OfflineEngine
+from blogchat.hub import Hub
+from blogchat.origins import origin_allowed
+from blogchat.personas import Personas, load_personas
+from blogchat.rendering import render_answer
+from blogchat.search import SearchIndex
+from blogchat.session import ChatSessions
+from blogchat.settings import Settings, load_settings
+from blogchat.store import Store
+from blogchat.tools import BlogTools
+from blogchat.visitors import Visitors
+from blogchat.web import api, pages, realtime
+from blogchat.web.identity import VisitorMiddleware
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "web" / "static"
+
+
+@dataclass(frozen=True)
+class Content:
+    """What the blog serves and the assistant knows, loaded and validated at start."""
+
+    blog: Blog
+    index: SearchIndex
+    tools: BlogTools
+    personas: Personas
+
+
+def load_content(settings: Settings) -> Content:
+    """Load posts, authors and personas; raises ContentError or PersonaError when broken."""
+    blog = Blog.load(settings.content_dir)
+    index = SearchIndex.build(blog)
+    tools = BlogTools(blog, index)
+    personas = load_personas(settings.personas_file, tools.names)
+    return Content(blog, index, tools, personas)
+
+
+def make_engine(settings: Settings, content: Content) -> AgentEngine:
+    """Claude when credentials are configured, otherwise the offline engine."""
+    if settings.claude_enabled:
+        from blogchat.engines.claude import ClaudeEngine
+
+        return ClaudeEngine(settings, content.tools)
+    return OfflineEngine(content.tools, tokens_per_second=settings.offline_tokens_per_second)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; everything that needs I/O happens in its lifespan."""
+    settings = settings or load_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        content = load_content(settings)
+        store = await Store.open(settings.database, schema=settings.database_schema)
+        interrupted = await store.chats.mark_interrupted_turns()
+        if interrupted:
+            log.warning("marked %d answer(s) cut off by a crash as incomplete", interrupted)
+        engine = make_engine(settings, content)
+        log.info(
+            "engine: %s%s",
+            engine.name,
+            "" if settings.claude_enabled else " (no ANTHROPIC_API_KEY: answers come from search)",
+        )
+        sessions = ChatSessions(
+            store,
+            engine,
+            content.personas,
+            render_answer,
+            idle_seconds=settings.session_idle_seconds,
+        )
+        visitors = Visitors(store, settings.signing_key())
+        hub = Hub(
+            settings=settings,
+            store=store,
+            visitors=visitors,
+            sessions=sessions,
+            personas=content.personas,
+        )
+        state = app.state
+        state.settings = settings
+        state.blog = content.blog
+        state.search = content.index
+        state.tools = content.tools
+        state.personas = content.personas
+        state.store = store
+        state.engine = engine
+        state.sessions = sessions
+        state.visitors = visitors
+        state.hub = hub
+        sessions.start()
+        try:
+            yield
+        finally:
+            await hub.close_all()
+            await sessions.aclose()
+            await engine.aclose()
+            await store.close()
+
+    app = FastAPI(
+        title="blogchat",
+        summary="A blog with an assistant readers can chat with.",
+        lifespan=lifespan,
+        docs_url="/api/docs",
+        redoc_url=None,
+        openapi_url="/api/openapi.json",
+    )
+    app.state.settings = settings
+    app.add_middleware(OriginGuard, settings=settings)
+    app.add_middleware(VisitorMiddleware)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.include_router(api.router)
+    app.include_router(realtime.router)
+    app.include_router(pages.router)
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    return app
+
+
+class OriginGuard:
+    """Refuses cross-site form and API writes (a browser always sends Origin with them)."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
+            request = Request(scope)
+            origin = request.headers.get("origin")
+            if origin is not None and not origin_allowed(
+                origin,
+                scheme=request.url.scheme,
+                host=request.headers.get("host"),
+                allowed=self.settings.allowed_origins,
+            ):
+                response = JSONResponse(
+                    {"detail": "Cross-site requests are not allowed.", "code": "forbidden"},
+                    status_code=403,
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _wants_json(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    if _wants_json(request) or not hasattr(request.state, "visitor"):
+        return JSONResponse(
+            {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
+        )
+    return pages.render(
+        request,
+        "error.html",
+        status_code=exc.status_code,
+        status=exc.status_code,
+        message=exc.detail,
+    )
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    errors = exc.errors()
+    if any(error.get("type") == "json_invalid" for error in errors):
+        return JSONResponse(
+            {"detail": "The request body is not valid JSON.", "code": "bad_request"},
+            status_code=400,
+        )
+    problems = []
+    for error in errors:
+        location = [str(part) for part in error.get("loc", ()) if part != "body"]
+        field = ".".join(location) or "body"
+        problems.append({"field": field, "message": error.get("msg", "invalid")})
+    summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
+    return JSONResponse(
+        {"detail": f"Invalid request: {summary}", "code": "bad_request", "errors": problems},
+        status_code=422,
+    )

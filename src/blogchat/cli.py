@@ -1,0 +1,119 @@
+"""The `blogchat` command: `serve` the blog, `db upgrade` the schema, `check` the content."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+from fastapi import FastAPI
+
+from blogchat.content import ContentError
+from blogchat.personas import PersonaError
+from blogchat.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("blogchat")
+
+
+def uvicorn_config(app: FastAPI, settings: Settings, *, host: str, port: int) -> uvicorn.Config:
+    """The server configuration `blogchat serve` uses (tests start servers with it too)."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        # Frames up to this size reach the hub, which answers an oversize one with a
+        # `too_large` error and keeps the connection; beyond it the server closes with 1009.
+        ws_max_size=max(4 * settings.max_frame_bytes, 1 << 20),
+        ws_ping_interval=settings.ws_ping_interval,
+        ws_ping_timeout=settings.ws_ping_interval,
+        proxy_headers=True,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=5,
+        lifespan="on",
+    )
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    # Migrations announce every plugin they load; only their problems are news.
+    logging.getLogger("alembic").setLevel(
+        max(logging.WARNING, logging.getLevelName(settings.log_level))
+    )
+
+
+def _serve(settings: Settings, host: str, port: int) -> int:
+    from blogchat.app import create_app, load_content
+
+    content = load_content(settings)  # fail fast, with a clear message, on broken content
+    log.info(
+        "serving %d posts by %d authors on http://%s:%d",
+        len(content.blog.posts),
+        len(content.blog.authors),
+        host,
+        port,
+    )
+    uvicorn.Server(uvicorn_config(create_app(settings), settings, host=host, port=port)).run()
+    return 0
+
+
+def _upgrade(settings: Settings) -> int:
+    from blogchat.store import Store
+
+    async def run() -> None:
+        store = await Store.open(settings.database, schema=settings.database_schema)
+        await store.close()
+
+    asyncio.run(run())
+    log.info("database is up to date")
+    return 0
+
+
+def _check(settings: Settings) -> int:
+    from blogchat.app import load_content
+
+    content = load_content(settings)
+    print(
+        f"ok: {len(content.blog.posts)} posts, {len(content.blog.authors)} authors, "
+        f"{len(content.personas)} personas"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `blogchat` console script."""
+    parser = argparse.ArgumentParser(prog="blogchat", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the blog and the chat")
+    serve.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    db = commands.add_parser("db", help="database maintenance")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    db_commands.add_parser("upgrade", help="apply pending migrations")
+    commands.add_parser("check", help="validate settings, content and personas")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"blogchat: {exc}", file=sys.stderr)
+        return 2
+    _configure_logging(settings)
+    try:
+        if args.command == "serve":
+            return _serve(settings, args.host, args.port)
+        if args.command == "db":
+            return _upgrade(settings)
+        return _check(settings)
+    except (ContentError, PersonaError) as exc:
+        print(f"blogchat: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

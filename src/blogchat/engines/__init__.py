@@ -1,0 +1,1 @@
+"""Agent engines: the Claude Agent SDK engine and the offline engine."""

@@ -1,0 +1,60 @@
+"""Model policy: which model aliases exist, what they map to, and who may use them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, Literal, get_args
+
+from blogchat.protocol import ModelAlias
+from blogchat.settings import Settings
+
+ALIASES: Final[tuple[ModelAlias, ...]] = get_args(ModelAlias)
+DEFAULT_MODEL: Final[ModelAlias] = "haiku"
+ANONYMOUS_MODELS: Final[frozenset[ModelAlias]] = frozenset({"haiku"})
+LABELS: Final[dict[ModelAlias, str]] = {"haiku": "Haiku", "sonnet": "Sonnet", "opus": "Opus"}
+
+Engine = Literal["claude", "offline"]
+
+
+class ModelNotAllowed(Exception):
+    """An anonymous visitor asked for a model other than haiku."""
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """A model as listed to a visitor by `GET /api/models`."""
+
+    id: ModelAlias
+    label: str
+    allowed: bool
+    model_id: str
+
+
+def model_id(settings: Settings, alias: ModelAlias) -> str:
+    """The configured provider model id behind an alias."""
+    return {
+        "haiku": settings.model_haiku,
+        "sonnet": settings.model_sonnet,
+        "opus": settings.model_opus,
+    }[alias]
+
+
+def allowed(alias: ModelAlias, *, anonymous: bool) -> bool:
+    """Whether a visitor may use a model: anonymous visitors get haiku only."""
+    return not anonymous or alias in ANONYMOUS_MODELS
+
+
+def check(alias: ModelAlias, *, anonymous: bool) -> None:
+    """Raise ModelNotAllowed when the visitor may not use the model."""
+    if not allowed(alias, anonymous=anonymous):
+        raise ModelNotAllowed(alias)
+
+
+def choices(settings: Settings, *, anonymous: bool) -> list[ModelChoice]:
+    """Every model alias with whether this visitor may pick it."""
+    return [
+        ModelChoice(
+            alias, LABELS[alias], allowed(alias, anonymous=anonymous), model_id(settings, alias)
+        )
+        for alias in ALIASES
+    ]

@@ -1,0 +1,363 @@
+"""The WebSocket protocol, version 1: one Pydantic model per message (see docs/protocol.md).
+
+Every frame in either direction goes through these models. Field names on the wire are
+camelCase; in Python they are snake_case.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+)
+from pydantic.alias_generators import to_camel
+
+PROTOCOL_VERSION = 1
+
+ModelAlias = Literal["haiku", "sonnet", "opus"]
+DoneReason = Literal["complete", "stopped", "max_turns", "error"]
+MessageStatus = Literal["complete", "stopped", "max_turns", "error", "incomplete"]
+ErrorCode = Literal[
+    "bad_request",
+    "unknown_type",
+    "too_large",
+    "not_found",
+    "forbidden",
+    "model_not_allowed",
+    "persona_unknown",
+    "persona_locked",
+    "model_error",
+    "internal",
+]
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+RequestId = Annotated[str, StringConstraints(max_length=128)]
+
+
+class WireModel(BaseModel):
+    """Base of every protocol model: camelCase on the wire, unknown fields refused."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+    )
+
+    def to_json(self) -> str:
+        """The frame for this message, without absent optional fields."""
+        return self.model_dump_json(by_alias=True, exclude_none=True)
+
+
+# --- client -> server ---------------------------------------------------------------------
+
+
+class Subscribe(WireModel):
+    """Receive a chat's events: its history first, or a replay after `afterSeq`."""
+
+    type: Literal["subscribe"]
+    chat_id: Id
+    after_seq: Annotated[int, Field(ge=0)] | None = None
+    request_id: RequestId | None = None
+
+
+class Unsubscribe(WireModel):
+    """Stop receiving a chat's events."""
+
+    type: Literal["unsubscribe"]
+    chat_id: Id
+    request_id: RequestId | None = None
+
+
+class Chat(WireModel):
+    """Send a user message, to an existing chat or (no chatId) to a new one."""
+
+    type: Literal["chat"]
+    chat_id: Id | None = None
+    client_message_id: Id
+    text: str
+    model: ModelAlias | None = None
+    persona: Id | None = None
+    request_id: RequestId | None = None
+
+
+class Stop(WireModel):
+    """Stop the chat's running turn gracefully."""
+
+    type: Literal["stop"]
+    chat_id: Id
+    request_id: RequestId | None = None
+
+
+class Ping(WireModel):
+    """Extension: ask for a `pong`, so a client can tell a live connection from a dead one."""
+
+    type: Literal["ping"]
+    request_id: RequestId | None = None
+
+
+ClientMessage = Annotated[Subscribe | Unsubscribe | Chat | Stop | Ping, Field(discriminator="type")]
+CLIENT_TYPES = frozenset({"subscribe", "unsubscribe", "chat", "stop", "ping"})
+_client_adapter: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
+
+
+# --- shared shapes -------------------------------------------------------------------------
+
+
+class Usage(WireModel):
+    """Tokens a turn consumed."""
+
+    input_tokens: int
+    output_tokens: int
+
+
+class ChatInfo(WireModel):
+    """A chat's summary, as in `subscribed.chat` and `GET /api/chats`."""
+
+    id: str
+    title: str
+    model: ModelAlias
+    persona: str
+    created_at: datetime
+    updated_at: datetime | None = None
+
+
+class ToolCallInfo(WireModel):
+    """A tool call inside a stored answer."""
+
+    tool_use_id: str
+    name: str
+    input: dict[str, Any]
+    output: str | None
+    is_error: bool
+
+
+class MessageInfo(WireModel):
+    """A message of a chat's history, as in `subscribed.messages` and `GET /api/chats/{id}`."""
+
+    id: str
+    role: Literal["user", "assistant"]
+    text: str
+    thinking: str | None = None
+    tool_calls: list[ToolCallInfo] = Field(default_factory=list)
+    status: MessageStatus
+    model: str | None = None
+    usage: Usage | None = None
+    created_at: datetime
+    # Extensions: the client's id of a user message; the rendered, sanitized HTML of a
+    # finished answer; the max-turns warning and the error of an answer; its seq range.
+    client_message_id: str | None = None
+    html: str | None = None
+    warning: str | None = None
+    error: str | None = None
+    seq_start: int | None = None
+    seq_end: int | None = None
+
+
+# --- server -> client ----------------------------------------------------------------------
+
+
+class Subscribed(WireModel):
+    """Answer to `subscribe`."""
+
+    type: Literal["subscribed"] = "subscribed"
+    chat_id: str
+    last_seq: int
+    busy: bool
+    chat: ChatInfo
+    messages: list[MessageInfo] | None = None
+    request_id: str | None = None
+
+
+class ChatCreated(WireModel):
+    """Answer to a `chat` with no chatId; the sender is now subscribed to the new chat."""
+
+    type: Literal["chat_created"] = "chat_created"
+    chat_id: str
+    client_message_id: str
+    model: ModelAlias
+    persona: str
+    request_id: str | None = None
+
+
+class UserMessage(WireModel):
+    """A user message was accepted (it runs now or waits in the queue)."""
+
+    type: Literal["user_message"] = "user_message"
+    chat_id: str
+    seq: int
+    message_id: str
+    client_message_id: str
+    text: str
+    # Extension: when it was accepted.
+    created_at: datetime | None = None
+
+
+class Thinking(WireModel):
+    """A piece of extended-thinking text."""
+
+    type: Literal["thinking"] = "thinking"
+    chat_id: str
+    seq: int
+    message_id: str
+    text: str
+
+
+class Token(WireModel):
+    """A piece of answer text."""
+
+    type: Literal["token"] = "token"
+    chat_id: str
+    seq: int
+    message_id: str
+    text: str
+
+
+class ToolUse(WireModel):
+    """The agent called a tool."""
+
+    type: Literal["tool_use"] = "tool_use"
+    chat_id: str
+    seq: int
+    message_id: str
+    tool_use_id: str
+    name: str
+    input: dict[str, Any]
+
+
+class ToolResult(WireModel):
+    """A tool finished."""
+
+    type: Literal["tool_result"] = "tool_result"
+    chat_id: str
+    seq: int
+    message_id: str
+    tool_use_id: str
+    output: str
+    is_error: bool
+
+
+class Done(WireModel):
+    """The turn ended."""
+
+    type: Literal["done"] = "done"
+    chat_id: str
+    seq: int
+    message_id: str
+    reason: DoneReason
+    model: str
+    usage: Usage
+    warning: str | None = None
+    # Extension: the finished answer rendered to sanitized HTML.
+    html: str | None = None
+
+
+class Error(WireModel):
+    """Something failed. It carries a seq only when it is part of a transcript."""
+
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    message: str
+    chat_id: str | None = None
+    seq: int | None = None
+    retryable: bool = False
+    request_id: str | None = None
+
+
+class Pong(WireModel):
+    """Extension: answer to `ping`."""
+
+    type: Literal["pong"] = "pong"
+    request_id: str | None = None
+
+
+TranscriptEvent = UserMessage | Thinking | Token | ToolUse | ToolResult | Done | Error
+ServerMessage = Annotated[
+    Subscribed
+    | ChatCreated
+    | UserMessage
+    | Thinking
+    | Token
+    | ToolUse
+    | ToolResult
+    | Done
+    | Error
+    | Pong,
+    Field(discriminator="type"),
+]
+_server_adapter: TypeAdapter[ServerMessage] = TypeAdapter(ServerMessage)
+
+
+# --- parsing -------------------------------------------------------------------------------
+
+
+class ProtocolError(Exception):
+    """A client frame that is not a valid message; becomes an `error` frame."""
+
+    def __init__(self, code: ErrorCode, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code: ErrorCode = code
+        self.message = message
+        self.request_id = request_id
+
+    def to_error(self) -> Error:
+        """The `error` message that answers the bad frame."""
+        return Error(code=self.code, message=self.message, request_id=self.request_id)
+
+
+def parse_client_message(frame: str) -> ClientMessage:
+    """Validate one client frame, or raise ProtocolError with the right error code."""
+    try:
+        raw = json.loads(frame)
+    except (json.JSONDecodeError, RecursionError):
+        raise ProtocolError("bad_request", "the frame is not valid JSON") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError("bad_request", "a message must be a JSON object")
+    request_id = raw.get("requestId")
+    if not isinstance(request_id, str) or len(request_id) > 128:
+        request_id = None
+    kind = raw.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("bad_request", "the message has no string `type`", request_id)
+    if kind not in CLIENT_TYPES:
+        shown = kind if len(kind) <= 40 else kind[:40] + "..."
+        raise ProtocolError("unknown_type", f"unknown message type {shown!r}", request_id)
+    try:
+        return _client_adapter.validate_python(raw)
+    except ValidationError as exc:
+        raise ProtocolError("bad_request", _describe(exc), request_id) from None
+
+
+def parse_server_message(frame: str | bytes) -> ServerMessage:
+    """Validate one server frame (used by tests and clients written in Python)."""
+    return _server_adapter.validate_json(frame)
+
+
+def _describe(exc: ValidationError) -> str:
+    error = exc.errors(include_url=False, include_input=False)[0]
+    # Drop the union tag ("chat") from the location so it reads as the field path.
+    path = [str(part) for part in error["loc"][1:]] or [str(p) for p in error["loc"]]
+    where = ".".join(path) or "message"
+    return f"invalid field `{where}`: {error['msg']}"
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema for every client and server message (served at /api/protocol.json)."""
+    client = _client_adapter.json_schema(by_alias=True, ref_template="#/$defs/{model}")
+    server = _server_adapter.json_schema(by_alias=True, ref_template="#/$defs/{model}")
+    defs = {**client.pop("$defs", {}), **server.pop("$defs", {})}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "blogchat WebSocket protocol",
+        "version": PROTOCOL_VERSION,
+        "$defs": defs,
+        "properties": {"clientMessage": client, "serverMessage": server},
+    }

@@ -1,0 +1,664 @@
+"""ChatSession: one per chat in use. It queues user messages, runs one turn at a time, and
+turns engine events into numbered transcript events that it logs, saves and fans out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from blogchat import protocol as wire
+from blogchat.engines.base import (
+    AgentEngine,
+    EngineEvent,
+    TextDelta,
+    ThinkingDelta,
+    ToolFinished,
+    ToolStarted,
+    TurnEnded,
+    TurnFailed,
+    TurnRequest,
+)
+from blogchat.eventlog import EventLog, Fanout, MemoryEventLog, MemoryFanout, Subscriber
+from blogchat.personas import Personas
+from blogchat.store import (
+    STREAMING,
+    ChatRecord,
+    MessageRecord,
+    Store,
+    ToolCallRecord,
+)
+from blogchat.store.chats import conversation_order
+from blogchat.store.tables import utcnow
+
+log = logging.getLogger(__name__)
+
+# Seqs are reserved in the database this many at a time, so that handing one out rarely
+# costs a write, and a crash never lets a seq be used twice.
+SEQ_BLOCK = 1000
+
+
+class SessionState(enum.Enum):
+    """Where a chat session is in its life."""
+
+    IDLE = "idle"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
+class SessionClosed(Exception):
+    """The session was closed (chat deleted, idle reclaim, shutdown)."""
+
+
+@dataclass(frozen=True)
+class SessionTimings:
+    """How often partial answers are saved, and how long a graceful stop may take."""
+
+    save_interval: float = 1.0
+    stop_grace: float = 1.6
+
+
+@dataclass
+class _PendingTurn:
+    user: MessageRecord
+    model_alias: wire.ModelAlias
+    model_id: str
+    anonymous: bool
+
+
+@dataclass
+class _Outcome:
+    reason: wire.DoneReason = "complete"
+    model: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    warning: str | None = None
+    failure: TurnFailed | None = None
+
+
+Renderer = Callable[[str], str]
+
+
+def message_info(record: MessageRecord, render: Renderer) -> wire.MessageInfo:
+    """A stored message as the protocol shows it in histories."""
+    finished = record.status != STREAMING
+    usage = None
+    if record.input_tokens is not None or record.output_tokens is not None:
+        usage = wire.Usage(
+            input_tokens=record.input_tokens or 0, output_tokens=record.output_tokens or 0
+        )
+    return wire.MessageInfo(
+        id=record.id,
+        role="user" if record.role == "user" else "assistant",
+        text=record.text,
+        thinking=record.thinking or None,
+        tool_calls=[
+            wire.ToolCallInfo(
+                tool_use_id=call.tool_use_id,
+                name=call.name,
+                input=call.input,
+                output=call.output,
+                is_error=call.is_error,
+            )
+            for call in record.tool_calls
+        ],
+        status="incomplete" if record.status == STREAMING else record.status,
+        model=record.model,
+        usage=usage,
+        created_at=record.created_at,
+        client_message_id=record.client_message_id,
+        html=render(record.text) if record.role == "assistant" and finished else None,
+        warning=record.warning,
+        error=record.error,
+        seq_start=record.seq_start,
+        seq_end=record.seq_end,
+    )
+
+
+def chat_info(chat: ChatRecord) -> wire.ChatInfo:
+    """A chat's row as the protocol shows it."""
+    return wire.ChatInfo(
+        id=chat.id,
+        title=chat.title,
+        model=chat.model,
+        persona=chat.persona,
+        created_at=chat.created_at,
+        updated_at=chat.updated_at,
+    )
+
+
+class ChatSession:
+    """The live state of one chat: its queue, its running turn, its log and subscribers."""
+
+    def __init__(
+        self,
+        chat: ChatRecord,
+        history: list[MessageRecord],
+        *,
+        store: Store,
+        engine: AgentEngine,
+        personas: Personas,
+        render: Renderer,
+        timings: SessionTimings,
+    ) -> None:
+        self.chat = chat
+        self.history = history
+        self.store = store
+        self.engine = engine
+        self.personas = personas
+        self.render = render
+        self.timings = timings
+        self.state = SessionState.IDLE
+        self.last_seq = chat.last_seq
+        self.log: EventLog = MemoryEventLog(chat.last_seq)
+        self.fanout: Fanout = MemoryFanout()
+        self.draft: MessageRecord | None = None
+        self.last_activity = time.monotonic()
+        self._reserved = chat.last_seq
+        self._queue: deque[_PendingTurn] = deque()
+        # Held while a seq is handed out and until its event is published, so that events
+        # reach the log and subscribers in seq order even when saving one takes a while.
+        self._lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self._consumer: asyncio.Task[_Outcome] | None = None
+        self._hard_stop: asyncio.TimerHandle | None = None
+        self._aborted = False
+        # Where the last finished turn began: the log keeps everything from there on.
+        self._last_turn_start: int | None = None
+
+    # --- queries ----------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """Whether a turn is running or waiting."""
+        return self.state is SessionState.RUNNING or bool(self._queue)
+
+    def messages(self) -> list[MessageRecord]:
+        """The transcript as published so far, including the running answer."""
+        records = list(self.history)
+        if self.draft is not None and self.draft.seq_start:
+            records.append(self.draft)
+        return conversation_order(records)
+
+    def message_infos(self) -> list[wire.MessageInfo]:
+        """The transcript in protocol form."""
+        return [message_info(record, self.render) for record in self.messages()]
+
+    # --- subscribers ------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        subscriber: Subscriber,
+        *,
+        after_seq: int | None,
+        request_id: str | None,
+        announce: bool = True,
+    ) -> None:
+        """Answer `subscribe`: history or replay, then live events, with nothing between.
+
+        With `announce` false (automatic subscriptions), the `subscribed` answer is left
+        out unless the history has to be sent.
+        """
+        self._ensure_open()
+        replay = None if after_seq is None else self.log.since(after_seq)
+        # A replay that the log cannot serve (too old, or lost in a crash) falls back to
+        # the whole history, so the client rebuilds its transcript instead of missing part.
+        if announce or replay is None:
+            answer = wire.Subscribed(
+                chat_id=self.chat.id,
+                last_seq=self.last_seq,
+                busy=self.busy,
+                chat=chat_info(self.chat),
+                messages=self.message_infos() if replay is None else None,
+                request_id=request_id,
+            )
+            subscriber.deliver(answer.to_json())
+        for frame in replay or ():
+            subscriber.deliver(frame)
+        self.fanout.add(subscriber)
+        self.last_activity = time.monotonic()
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        """Stop sending this chat's events to a subscriber."""
+        self.fanout.discard(subscriber)
+        self.last_activity = time.monotonic()
+
+    # --- commands ---------------------------------------------------------------------
+
+    async def accept(
+        self,
+        *,
+        client_message_id: str,
+        text: str,
+        model_alias: wire.ModelAlias,
+        model_id: str,
+        anonymous: bool,
+    ) -> MessageRecord:
+        """Save a user message, announce it, and queue its turn."""
+        self._ensure_open()
+        async with self._lock:
+            seq = await self._next_seq()
+            record = MessageRecord(
+                id=str(uuid.uuid4()),
+                chat_id=self.chat.id,
+                role="user",
+                seq_start=seq,
+                seq_end=seq,
+                text=text,
+                client_message_id=client_message_id,
+            )
+            try:
+                await self.store.chats.add_message(record)
+            except BaseException:
+                # Nothing was published with this seq: give it back so seqs stay dense.
+                self.last_seq = seq - 1
+                raise
+            self.history.append(record)
+            self._publish(seq, user_message_event(record))
+        self._queue.append(_PendingTurn(record, model_alias, model_id, anonymous))
+        self.last_activity = time.monotonic()
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._run_queue(), name=f"chat-{self.chat.id}")
+        return record
+
+    def stop(self) -> None:
+        """Stop the running turn gracefully; a no-op when nothing runs."""
+        if self.state is not SessionState.RUNNING or self._stop.is_set():
+            return
+        self._stop.set()
+        self._hard_stop = asyncio.get_running_loop().call_later(
+            self.timings.stop_grace, self._abort_turn
+        )
+
+    def set_chat(self, chat: ChatRecord) -> None:
+        """Take a changed chat row (new model or title)."""
+        self.chat = chat
+
+    async def close(self) -> None:
+        """Stop whatever runs, free the engine's resources and settle the seq counter."""
+        if self.state is SessionState.CLOSED:
+            return
+        self._queue.clear()
+        self.stop()
+        # From here on nothing new is accepted; a running turn ends as "stopped".
+        self.state = SessionState.CLOSED
+        runner = self._runner
+        if runner is not None and not runner.done():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(runner), self.timings.stop_grace + 2)
+            if not runner.done():
+                runner.cancel()
+                with contextlib.suppress(BaseException):
+                    await runner
+        with contextlib.suppress(Exception):
+            await self.engine.release(self.chat.id)
+        # Nothing beyond last_seq was published: drop the unused reservation.
+        with contextlib.suppress(Exception):
+            await self.store.chats.update_chat(self.chat.id, last_seq=self.last_seq)
+
+    # --- the turn loop ----------------------------------------------------------------
+
+    async def _run_queue(self) -> None:
+        while self._queue and self.state is not SessionState.CLOSED:
+            pending = self._queue.popleft()
+            self.state = SessionState.RUNNING
+            try:
+                await self._run_turn(pending)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("chat %s: turn failed unexpectedly", self.chat.id)
+            finally:
+                if self.state is SessionState.RUNNING:
+                    self.state = SessionState.IDLE
+                self.last_activity = time.monotonic()
+
+    async def _run_turn(self, pending: _PendingTurn) -> None:
+        persona = self.personas.get(self.chat.persona, self.personas.default)
+        draft = MessageRecord(
+            id=str(uuid.uuid4()),
+            chat_id=self.chat.id,
+            role="assistant",
+            seq_start=0,
+            seq_end=0,
+            status=STREAMING,
+            model=pending.model_id,
+            reply_to=pending.user.id,
+        )
+        self.draft = draft
+        self._stop.clear()
+        self._aborted = False
+        request = TurnRequest(
+            chat_id=self.chat.id,
+            text=pending.user.text,
+            persona=persona,
+            model_alias=pending.model_alias,
+            model_id=pending.model_id,
+            history=_before(conversation_order(self.history), pending.user),
+            anonymous=pending.anonymous,
+        )
+        saver = asyncio.create_task(self._save_periodically(draft))
+        self._consumer = asyncio.create_task(self._consume(request, draft))
+        try:
+            outcome = await self._consumer
+        except asyncio.CancelledError:
+            if not self._aborted:
+                saver.cancel()
+                raise
+            # The graceful stop ran out of time: end the turn here with what we have.
+            outcome = _Outcome(reason="stopped", model=pending.model_id)
+        except Exception as exc:
+            log.exception("chat %s: engine crashed", self.chat.id)
+            outcome = _Outcome(
+                reason="error",
+                model=pending.model_id,
+                failure=TurnFailed(f"The assistant failed: {type(exc).__name__}.", code="internal"),
+            )
+        finally:
+            if self._hard_stop is not None:
+                self._hard_stop.cancel()
+                self._hard_stop = None
+        saver.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await saver
+        await self._finish(draft, pending, outcome)
+
+    async def _consume(self, request: TurnRequest, draft: MessageRecord) -> _Outcome:
+        outcome = _Outcome(model=request.model_id)
+        ended = False
+        async for event in self.engine.run_turn(request, self._stop):
+            if isinstance(event, TurnEnded):
+                outcome.reason = event.reason
+                outcome.model = event.model or request.model_id
+                outcome.input_tokens = event.input_tokens
+                outcome.output_tokens = event.output_tokens
+                outcome.warning = event.warning
+                ended = True
+                break
+            if isinstance(event, TurnFailed):
+                outcome.failure = event
+                continue
+            await self._apply(draft, event)
+        if not ended:
+            outcome.reason = "error"
+            outcome.failure = outcome.failure or TurnFailed(
+                "The assistant stopped without finishing its answer.", code="internal"
+            )
+        if outcome.failure is not None:
+            outcome.reason = "error"
+        return outcome
+
+    def _abort_turn(self) -> None:
+        self._hard_stop = None
+        if self._consumer is not None and not self._consumer.done():
+            log.warning("chat %s: graceful stop timed out; cutting the turn", self.chat.id)
+            self._aborted = True
+            self._consumer.cancel()
+
+    async def _apply(self, draft: MessageRecord, event: EngineEvent) -> None:
+        async with self._lock:
+            seq = await self._next_seq()
+            if not draft.seq_start:
+                draft.seq_start = seq
+            draft.seq_end = seq
+            base = {"chat_id": self.chat.id, "seq": seq, "message_id": draft.id}
+            frame: wire.TranscriptEvent
+            if isinstance(event, TextDelta):
+                draft.text += event.text
+                frame = wire.Token(text=event.text, **base)
+            elif isinstance(event, ThinkingDelta):
+                draft.thinking = (draft.thinking or "") + event.text
+                frame = wire.Thinking(text=event.text, **base)
+            elif isinstance(event, ToolStarted):
+                draft.tool_calls.append(
+                    ToolCallRecord(event.tool_use_id, event.name, dict(event.input))
+                )
+                frame = wire.ToolUse(
+                    tool_use_id=event.tool_use_id, name=event.name, input=event.input, **base
+                )
+            elif isinstance(event, ToolFinished):
+                for call in reversed(draft.tool_calls):
+                    if call.tool_use_id == event.tool_use_id:
+                        call.output = event.output
+                        call.is_error = event.is_error
+                        call.finished_at = utcnow()
+                        break
+                frame = wire.ToolResult(
+                    tool_use_id=event.tool_use_id,
+                    output=event.output,
+                    is_error=event.is_error,
+                    **base,
+                )
+            else:  # pragma: no cover - TurnEnded/TurnFailed never reach here
+                raise TypeError(event)
+            self._publish(seq, frame)
+
+    async def _finish(self, draft: MessageRecord, pending: _PendingTurn, outcome: _Outcome) -> None:
+        async with self._lock:
+            failure = outcome.failure
+            if failure is not None:
+                seq = await self._next_seq()
+                if not draft.seq_start:
+                    draft.seq_start = seq
+                draft.error = failure.message
+                self._publish(
+                    seq,
+                    wire.Error(
+                        code=failure.code,
+                        message=failure.message,
+                        chat_id=self.chat.id,
+                        seq=seq,
+                        retryable=failure.retryable,
+                    ),
+                )
+            seq = await self._next_seq()
+            if not draft.seq_start:
+                draft.seq_start = seq
+            draft.seq_end = seq
+            draft.status = outcome.reason
+            draft.model = outcome.model
+            draft.input_tokens = outcome.input_tokens
+            draft.output_tokens = outcome.output_tokens
+            draft.warning = outcome.warning
+            try:
+                await self.store.chats.save_message(draft)
+            except Exception:
+                # The reader still gets their answer; the periodic save has most of it.
+                log.exception("chat %s: could not save the final answer", self.chat.id)
+            self.history.append(draft)
+            self.draft = None
+            done = wire.Done(
+                chat_id=self.chat.id,
+                seq=seq,
+                message_id=draft.id,
+                reason=outcome.reason,
+                model=outcome.model,
+                usage=wire.Usage(
+                    input_tokens=outcome.input_tokens, output_tokens=outcome.output_tokens
+                ),
+                warning=outcome.warning,
+                html=self.render(draft.text),
+            )
+            self._publish(seq, done)
+            # Keep the last finished turn (from its user message on) and everything after.
+            if self._last_turn_start is not None:
+                self.log.trim(self._last_turn_start)
+            self._last_turn_start = pending.user.seq_start
+
+    async def _save_periodically(self, draft: MessageRecord) -> None:
+        saved_seq = -1
+        while True:
+            await asyncio.sleep(self.timings.save_interval)
+            if not draft.seq_start or draft.seq_end == saved_seq:
+                continue
+            snapshot = dataclasses.replace(
+                draft, tool_calls=[dataclasses.replace(call) for call in draft.tool_calls]
+            )
+            try:
+                await self.store.chats.save_message(snapshot)
+                saved_seq = snapshot.seq_end
+            except Exception:
+                log.exception("chat %s: could not save the partial answer", self.chat.id)
+
+    # --- seq and publishing -----------------------------------------------------------
+
+    async def _next_seq(self) -> int:
+        seq = self.last_seq + 1
+        if seq > self._reserved:
+            try:
+                await self.store.chats.reserve_seq(self.chat.id, seq + SEQ_BLOCK - 1)
+            except Exception:
+                # Keep streaming: a database outage must not cut the reader off. Only a
+                # crash during the outage could then reuse these seqs.
+                log.exception("chat %s: could not reserve seqs", self.chat.id)
+            self._reserved = seq + SEQ_BLOCK - 1
+        self.last_seq = seq
+        return seq
+
+    def _publish(self, seq: int, event: wire.TranscriptEvent) -> None:
+        frame = event.to_json()
+        self.log.append(seq, frame)
+        self.fanout.publish(frame)
+        self.last_activity = time.monotonic()
+
+    def _ensure_open(self) -> None:
+        if self.state is SessionState.CLOSED:
+            raise SessionClosed(self.chat.id)
+
+
+def _before(messages: list[MessageRecord], user: MessageRecord) -> list[MessageRecord]:
+    """The conversation up to (not including) a user message."""
+    for index, message in enumerate(messages):
+        if message is user:
+            return messages[:index]
+    return messages
+
+
+def user_message_event(record: MessageRecord) -> wire.UserMessage:
+    """The `user_message` event of a saved user message (also re-sent on a repeat)."""
+    return wire.UserMessage(
+        chat_id=record.chat_id,
+        seq=record.seq_start,
+        message_id=record.id,
+        client_message_id=record.client_message_id or "",
+        text=record.text,
+        created_at=record.created_at,
+    )
+
+
+class ChatSessions:
+    """The live sessions of this process, by chat id, with idle reclaim."""
+
+    def __init__(
+        self,
+        store: Store,
+        engine: AgentEngine,
+        personas: Personas,
+        render: Renderer,
+        *,
+        idle_seconds: float,
+        timings: SessionTimings | None = None,
+    ) -> None:
+        self.store = store
+        self.engine = engine
+        self.personas = personas
+        self.render = render
+        self.idle_seconds = idle_seconds
+        self.timings = timings or SessionTimings()
+        self._sessions: dict[str, ChatSession] = {}
+        self._opening: dict[str, asyncio.Future[ChatSession]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def get(self, chat_id: str) -> ChatSession | None:
+        """The live session of a chat, if there is one."""
+        return self._sessions.get(chat_id)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    async def open(self, chat: ChatRecord) -> ChatSession:
+        """The chat's session, loading it if it is not live yet (once, even if asked twice)."""
+        session = self._sessions.get(chat.id)
+        if session is not None:
+            return session
+        pending = self._opening.get(chat.id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[ChatSession] = asyncio.get_running_loop().create_future()
+        self._opening[chat.id] = future
+        try:
+            history = await self.store.chats.get_messages(chat.id)
+            fresh = await self.store.chats.get_chat(chat.id) or chat
+            session = ChatSession(
+                fresh,
+                history,
+                store=self.store,
+                engine=self.engine,
+                personas=self.personas,
+                render=self.render,
+                timings=self.timings,
+            )
+            self._sessions[chat.id] = session
+            future.set_result(session)
+            return session
+        except BaseException as exc:
+            future.set_exception(exc)
+            # Nobody else may be waiting; don't let the future warn about it.
+            future.exception()
+            raise
+        finally:
+            del self._opening[chat.id]
+
+    async def close(self, chat_id: str) -> None:
+        """Close a chat's session (before deleting the chat, for instance)."""
+        session = self._sessions.pop(chat_id, None)
+        if session is not None:
+            await session.close()
+
+    def start(self) -> None:
+        """Start reclaiming idle sessions in the background."""
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="session-sweeper")
+
+    async def aclose(self) -> None:
+        """Close every session (at shutdown)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        sessions = list(self._sessions.values())
+        self._sessions.clear()
+        await asyncio.gather(*(session.close() for session in sessions), return_exceptions=True)
+
+    async def sweep(self) -> int:
+        """Close sessions that are idle, unwatched and past the idle time; return how many."""
+        now = time.monotonic()
+        idle = [
+            session
+            for session in self._sessions.values()
+            if not session.busy
+            and not len(session.fanout)
+            and now - session.last_activity >= self.idle_seconds
+        ]
+        for session in idle:
+            await self.close(session.chat.id)
+        return len(idle)
+
+    async def _sweep_forever(self) -> None:
+        interval = max(1.0, min(30.0, self.idle_seconds / 4))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("idle session sweep failed")

@@ -1,0 +1,276 @@
+"""Configuration: every setting comes from the environment or a `.env` file."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+
+
+class SettingsError(Exception):
+    """A setting is missing or invalid; the message names the variable."""
+
+
+def _env(name: str) -> Any:
+    """Bind a field to exactly one environment variable (and its field name for tests)."""
+    return AliasChoices(name)
+
+
+class Settings(BaseSettings):
+    """All of blogchat's settings. The alias of each field is its environment variable."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        validate_default=True,
+    )
+
+    # Where things live.
+    database_url: str = Field(
+        default="",
+        validation_alias=_env("DATABASE_URL"),
+        description="SQLAlchemy URL of the database. Empty: a SQLite file under the data dir.",
+    )
+    database_schema: str | None = Field(
+        default=None,
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        validation_alias=_env("BLOGCHAT_DATABASE_SCHEMA"),
+        description="PostgreSQL schema to keep the tables in (several blogs in one database).",
+    )
+    data_dir: Path = Field(
+        default=Path("data"),
+        validation_alias=_env("BLOGCHAT_DATA_DIR"),
+        description="Directory for the SQLite database and the generated secret key.",
+    )
+    content_dir: Path = Field(
+        default=Path("content"),
+        validation_alias=_env("BLOGCHAT_CONTENT_DIR"),
+        description="Directory with `posts/*.md` and `authors.yaml`.",
+    )
+    personas_file: Path = Field(
+        default=Path("config/personas.yaml"),
+        validation_alias=_env("BLOGCHAT_PERSONAS_FILE"),
+        description="YAML file that defines the assistant's personas.",
+    )
+    site_title: str = Field(
+        default="blogchat",
+        validation_alias=_env("BLOGCHAT_SITE_TITLE"),
+        description="The blog's name, shown in the header and page titles.",
+    )
+
+    # Security.
+    secret_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=_env("BLOGCHAT_SECRET_KEY"),
+        description="Signs session cookies. Unset: generated once into the data dir.",
+    )
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=_env("BLOGCHAT_ALLOWED_ORIGINS"),
+        description="Extra origins (comma-separated) allowed to open the WebSocket.",
+    )
+    max_frame_bytes: int = Field(
+        default=65536,
+        ge=1024,
+        le=16 * 1024 * 1024,
+        validation_alias=_env("BLOGCHAT_MAX_FRAME_BYTES"),
+        description="Largest WebSocket frame accepted from a client, in bytes.",
+    )
+    max_message_chars: int = Field(
+        default=8000,
+        ge=1,
+        validation_alias=_env("BLOGCHAT_MAX_MESSAGE_CHARS"),
+        description="Longest chat message a reader may send, in characters.",
+    )
+
+    # Realtime.
+    ws_ping_interval: float = Field(
+        default=20.0,
+        gt=0,
+        validation_alias=_env("BLOGCHAT_WS_PING_INTERVAL"),
+        description="Seconds between WebSocket pings that detect dead connections.",
+    )
+    session_idle_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        validation_alias=_env("BLOGCHAT_SESSION_IDLE_SECONDS"),
+        description="An idle chat session with no subscribers is closed after this long.",
+    )
+    send_queue_limit: int = Field(
+        default=10000,
+        ge=16,
+        validation_alias=_env("BLOGCHAT_SEND_QUEUE_LIMIT"),
+        description="Events buffered for a slow connection before it is disconnected.",
+    )
+
+    # The Claude agent.
+    anthropic_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=_env("ANTHROPIC_API_KEY"),
+        description="Anthropic API key. Unset: the offline engine answers from search.",
+    )
+    anthropic_base_url: str | None = Field(
+        default=None,
+        validation_alias=_env("ANTHROPIC_BASE_URL"),
+        description="Base URL of an Anthropic-compatible Messages API.",
+    )
+    model_haiku: str = Field(
+        default="claude-haiku-4-5",
+        validation_alias=_env("BLOGCHAT_MODEL_HAIKU"),
+        description="Model id behind the `haiku` alias (the default).",
+    )
+    model_sonnet: str = Field(
+        default="claude-sonnet-4-5",
+        validation_alias=_env("BLOGCHAT_MODEL_SONNET"),
+        description="Model id behind the `sonnet` alias.",
+    )
+    model_opus: str = Field(
+        default="claude-opus-4-1",
+        validation_alias=_env("BLOGCHAT_MODEL_OPUS"),
+        description="Model id behind the `opus` alias.",
+    )
+    max_turns: int = Field(
+        default=8,
+        ge=1,
+        validation_alias=_env("BLOGCHAT_MAX_TURNS"),
+        description="Most model round-trips (tool calls) the agent may make per reader message.",
+    )
+    thinking_budget: int = Field(
+        default=2048,
+        ge=0,
+        validation_alias=_env("BLOGCHAT_THINKING_BUDGET"),
+        description="Extended-thinking token budget per model call; 0 turns thinking off.",
+    )
+    max_live_clients: int = Field(
+        default=8,
+        ge=1,
+        validation_alias=_env("BLOGCHAT_MAX_LIVE_CLIENTS"),
+        description="Most agent processes alive at once; the least recently used is reclaimed.",
+    )
+    client_idle_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        validation_alias=_env("BLOGCHAT_CLIENT_IDLE_SECONDS"),
+        description="An agent process idle this long is reclaimed.",
+    )
+
+    offline_tokens_per_second: float = Field(
+        default=250.0,
+        ge=0,
+        validation_alias=_env("BLOGCHAT_OFFLINE_TOKENS_PER_SECOND"),
+        description="How fast the offline engine streams its answer (0: as fast as it can).",
+    )
+
+    # Telemetry.
+    braintrust_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=_env("BRAINTRUST_API_KEY"),
+        description="Braintrust API key. Unset: telemetry is off and costs nothing.",
+    )
+    braintrust_project: str = Field(
+        default="blogchat",
+        validation_alias=_env("BRAINTRUST_PROJECT"),
+        description="Braintrust project that receives the traces.",
+    )
+
+    log_level: str = Field(
+        default="INFO",
+        validation_alias=_env("BLOGCHAT_LOG_LEVEL"),
+        description="Python logging level.",
+    )
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip().rstrip("/") for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _check_origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if not origin.startswith(("http://", "https://")):
+                raise ValueError(f"origin {origin!r} must start with http:// or https://")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite", "postgres")):
+            raise ValueError("only sqlite:// and postgresql:// URLs are supported")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in logging.getLevelNamesMapping():
+            raise ValueError(f"unknown log level {value!r}")
+        return level
+
+    @property
+    def database(self) -> str:
+        """The async SQLAlchemy URL of the database, with the driver filled in."""
+        url = self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'blogchat.db'}"
+        for prefix, driver in (
+            ("postgres://", "postgresql+asyncpg://"),
+            ("postgresql://", "postgresql+asyncpg://"),
+            ("sqlite://", "sqlite+aiosqlite://"),
+        ):
+            if url.startswith(prefix):
+                return driver + url.removeprefix(prefix)
+        return url
+
+    @property
+    def claude_enabled(self) -> bool:
+        """Whether chats run on Claude (credentials configured) or the offline engine."""
+        return self.anthropic_api_key is not None and bool(
+            self.anthropic_api_key.get_secret_value()
+        )
+
+    def signing_key(self) -> str:
+        """The cookie-signing secret: configured, or generated once and kept in the data dir."""
+        if self.secret_key is not None and self.secret_key.get_secret_value():
+            return self.secret_key.get_secret_value()
+        path = self.data_dir / "secret_key"
+        if path.exists():
+            return path.read_text().strip()
+        log.warning(
+            "BLOGCHAT_SECRET_KEY is not set: generated one into %s. "
+            "Set BLOGCHAT_SECRET_KEY in production.",
+            path,
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_urlsafe(48)
+        path.write_text(key + "\n")
+        path.chmod(0o600)
+        return key
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        """The environment variable behind a field."""
+        alias = cls.model_fields[field].validation_alias
+        assert isinstance(alias, AliasChoices)
+        return str(alias.choices[0])
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings, turning a validation failure into a message naming the variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            name = Settings.env_name(field) if field in Settings.model_fields else field
+            problems.append(f"{name}: {error['msg']}")
+        raise SettingsError("invalid setting " + "; ".join(problems)) from None

@@ -1,0 +1,311 @@
+"""Chats, their messages and the tool calls inside answers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import case, delete, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import selectinload
+
+from blogchat.store.accounts import ensure_user
+from blogchat.store.database import Database
+from blogchat.store.tables import Chat, Message, ToolCall, utcnow
+
+# A running answer is kept as "streaming"; after a crash nothing is streaming any more, so
+# start-up turns those rows into "incomplete" (see mark_interrupted_turns).
+STREAMING = "streaming"
+
+
+class DuplicateClientMessage(Exception):
+    """This chat already holds a message with that clientMessageId."""
+
+
+@dataclass(frozen=True)
+class ChatRecord:
+    """A chat's row."""
+
+    id: str
+    owner_id: str
+    title: str
+    persona: str
+    model: str
+    last_seq: int = 0
+    created_by: str | None = None
+    agent_session_id: str | None = None
+    created_at: datetime = field(default_factory=utcnow)
+    updated_at: datetime = field(default_factory=utcnow)
+
+
+@dataclass
+class ToolCallRecord:
+    """One tool call of an answer."""
+
+    tool_use_id: str
+    name: str
+    input: dict[str, Any]
+    output: str | None = None
+    is_error: bool = False
+    started_at: datetime = field(default_factory=utcnow)
+    finished_at: datetime | None = None
+
+
+@dataclass
+class MessageRecord:
+    """A user message or an assistant answer, as stored."""
+
+    id: str
+    chat_id: str
+    role: str
+    seq_start: int
+    seq_end: int
+    text: str = ""
+    status: str = "complete"
+    thinking: str | None = None
+    model: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    client_message_id: str | None = None
+    reply_to: str | None = None
+    warning: str | None = None
+    error: str | None = None
+    created_at: datetime = field(default_factory=utcnow)
+    updated_at: datetime = field(default_factory=utcnow)
+    tool_calls: list[ToolCallRecord] = field(default_factory=list)
+
+
+def _chat_record(row: Chat) -> ChatRecord:
+    return ChatRecord(
+        id=row.id,
+        owner_id=row.owner_id,
+        title=row.title,
+        persona=row.persona,
+        model=row.model,
+        last_seq=row.last_seq,
+        created_by=row.created_by,
+        agent_session_id=row.agent_session_id,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def _message_record(row: Message) -> MessageRecord:
+    return MessageRecord(
+        id=row.id,
+        chat_id=row.chat_id,
+        role=row.role,
+        seq_start=row.seq_start,
+        seq_end=row.seq_end,
+        text=row.text,
+        status=row.status,
+        thinking=row.thinking,
+        model=row.model,
+        input_tokens=row.input_tokens,
+        output_tokens=row.output_tokens,
+        client_message_id=row.client_message_id,
+        reply_to=row.reply_to,
+        warning=row.warning,
+        error=row.error,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        tool_calls=[
+            ToolCallRecord(
+                tool_use_id=call.tool_use_id,
+                name=call.name,
+                input=call.input,
+                output=call.output,
+                is_error=call.is_error,
+                started_at=call.started_at,
+                finished_at=call.finished_at,
+            )
+            for call in row.tool_calls
+        ],
+    )
+
+
+def _apply(row: Message, record: MessageRecord) -> None:
+    row.text = record.text
+    row.status = record.status
+    row.thinking = record.thinking
+    row.model = record.model
+    row.input_tokens = record.input_tokens
+    row.output_tokens = record.output_tokens
+    row.reply_to = record.reply_to
+    row.seq_start = record.seq_start
+    row.seq_end = record.seq_end
+    row.warning = record.warning
+    row.error = record.error
+    row.updated_at = utcnow()
+    row.tool_calls = [
+        ToolCall(
+            position=position,
+            tool_use_id=call.tool_use_id,
+            name=call.name,
+            input=call.input,
+            output=call.output,
+            is_error=call.is_error,
+            started_at=call.started_at,
+            finished_at=call.finished_at,
+        )
+        for position, call in enumerate(record.tool_calls)
+    ]
+
+
+def conversation_order(messages: list[MessageRecord]) -> list[MessageRecord]:
+    """Order a transcript as a conversation: each answer right after the message it answers."""
+    by_seq = sorted(messages, key=lambda message: message.seq_start)
+    replies: dict[str, list[MessageRecord]] = {}
+    for message in by_seq:
+        if message.reply_to is not None:
+            replies.setdefault(message.reply_to, []).append(message)
+    known = {message.id for message in by_seq}
+    ordered: list[MessageRecord] = []
+    for message in by_seq:
+        if message.reply_to is not None and message.reply_to in known:
+            continue
+        ordered.append(message)
+        ordered.extend(replies.get(message.id, []))
+    return ordered
+
+
+class ChatStore:
+    """Reads and writes chats and their transcripts."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def create_chat(self, chat: ChatRecord) -> ChatRecord:
+        """Store a new chat (and its anonymous owner's row, the first time)."""
+        async with self.db.session() as session:
+            await ensure_user(session, chat.owner_id)
+            session.add(
+                Chat(
+                    id=chat.id,
+                    owner_id=chat.owner_id,
+                    title=chat.title,
+                    persona=chat.persona,
+                    model=chat.model,
+                    last_seq=chat.last_seq,
+                    created_by=chat.created_by,
+                    agent_session_id=chat.agent_session_id,
+                    created_at=chat.created_at,
+                    updated_at=chat.updated_at,
+                )
+            )
+        return chat
+
+    async def get_chat(self, chat_id: str) -> ChatRecord | None:
+        """A chat by id, whoever owns it."""
+        async with self.db.session() as session:
+            row = await session.get(Chat, chat_id)
+            return None if row is None else _chat_record(row)
+
+    async def list_chats(self, owner_id: str) -> list[ChatRecord]:
+        """A visitor's chats, most recently active first."""
+        async with self.db.session() as session:
+            rows = await session.scalars(
+                select(Chat)
+                .where(Chat.owner_id == owner_id)
+                .order_by(Chat.updated_at.desc(), Chat.id)
+            )
+            return [_chat_record(row) for row in rows]
+
+    async def delete_chat(self, chat_id: str) -> None:
+        """Delete a chat with its whole transcript."""
+        async with self.db.session() as session:
+            await session.execute(delete(Chat).where(Chat.id == chat_id))
+
+    async def update_chat(self, chat_id: str, **values: Any) -> None:
+        """Change some of a chat's columns (model, title, agent_session_id, ...)."""
+        async with self.db.session() as session:
+            await session.execute(update(Chat).where(Chat.id == chat_id).values(**values))
+
+    async def reserve_seq(self, chat_id: str, upto: int) -> None:
+        """Record that seqs up to `upto` may be in use, so none is reused after a crash."""
+        async with self.db.session() as session:
+            await session.execute(
+                update(Chat)
+                .where(Chat.id == chat_id)
+                .values(last_seq=case((Chat.last_seq < upto, upto), else_=Chat.last_seq))
+            )
+
+    async def find_client_message(
+        self, owner_id: str, client_message_id: str
+    ) -> MessageRecord | None:
+        """The user message a visitor sent with this clientMessageId, in any of its chats."""
+        async with self.db.session() as session:
+            row = await session.scalar(
+                select(Message)
+                .join(Chat, Chat.id == Message.chat_id)
+                .where(
+                    Chat.owner_id == owner_id,
+                    Message.client_message_id == client_message_id,
+                    Message.role == "user",
+                )
+                .options(selectinload(Message.tool_calls))
+                .limit(1)
+            )
+            return None if row is None else _message_record(row)
+
+    async def add_message(self, record: MessageRecord, *, last_seq: int | None = None) -> None:
+        """Insert a new message; optionally also move the chat's seq high-water mark."""
+        try:
+            async with self.db.session() as session:
+                row = Message(
+                    id=record.id,
+                    chat_id=record.chat_id,
+                    role=record.role,
+                    client_message_id=record.client_message_id,
+                    created_at=record.created_at,
+                )
+                _apply(row, record)
+                session.add(row)
+                await self._touch(session, record.chat_id, last_seq)
+        except IntegrityError:
+            raise DuplicateClientMessage(record.client_message_id) from None
+
+    async def save_message(self, record: MessageRecord, *, last_seq: int | None = None) -> None:
+        """Insert or update a message with its tool calls (partial or final answers)."""
+        async with self.db.session() as session:
+            row = await session.get(Message, record.id, options=[selectinload(Message.tool_calls)])
+            if row is None:
+                row = Message(
+                    id=record.id,
+                    chat_id=record.chat_id,
+                    role=record.role,
+                    client_message_id=record.client_message_id,
+                    created_at=record.created_at,
+                )
+                session.add(row)
+            _apply(row, record)
+            await self._touch(session, record.chat_id, last_seq)
+
+    async def get_messages(self, chat_id: str) -> list[MessageRecord]:
+        """A chat's transcript in seq order."""
+        async with self.db.session() as session:
+            rows = await session.scalars(
+                select(Message)
+                .where(Message.chat_id == chat_id)
+                .order_by(Message.seq_start)
+                .options(selectinload(Message.tool_calls))
+            )
+            return conversation_order([_message_record(row) for row in rows])
+
+    async def mark_interrupted_turns(self) -> int:
+        """At start-up: answers that were streaming when the server died become incomplete."""
+        async with self.db.session() as session:
+            result = await session.execute(
+                update(Message)
+                .where(Message.status == STREAMING)
+                .values(status="incomplete", updated_at=utcnow())
+            )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+    @staticmethod
+    async def _touch(session: Any, chat_id: str, last_seq: int | None) -> None:
+        values: dict[str, Any] = {"updated_at": utcnow()}
+        if last_seq is not None:
+            values["last_seq"] = case((Chat.last_seq < last_seq, last_seq), else_=Chat.last_seq)
+        await session.execute(update(Chat).where(Chat.id == chat_id).values(**values))

@@ -1,0 +1,40 @@
+"""Request-scoped dependencies as typed aliases, so routes read like their contract."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from blogchat.content import Blog
+from blogchat.hub import Hub
+from blogchat.personas import Personas
+from blogchat.search import SearchIndex
+from blogchat.session import ChatSessions
+from blogchat.settings import Settings
+from blogchat.store import Store
+from blogchat.visitors import Visitor, Visitors
+
+
+def _visitor(request: Request) -> Visitor:
+    visitor: Visitor = request.state.visitor
+    return visitor
+
+
+def _state(name: str) -> object:
+    def get(request: Request) -> object:
+        return getattr(request.app.state, name)
+
+    get.__name__ = f"get_{name}"
+    return get
+
+
+CurrentVisitor = Annotated[Visitor, Depends(_visitor)]
+SettingsDep = Annotated[Settings, Depends(_state("settings"))]
+StoreDep = Annotated[Store, Depends(_state("store"))]
+BlogDep = Annotated[Blog, Depends(_state("blog"))]
+SearchDep = Annotated[SearchIndex, Depends(_state("search"))]
+PersonasDep = Annotated[Personas, Depends(_state("personas"))]
+SessionsDep = Annotated[ChatSessions, Depends(_state("sessions"))]
+VisitorsDep = Annotated[Visitors, Depends(_state("visitors"))]
+HubDep = Annotated[Hub, Depends(_state("hub"))]
