@@ -85,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             store,
             engine,
             content.personas,
+            content.blog,
             render_answer,
             idle_seconds=settings.session_idle_seconds,
         )
@@ -95,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             visitors=visitors,
             sessions=sessions,
             personas=content.personas,
+            blog=content.blog,
         )
         state = app.state
         state.settings = settings

@@ -252,11 +252,17 @@ def _read_yaml(path: Path, text: str, what: str, first_line: int = 1) -> Any:
         raise ContentError(f"{path}: {what} is not valid YAML{where}: {problem}") from None
 
 
-def _load_authors(path: Path) -> dict[str, Author]:
+def _read_text(path: Path, what: str) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as error:
-        raise ContentError(f"{path}: cannot read authors: {error.strerror}") from None
+        raise ContentError(f"{path}: cannot read {what}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ContentError(f"{path}: not UTF-8 text (byte {error.start})") from None
+
+
+def _load_authors(path: Path) -> dict[str, Author]:
+    text = _read_text(path, "authors")
     raw = _read_yaml(path, text, "authors file")
     if not isinstance(raw, dict):
         raise ContentError(f"{path}: expected a mapping of author id to author")
@@ -291,7 +297,7 @@ class _Draft:
 
 
 def _read_post(path: Path, authors: Mapping[str, Author]) -> _Draft:
-    text = path.read_text(encoding="utf-8").removeprefix("\ufeff")
+    text = _read_text(path, "post").removeprefix("\ufeff")
     match = _FRONT_MATTER.match(text)
     if match is None:
         raise ContentError(f"{path}: no front matter: the file must start with a '---' line")

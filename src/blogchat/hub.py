@@ -21,6 +21,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from blogchat import policy
 from blogchat import protocol as wire
+from blogchat.content import Blog
 from blogchat.origins import origin_allowed
 from blogchat.personas import Personas
 from blogchat.session import ChatSession, ChatSessions, SessionClosed, user_message_event
@@ -131,7 +132,9 @@ class Hub:
         visitors: Visitors,
         sessions: ChatSessions,
         personas: Personas,
+        blog: Blog,
     ) -> None:
+        self.blog = blog
         self.settings = settings
         self.store = store
         self.visitors = visitors
@@ -348,6 +351,8 @@ class Hub:
             if message.persona not in self.personas:
                 raise _Rejected("persona_unknown", f"There is no persona {message.persona!r}.")
             persona = self.personas[message.persona]
+        if message.post is not None and self.blog.post(message.post) is None:
+            raise _Rejected("bad_request", f"There is no post {message.post!r}.")
         model: wire.ModelAlias = message.model or policy.DEFAULT_MODEL
         if message.model is None and persona.model is not None:
             chosen: wire.ModelAlias = persona.model  # type: ignore[assignment]
@@ -361,6 +366,7 @@ class Hub:
                 persona=persona.id,
                 model=model,
                 created_by=message.client_message_id,
+                post_slug=message.post,
             )
         )
         session = await self.sessions.open(chat)
@@ -387,6 +393,10 @@ class Hub:
                 "persona_locked",
                 "A chat keeps the persona it started with. Start a new chat to switch.",
                 chat.id,
+            )
+        if message.post is not None and message.post != chat.post_slug:
+            raise _Rejected(
+                "bad_request", "A chat's post is set when the chat is created.", chat.id
             )
         model: wire.ModelAlias = message.model or chat.model  # type: ignore[assignment]
         if not policy.allowed(model, anonymous=visitor.anonymous):

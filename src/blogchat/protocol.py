@@ -86,6 +86,9 @@ class Chat(WireModel):
     text: str
     model: ModelAlias | None = None
     persona: Id | None = None
+    # Extension: the slug of the post the chat is about ("Ask about this post"); only
+    # when creating a chat.
+    post: Annotated[str, StringConstraints(max_length=200)] | None = None
     request_id: RequestId | None = None
 
 
@@ -128,6 +131,8 @@ class ChatInfo(WireModel):
     persona: str
     created_at: datetime
     updated_at: datetime | None = None
+    # Extension: the post the chat was started from.
+    post: str | None = None
 
 
 class ToolCallInfo(WireModel):

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from blogchat import protocol as wire
+from blogchat.content import Blog
 from blogchat.engines.base import (
     AgentEngine,
     EngineEvent,
@@ -132,6 +133,7 @@ def chat_info(chat: ChatRecord) -> wire.ChatInfo:
         persona=chat.persona,
         created_at=chat.created_at,
         updated_at=chat.updated_at,
+        post=chat.post_slug,
     )
 
 
@@ -146,9 +148,11 @@ class ChatSession:
         store: Store,
         engine: AgentEngine,
         personas: Personas,
+        blog: Blog,
         render: Renderer,
         timings: SessionTimings,
     ) -> None:
+        self.blog = blog
         self.chat = chat
         self.history = history
         self.store = store
@@ -345,6 +349,7 @@ class ChatSession:
             model_id=pending.model_id,
             history=_before(conversation_order(self.history), pending.user),
             anonymous=pending.anonymous,
+            post=self.blog.post(self.chat.post_slug) if self.chat.post_slug else None,
         )
         saver = asyncio.create_task(self._save_periodically(draft))
         self._consumer = asyncio.create_task(self._consume(request, draft))
@@ -563,6 +568,7 @@ class ChatSessions:
         store: Store,
         engine: AgentEngine,
         personas: Personas,
+        blog: Blog,
         render: Renderer,
         *,
         idle_seconds: float,
@@ -571,6 +577,7 @@ class ChatSessions:
         self.store = store
         self.engine = engine
         self.personas = personas
+        self.blog = blog
         self.render = render
         self.idle_seconds = idle_seconds
         self.timings = timings or SessionTimings()
@@ -604,6 +611,7 @@ class ChatSessions:
                 store=self.store,
                 engine=self.engine,
                 personas=self.personas,
+                blog=self.blog,
                 render=self.render,
                 timings=self.timings,
             )

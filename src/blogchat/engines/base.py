@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from blogchat.content import Post
 from blogchat.personas import Persona
 from blogchat.protocol import DoneReason
 from blogchat.store import MessageRecord
@@ -26,6 +27,8 @@ class TurnRequest:
     # may ignore them, except to rebuild it).
     history: Sequence[MessageRecord] = ()
     anonymous: bool = True
+    # The post the chat was started from, if any: the agent should know the reader's context.
+    post: Post | None = None
 
 
 @dataclass(frozen=True)

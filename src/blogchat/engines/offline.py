@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from typing import Any
 
-from blogchat.content import Blog
+from blogchat.content import Blog, Post
 from blogchat.engines.base import (
     AgentEngine,
     EngineEvent,
@@ -66,7 +66,7 @@ class OfflineEngine(AgentEngine):
     ) -> AsyncIterator[EngineEvent]:
         """Plan tool calls from the question, run them, then stream an assembled answer."""
         allowed = request.persona.allowed_tools
-        calls = plan(request.text, self.tools.blog, allowed)
+        calls = plan(request.text, self.tools.blog, allowed, post=request.post)
         yield ThinkingDelta(_describe_plan(calls))
         results: list[tuple[_Call, ToolResult]] = []
         for call in calls:
@@ -96,10 +96,15 @@ class OfflineEngine(AgentEngine):
                 return
 
 
-def plan(question: str, blog: Blog, allowed: Collection[str]) -> list[_Call]:
+def plan(
+    question: str, blog: Blog, allowed: Collection[str], *, post: Post | None = None
+) -> list[_Call]:
     """Which tools a question calls for, among those the persona allows."""
     calls: list[_Call] = []
     lowered = question.lower()
+    if post is not None and "getPost" in allowed:
+        # The reader asks from a post's page: that post is the context.
+        calls.append(_Call("getPost", {"slug": post.slug}))
     if "getCurrentDateTime" in allowed and _DATE_WORDS.search(question):
         calls.append(_Call("getCurrentDateTime", {}))
     if "getAuthorInfo" in allowed:
@@ -107,10 +112,10 @@ def plan(question: str, blog: Blog, allowed: Collection[str]) -> list[_Call]:
             names = {author.id, author.name.lower(), author.name.split()[0].lower()}
             if any(re.search(rf"\b{re.escape(name)}\b", lowered) for name in names):
                 calls.append(_Call("getAuthorInfo", {"author": author.id}))
-    if "getPost" in allowed:
-        for post in blog.posts:
-            if post.title.lower() in lowered or f"/posts/{post.slug}" in lowered:
-                calls.append(_Call("getPost", {"slug": post.slug}))
+    if "getPost" in allowed and post is None:
+        for candidate in blog.posts:
+            if candidate.title.lower() in lowered or f"/posts/{candidate.slug}" in lowered:
+                calls.append(_Call("getPost", {"slug": candidate.slug}))
                 break
     if "listPosts" in allowed and _LIST_WORDS.search(question):
         arguments: dict[str, Any] = {"limit": 5}

@@ -34,6 +34,7 @@ class ChatRecord:
     model: str
     last_seq: int = 0
     created_by: str | None = None
+    post_slug: str | None = None
     agent_session_id: str | None = None
     created_at: datetime = field(default_factory=utcnow)
     updated_at: datetime = field(default_factory=utcnow)
@@ -85,6 +86,7 @@ def _chat_record(row: Chat) -> ChatRecord:
         model=row.model,
         last_seq=row.last_seq,
         created_by=row.created_by,
+        post_slug=row.post_slug,
         agent_session_id=row.agent_session_id,
         created_at=row.created_at,
         updated_at=row.updated_at,
@@ -189,6 +191,7 @@ class ChatStore:
                     model=chat.model,
                     last_seq=chat.last_seq,
                     created_by=chat.created_by,
+                    post_slug=chat.post_slug,
                     agent_session_id=chat.agent_session_id,
                     created_at=chat.created_at,
                     updated_at=chat.updated_at,

@@ -35,6 +35,7 @@ def upgrade() -> None:
         sa.Column("model", sa.String(length=16), nullable=False),
         sa.Column("last_seq", sa.Integer(), nullable=False),
         sa.Column("created_by", sa.String(length=64), nullable=True),
+        sa.Column("post_slug", sa.String(length=200), nullable=True),
         sa.Column("agent_session_id", sa.String(length=64), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),

@@ -1,0 +1,211 @@
+"""Real blogchat servers for tests: in a thread of the test process, or as a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from blogchat.app import create_app
+from blogchat.cli import uvicorn_config
+from blogchat.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class Database:
+    """Where a test's server keeps its data: a SQLite file, or a private PostgreSQL schema."""
+
+    kind: str
+    url: str
+    schema: str | None = None
+
+    def env(self) -> dict[str, str]:
+        """The environment variables that select this database."""
+        env = {"DATABASE_URL": self.url}
+        if self.schema:
+            env["BLOGCHAT_DATABASE_SCHEMA"] = self.schema
+        return env
+
+
+def settings_for(database: Database, data_dir: Path, **overrides: Any) -> Settings:
+    """Settings for a test server: the repo's content and personas, this database."""
+    values: dict[str, Any] = {
+        "database_url": database.url,
+        "database_schema": database.schema,
+        "data_dir": data_dir,
+        "content_dir": REPO / "content",
+        "personas_file": REPO / "config" / "personas.yaml",
+        "secret_key": "test-secret-key-that-is-long-enough-0123456789",
+        "offline_tokens_per_second": 0,
+        "log_level": "WARNING",
+        # Tests must never reach a real provider or telemetry backend by accident.
+        "anthropic_api_key": None,
+        "braintrust_api_key": None,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+class LiveServer:
+    """A real uvicorn server running the app in a background thread, on a free port."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.port = free_port()
+        self.app = create_app(settings)
+        config = uvicorn_config(self.app, settings, host="127.0.0.1", port=self.port)
+        config.log_level = "warning"
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._run, name=f"server-{self.port}", daemon=True)
+        self._error: BaseException | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def url(self) -> str:
+        """http://127.0.0.1:<port>"""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        """ws://127.0.0.1:<port>/ws"""
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def state(self) -> Any:
+        """The running app's state (store, sessions, hub, ...)."""
+        return self.app.state
+
+    def _run(self) -> None:
+        loop = self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self.server.serve())
+        except BaseException as exc:  # surfaced by start()
+            self._error = exc
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+            asyncio.set_event_loop(None)
+            loop.close()
+
+    def start(self) -> LiveServer:
+        """Start and wait until the server accepts requests."""
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if self._error is not None or not self._thread.is_alive():
+                raise RuntimeError(f"server failed to start: {self._error!r}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not start within 30 s")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        """Shut down gracefully (lifespan shutdown runs) and wait for the thread."""
+        self.server.should_exit = True
+        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            raise RuntimeError("server did not stop within 30 s")
+
+    def call(self, coro: Any, timeout: float = 30) -> Any:
+        """Run a coroutine on the server's event loop (to inspect its state safely)."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def __enter__(self) -> LiveServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class ServerProcess:
+    """`python -m blogchat serve` in a subprocess, which a test may kill outright."""
+
+    def __init__(self, env: Mapping[str, str], port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        """http://127.0.0.1:<port>"""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        """ws://127.0.0.1:<port>/ws"""
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def start(self, log_path: Path) -> ServerProcess:
+        """Start and wait for /healthz."""
+        self.log_path = log_path
+        log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "blogchat", "serve", "--port", str(self.port)],
+            cwd=REPO,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"server did not start: {log_path.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no flush; exactly what a crash looks like."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        """SIGTERM and wait."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+@contextmanager
+def running(settings: Settings) -> Iterator[LiveServer]:
+    """A LiveServer for the duration of a with-block."""
+    server = LiveServer(settings).start()
+    try:
+        yield server
+    finally:
+        server.stop()
