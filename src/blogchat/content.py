@@ -160,7 +160,7 @@ class Blog:
 
 # --- validation of the YAML -------------------------------------------------------------
 
-Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+_Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
 
 def _check_url(url: str) -> str:
@@ -205,23 +205,23 @@ class _Model(BaseModel):
 
 
 class _LinkModel(_Model):
-    label: Text
-    url: Annotated[Text, AfterValidator(_check_url)]
+    label: _Text
+    url: Annotated[_Text, AfterValidator(_check_url)]
 
 
 class _AuthorModel(_Model):
-    name: Text
-    bio: Text
+    name: _Text
+    bio: _Text
     links: list[_LinkModel] = []
 
 
 class _FrontMatter(_Model):
-    title: Text
+    title: _Text
     slug: Annotated[str, AfterValidator(_check_slug)]
     date: Annotated[dt.date, BeforeValidator(_parse_date)]
-    author: Text
+    author: _Text
     tags: Annotated[list[Annotated[str, AfterValidator(_check_tag)]], AfterValidator(_check_tags)]
-    summary: Text
+    summary: _Text
 
 
 _AUTHORS = TypeAdapter(dict[Annotated[str, AfterValidator(_check_slug)], _AuthorModel])
