@@ -16,6 +16,9 @@ from blogchat.settings import Settings
 from tests.support.client import Reader
 from tests.support.server import Database, LiveServer, settings_for
 
+# Fixture modules shared by several test files.
+pytest_plugins = ["tests.support.browser"]
+
 POSTGRES_URL = os.environ.get(
     "BLOGCHAT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )

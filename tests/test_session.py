@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 from collections.abc import Callable
@@ -59,7 +60,8 @@ async def test_a_whole_turn_streams_in_order_and_the_rest_api_holds_the_same_tra
 
     done = events[-1]
     assert done["reason"] == "complete"
-    assert "usage" in done and done["model"] == "offline"
+    assert "usage" in done
+    assert done["model"] == "offline"
     streamed = answer_text(events)
     assert "24-26 °C" in streamed
     assert "Offline mode" in streamed
@@ -67,7 +69,8 @@ async def test_a_whole_turn_streams_in_order_and_the_rest_api_holds_the_same_tra
     detail = (await reader.http.get(f"/api/chats/{chat_id}")).json()
     assert detail["lastSeq"] == done["seq"]
     user, answer = detail["messages"]
-    assert user["id"] == start[1]["messageId"] and user["text"] == SOURDOUGH
+    assert user["id"] == start[1]["messageId"]
+    assert user["text"] == SOURDOUGH
     assert answer["id"] == done["messageId"]
     assert answer["text"] == streamed
     assert answer["status"] == "complete"
@@ -109,7 +112,7 @@ async def test_queued_messages_run_in_order_one_turn_at_a_time(reader: Reader) -
     for answer_id in answer_ids:
         own = [e["seq"] for e in ordered if e.get("messageId") == answer_id]
         spans.append((min(own), max(own)))
-    assert all(a[1] < b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert all(a[1] < b[0] for a, b in itertools.pairwise(spans))
     assert "Sourdough" in answer_text(events, answer_ids[0]) or "sourdough" in answer_text(
         events, answer_ids[0]
     )
@@ -136,14 +139,16 @@ async def test_a_repeated_client_message_id_creates_no_second_chat_and_no_second
     await again.chat(SOURDOUGH, clientMessageId="cmid-new-chat-1")
     assert (await again.expect("chat_created"))["chatId"] == created["chatId"]
     replay = await again.until("done")
-    assert replay[0]["type"] == "user_message" and replay[0]["messageId"] == user["messageId"]
+    assert replay[0]["type"] == "user_message"
+    assert replay[0]["messageId"] == user["messageId"]
     assert [e["seq"] for e in replay] == [user["seq"], *seqs(events)]
 
     # And once more with the chatId, on the first connection: the same answers again.
     await ws.chat(SOURDOUGH, created["chatId"], clientMessageId="cmid-new-chat-1")
     assert (await ws.expect("chat_created"))["chatId"] == created["chatId"]
     repeat = await ws.expect("user_message")
-    assert repeat["messageId"] == user["messageId"] and repeat["seq"] == user["seq"]
+    assert repeat["messageId"] == user["messageId"]
+    assert repeat["seq"] == user["seq"]
     assert await ws.silent(0.5)
 
     chats = (await reader.http.get("/api/chats")).json()
@@ -189,8 +194,9 @@ async def test_subscribe_without_after_seq_sends_history_with_the_running_answer
     subscribed = await tab.expect("subscribed")
     assert subscribed["requestId"] == "r1"
     assert subscribed["busy"] is True
-    user, partial = subscribed["messages"]
-    assert partial["status"] == "incomplete" and partial["role"] == "assistant"
+    _user, partial = subscribed["messages"]
+    assert partial["status"] == "incomplete"
+    assert partial["role"] == "assistant"
     live = await tab.until("done")
     assert live[0]["seq"] == subscribed["lastSeq"] + 1
     final = (await reader.http.get(f"/api/chats/{chat_id}")).json()["messages"][1]["text"]
@@ -210,7 +216,8 @@ async def test_stop_ends_the_turn_as_stopped_at_a_sentence_and_keeps_the_partial
     done = events[-1]
     assert done["reason"] == "stopped"
     streamed = answer_text(events)
-    assert streamed and re.search(r"[.!?:…][\"'”’)\]*_]*\s*$|\n\s*$", streamed), streamed[-80:]
+    assert streamed
+    assert re.search(r"[.!?:…][\"'”’)\]*_]*\s*$|\n\s*$", streamed), streamed[-80:]
     detail = (await reader.http.get(f"/api/chats/{chat_id}")).json()
     answer = detail["messages"][1]
     assert answer["status"] == "stopped"
@@ -266,7 +273,8 @@ async def test_persona_is_chosen_at_creation_and_locked_afterwards(reader: Reade
     await ws.until("done")
     await ws.chat("switch", chat_id, persona="explainer", requestId="p")
     error = await ws.expect("error")
-    assert error["code"] == "persona_locked" and error["requestId"] == "p"
+    assert error["code"] == "persona_locked"
+    assert error["requestId"] == "p"
     await ws.chat("hello", persona="no-such-persona")
     assert (await ws.expect("error"))["code"] == "persona_unknown"
 
@@ -328,7 +336,8 @@ async def test_deleting_a_chat_mid_turn_stops_it_and_tells_subscribers(
     response = await reader.http.delete(f"/api/chats/{chat_id}")
     assert response.status_code == 204
     events = await ws.until("error")
-    assert events[-1]["code"] == "not_found" and events[-1]["chatId"] == chat_id
+    assert events[-1]["code"] == "not_found"
+    assert events[-1]["chatId"] == chat_id
     assert (await reader.http.get(f"/api/chats/{chat_id}")).status_code == 404
     assert server.state.sessions.get(chat_id) is None
 

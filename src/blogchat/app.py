@@ -55,12 +55,13 @@ def load_content(settings: Settings) -> Content:
     return Content(blog, index, tools, personas)
 
 
-def make_engine(settings: Settings, content: Content) -> AgentEngine:
+def make_engine(settings: Settings, content: Content, store: Store) -> AgentEngine:
     """Claude when credentials are configured, otherwise the offline engine."""
     if settings.claude_enabled:
         from blogchat.engines.claude import ClaudeEngine
+        from blogchat.store.transcripts import TranscriptStore
 
-        return ClaudeEngine(settings, content.tools)
+        return ClaudeEngine(settings, content.tools, TranscriptStore(store.db))
     return OfflineEngine(content.tools, tokens_per_second=settings.offline_tokens_per_second)
 
 
@@ -75,7 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         interrupted = await store.chats.mark_interrupted_turns()
         if interrupted:
             log.warning("marked %d answer(s) cut off by a crash as incomplete", interrupted)
-        engine = make_engine(settings, content)
+        engine = make_engine(settings, content, store)
         log.info(
             "engine: %s%s",
             engine.name,
@@ -89,7 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             render_answer,
             idle_seconds=settings.session_idle_seconds,
         )
-        visitors = Visitors(store, settings.signing_key())
+        visitors = Visitors(store, settings.signing_key(), on_chats_moved=sessions.chats_moved)
         hub = Hub(
             settings=settings,
             store=store,

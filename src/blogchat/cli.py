@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import uvicorn
 from fastapi import FastAPI
+from sqlalchemy.exc import SQLAlchemyError
 
 from blogchat.content import ContentError
 from blogchat.personas import PersonaError
@@ -51,6 +52,7 @@ def _serve(settings: Settings, host: str, port: int) -> int:
     from blogchat.app import create_app, load_content
 
     content = load_content(settings)  # fail fast, with a clear message, on broken content
+    _migrate(settings)  # and on a database that cannot be reached
     log.info(
         "serving %d posts by %d authors on http://%s:%d",
         len(content.blog.posts),
@@ -62,7 +64,7 @@ def _serve(settings: Settings, host: str, port: int) -> int:
     return 0
 
 
-def _upgrade(settings: Settings) -> int:
+def _migrate(settings: Settings) -> None:
     from blogchat.store import Store
 
     async def run() -> None:
@@ -70,6 +72,10 @@ def _upgrade(settings: Settings) -> int:
         await store.close()
 
     asyncio.run(run())
+
+
+def _upgrade(settings: Settings) -> int:
+    _migrate(settings)
     log.info("database is up to date")
     return 0
 
@@ -112,6 +118,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(settings)
     except (ContentError, PersonaError) as exc:
         print(f"blogchat: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, SQLAlchemyError) as exc:
+        # An unreachable or misconfigured database: one line, naming the setting.
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        print(f"blogchat: cannot use the database (DATABASE_URL): {reason}", file=sys.stderr)
         return 1
 
 

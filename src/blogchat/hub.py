@@ -405,6 +405,12 @@ class Hub:
         if model != chat.model:
             await self.store.chats.update_chat(chat.id, model=model)
             session.set_chat(replace(chat, model=model))
+        if chat.id not in connection.subscriptions:
+            # The sender always hears about its own message, as with a new chat.
+            session.subscribe(
+                connection, after_seq=session.last_seq, request_id=None, announce=False
+            )
+            connection.subscriptions.add(chat.id)
         await self._accept(session, message, text, model, visitor)
 
     async def _accept(

@@ -14,11 +14,14 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StringConstraints,
     TypeAdapter,
     ValidationError,
+    model_serializer,
 )
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticUndefined
 
 PROTOCOL_VERSION = 1
 
@@ -42,6 +45,17 @@ Id = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 RequestId = Annotated[str, StringConstraints(max_length=128)]
 
 
+def _require_always_sent(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """Mark fields with a non-null default (`type`, `retryable`, ...) as required: frames
+    leave out only null fields, so these are always on the wire."""
+    required: list[str] = schema.setdefault("required", [])
+    for name, field in model.model_fields.items():
+        alias = field.alias or name
+        always = field.default_factory is not None or field.default not in (None, PydanticUndefined)
+        if always and alias not in required:
+            required.append(alias)
+
+
 class WireModel(BaseModel):
     """Base of every protocol model: camelCase on the wire, unknown fields refused."""
 
@@ -50,6 +64,7 @@ class WireModel(BaseModel):
         populate_by_name=True,
         extra="forbid",
         frozen=True,
+        json_schema_extra=_require_always_sent,
     )
 
     def to_json(self) -> str:
@@ -60,7 +75,13 @@ class WireModel(BaseModel):
 # --- client -> server ---------------------------------------------------------------------
 
 
-class Subscribe(WireModel):
+class ClientModel(WireModel):
+    """Base of client messages: strict types, so "3" is not taken for 3."""
+
+    model_config = ConfigDict(strict=True)
+
+
+class Subscribe(ClientModel):
     """Receive a chat's events: its history first, or a replay after `afterSeq`."""
 
     type: Literal["subscribe"]
@@ -69,7 +90,7 @@ class Subscribe(WireModel):
     request_id: RequestId | None = None
 
 
-class Unsubscribe(WireModel):
+class Unsubscribe(ClientModel):
     """Stop receiving a chat's events."""
 
     type: Literal["unsubscribe"]
@@ -77,7 +98,7 @@ class Unsubscribe(WireModel):
     request_id: RequestId | None = None
 
 
-class Chat(WireModel):
+class Chat(ClientModel):
     """Send a user message, to an existing chat or (no chatId) to a new one."""
 
     type: Literal["chat"]
@@ -92,7 +113,7 @@ class Chat(WireModel):
     request_id: RequestId | None = None
 
 
-class Stop(WireModel):
+class Stop(ClientModel):
     """Stop the chat's running turn gracefully."""
 
     type: Literal["stop"]
@@ -100,7 +121,7 @@ class Stop(WireModel):
     request_id: RequestId | None = None
 
 
-class Ping(WireModel):
+class Ping(ClientModel):
     """Extension: ask for a `pong`, so a client can tell a live connection from a dead one."""
 
     type: Literal["ping"]
@@ -143,6 +164,14 @@ class ToolCallInfo(WireModel):
     input: dict[str, Any]
     output: str | None
     is_error: bool
+
+    @model_serializer(mode="wrap")
+    def _keep_output(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A tool still running has no output yet; say so with null rather than leave
+        # the field out (frames are written with exclude_none).
+        data: dict[str, Any] = handler(self)
+        data.setdefault("output", None)
+        return data
 
 
 class MessageInfo(WireModel):
@@ -357,8 +386,12 @@ def _describe(exc: ValidationError) -> str:
 def json_schema() -> dict[str, Any]:
     """JSON Schema for every client and server message (served at /api/protocol.json)."""
     client = _client_adapter.json_schema(by_alias=True, ref_template="#/$defs/{model}")
-    server = _server_adapter.json_schema(by_alias=True, ref_template="#/$defs/{model}")
+    server = _server_adapter.json_schema(
+        by_alias=True, ref_template="#/$defs/{model}", mode="serialization"
+    )
     defs = {**client.pop("$defs", {}), **server.pop("$defs", {})}
+    # Its wrap serializer hides the shape from the serialization schema; it is the same.
+    defs["ToolCallInfo"] = ToolCallInfo.model_json_schema(by_alias=True)
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "blogchat WebSocket protocol",

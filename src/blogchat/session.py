@@ -161,7 +161,10 @@ class ChatSession:
         self.render = render
         self.timings = timings
         self.state = SessionState.IDLE
+        # The seq of the last event published: what subscribers and histories see.
         self.last_seq = chat.last_seq
+        # The last seq handed out; it runs ahead of last_seq while an event is being saved.
+        self._allocated = chat.last_seq
         self.log: EventLog = MemoryEventLog(chat.last_seq)
         self.fanout: Fanout = MemoryFanout()
         self.draft: MessageRecord | None = None
@@ -264,7 +267,7 @@ class ChatSession:
                 await self.store.chats.add_message(record)
             except BaseException:
                 # Nothing was published with this seq: give it back so seqs stay dense.
-                self.last_seq = seq - 1
+                self._allocated = seq - 1
                 raise
             self.history.append(record)
             self._publish(seq, user_message_event(record))
@@ -454,6 +457,7 @@ class ChatSession:
                 seq = await self._next_seq()
                 if not draft.seq_start:
                     draft.seq_start = seq
+                draft.seq_end = seq
                 draft.error = failure.message
                 self._publish(
                     seq,
@@ -466,32 +470,36 @@ class ChatSession:
                     ),
                 )
             seq = await self._next_seq()
-            if not draft.seq_start:
-                draft.seq_start = seq
-            draft.seq_end = seq
-            draft.status = outcome.reason
-            draft.model = outcome.model
-            draft.input_tokens = outcome.input_tokens
-            draft.output_tokens = outcome.output_tokens
-            draft.warning = outcome.warning
+            # Until `done` is published, histories keep showing the draft as running.
+            final = dataclasses.replace(
+                draft,
+                seq_start=draft.seq_start or seq,
+                seq_end=seq,
+                status=outcome.reason,
+                model=outcome.model,
+                input_tokens=outcome.input_tokens,
+                output_tokens=outcome.output_tokens,
+                warning=outcome.warning,
+                tool_calls=list(draft.tool_calls),
+            )
             try:
-                await self.store.chats.save_message(draft)
+                await self.store.chats.save_message(final)
             except Exception:
                 # The reader still gets their answer; the periodic save has most of it.
                 log.exception("chat %s: could not save the final answer", self.chat.id)
-            self.history.append(draft)
+            self.history.append(final)
             self.draft = None
             done = wire.Done(
                 chat_id=self.chat.id,
                 seq=seq,
-                message_id=draft.id,
+                message_id=final.id,
                 reason=outcome.reason,
                 model=outcome.model,
                 usage=wire.Usage(
                     input_tokens=outcome.input_tokens, output_tokens=outcome.output_tokens
                 ),
                 warning=outcome.warning,
-                html=self.render(draft.text),
+                html=self.render(final.text),
             )
             self._publish(seq, done)
             # Keep the last finished turn (from its user message on) and everything after.
@@ -517,7 +525,7 @@ class ChatSession:
     # --- seq and publishing -----------------------------------------------------------
 
     async def _next_seq(self) -> int:
-        seq = self.last_seq + 1
+        seq = self._allocated + 1
         if seq > self._reserved:
             try:
                 await self.store.chats.reserve_seq(self.chat.id, seq + SEQ_BLOCK - 1)
@@ -526,11 +534,12 @@ class ChatSession:
                 # crash during the outage could then reuse these seqs.
                 log.exception("chat %s: could not reserve seqs", self.chat.id)
             self._reserved = seq + SEQ_BLOCK - 1
-        self.last_seq = seq
+        self._allocated = seq
         return seq
 
     def _publish(self, seq: int, event: wire.TranscriptEvent) -> None:
         frame = event.to_json()
+        self.last_seq = seq
         self.log.append(seq, frame)
         self.fanout.publish(frame)
         self.last_activity = time.monotonic()
@@ -625,6 +634,12 @@ class ChatSessions:
             raise
         finally:
             del self._opening[chat.id]
+
+    def chats_moved(self, from_owner: str, to_owner: str) -> None:
+        """An anonymous visitor's chats now belong to an account: update live sessions."""
+        for session in self._sessions.values():
+            if session.chat.owner_id == from_owner:
+                session.set_chat(dataclasses.replace(session.chat, owner_id=to_owner))
 
     async def close(self, chat_id: str) -> None:
         """Close a chat's session (before deleting the chat, for instance)."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import secrets
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -162,6 +164,44 @@ class Settings(BaseSettings):
         description="An agent process idle this long is reclaimed.",
     )
 
+    max_parallel_starts: int = Field(
+        default=0,
+        ge=0,
+        validation_alias=_env("BLOGCHAT_MAX_PARALLEL_STARTS"),
+        description="Most agent processes starting at once (it is CPU-bound). 0: one per CPU.",
+    )
+    agent_dir: Path | None = Field(
+        default=None,
+        validation_alias=_env("BLOGCHAT_AGENT_DIR"),
+        description="Working and config directory of the agent processes. Unset: <data dir>/agent.",
+    )
+    stall_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        validation_alias=_env("BLOGCHAT_STALL_SECONDS"),
+        description="A turn that gets nothing from the model for this long fails (or is retried).",
+    )
+    provider_retries: int = Field(
+        default=2,
+        ge=0,
+        le=10,
+        validation_alias=_env("BLOGCHAT_PROVIDER_RETRIES"),
+        description="Retries of a turn whose model call failed before anything was streamed.",
+    )
+    provider_retry_delay: float = Field(
+        default=1.0,
+        ge=0,
+        validation_alias=_env("BLOGCHAT_PROVIDER_RETRY_DELAY"),
+        description="Seconds before the first of those retries; each next one waits twice as long.",
+    )
+    cli_max_retries: int = Field(
+        default=1,
+        ge=0,
+        le=10,
+        validation_alias=_env("BLOGCHAT_CLI_MAX_RETRIES"),
+        description="Retries the agent CLI itself makes of a failed model request.",
+    )
+
     offline_tokens_per_second: float = Field(
         default=250.0,
         ge=0,
@@ -251,8 +291,19 @@ class Settings(BaseSettings):
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         key = secrets.token_urlsafe(48)
-        path.write_text(key + "\n")
-        path.chmod(0o600)
+        # Written privately (mkstemp: 0600) and linked into place in one step, so nobody
+        # reads a half-written or world-readable key, and workers starting together all
+        # end up with the key of whichever linked first.
+        fd, scratch = tempfile.mkstemp(dir=path.parent, prefix=".secret_key.")
+        try:
+            with os.fdopen(fd, "w") as file:
+                file.write(key + "\n")
+            try:
+                os.link(scratch, path)
+            except FileExistsError:
+                return path.read_text().strip()
+        finally:
+            os.unlink(scratch)
         return key
 
     @classmethod

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -50,10 +52,19 @@ class AuthError(Exception):
 class Visitors:
     """Issues and reads session cookies, and signs visitors up, in and out."""
 
-    def __init__(self, store: Store, secret: str) -> None:
+    def __init__(
+        self,
+        store: Store,
+        secret: str,
+        *,
+        on_chats_moved: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.store = store
+        # Live chat sessions cache their chat's owner; they must hear when chats move.
+        self._on_chats_moved = on_chats_moved
         self._serializer = URLSafeTimedSerializer(secret, salt="blogchat.visitor")
         self._hasher = PasswordHasher()
+        self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
 
     # --- cookies ---------------------------------------------------------------------
 
@@ -110,7 +121,12 @@ class Visitors:
         """Check a password and sign this browser in, bringing its anonymous chats along."""
         email = email.strip().lower()
         account = await self.store.accounts.find_account(email)
-        if account is None or not self._verify(account, password):
+        if account is None:
+            # Spend the same time as a real check, so timing does not tell which emails
+            # have accounts.
+            self._verify(Account("", email, self._dummy_hash), password)
+            raise AuthError("Wrong email or password.", status=401)
+        if not self._verify(account, password):
             raise AuthError("Wrong email or password.", status=401)
         if self._hasher.check_needs_rehash(account.password_hash):
             await self.store.accounts.set_password_hash(account.id, self._hasher.hash(password))
@@ -127,6 +143,8 @@ class Visitors:
             moved = await self.store.accounts.transfer_chats(current.id, account_id)
             if moved:
                 log.info("moved %d anonymous chat(s) to account %s", moved, account_id)
+                if self._on_chats_moved is not None:
+                    self._on_chats_moved(current.id, account_id)
         elif current.login_token is not None and current.id != account_id:
             await self.store.accounts.end_login(current.login_token)
         token = await self.store.accounts.start_login(account_id, LOGIN_TTL)

@@ -19,9 +19,12 @@ Event = dict[str, Any]
 class Reader:
     """One visitor: its own cookie, REST access and WebSocket connections."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, *, cookie: str | None = None) -> None:
         self.base_url = base_url
         self.http = httpx.AsyncClient(base_url=base_url, timeout=30)
+        if cookie is not None:
+            # A returning visitor (e.g. after a server restart): same cookie, same identity.
+            self.http.cookies.set(COOKIE, cookie, domain=httpx.URL(base_url).host)
         self.sockets: list[ChatSocket] = []
 
     async def __aenter__(self) -> Reader:
@@ -68,6 +71,9 @@ class Reader:
             origin=origin or self.base_url,  # type: ignore[arg-type]
             additional_headers={"Cookie": f"{COOKIE}={self.cookie}"},
             max_size=None,
+            # Keep reading frames a test never consumes; otherwise flow control stops the
+            # client from seeing the server's close frame and close() waits 10 s.
+            max_queue=None,
             open_timeout=10,
         )
         socket = ChatSocket(connection)

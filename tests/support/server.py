@@ -164,14 +164,15 @@ class ServerProcess:
     def start(self, log_path: Path) -> ServerProcess:
         """Start and wait for /healthz."""
         self.log_path = log_path
-        log = log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "blogchat", "serve", "--port", str(self.port)],
-            cwd=REPO,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        with log_path.open("ab") as log:
+            # The child keeps its own copy of the file descriptor.
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "blogchat", "serve", "--port", str(self.port)],
+                cwd=REPO,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

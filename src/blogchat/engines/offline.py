@@ -41,7 +41,7 @@ _DATE_WORDS = re.compile(
     r"\b(today|todays|date|time|weekday|what day|which day|current(ly)?|now|this year)\b", re.I
 )
 _LIST_WORDS = re.compile(
-    r"\b(latest|newest|recent|list|all (the )?posts|what posts|which posts|how many posts)\b",
+    r"\b(latest|newest|recent|new|list|all (the )?posts|what posts|which posts|how many posts)\b",
     re.I,
 )
 

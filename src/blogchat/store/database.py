@@ -10,7 +10,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, event
+from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.schema import CreateSchema
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class Database:
 
     def __init__(self, url: str, *, schema: str | None = None) -> None:
         self.url = make_url(url)
+        self.schema = schema
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
         connect_args: dict[str, Any] = {}
         engine_args: dict[str, Any] = {}
@@ -67,11 +69,23 @@ class Database:
     async def migrate(self) -> None:
         """Bring the schema up to the newest migration."""
         async with self.engine.begin() as connection:
+            if self.schema and not self.is_sqlite:
+                await connection.run_sync(_ensure_schema, self.schema)
             await connection.run_sync(_upgrade)
 
     async def dispose(self) -> None:
         """Close every pooled connection."""
         await self.engine.dispose()
+
+
+def _ensure_schema(connection: Connection, schema: str) -> None:
+    # Look before creating: CREATE SCHEMA IF NOT EXISTS still needs the CREATE privilege on
+    # the database, which a role that was handed an existing schema may lack.
+    found = connection.scalar(
+        text("SELECT 1 FROM pg_namespace WHERE nspname = :schema"), {"schema": schema}
+    )
+    if found is None:
+        connection.execute(CreateSchema(schema, if_not_exists=True))
 
 
 def _upgrade(connection: Connection) -> None:

@@ -181,3 +181,31 @@ class ToolCall(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     message: Mapped[Message] = relationship(back_populates="tool_calls")
+
+
+class AgentTranscriptEntry(Base):
+    """One line of the agent SDK's session transcript, kept so a chat can resume its context.
+
+    Keys follow the SDK's SessionStore: `project_key` (derived from the agent's working
+    directory), `session_id` (the chat id) and `subpath` ("" for the main transcript).
+    """
+
+    __tablename__ = "agent_transcripts"
+
+    # Append order: entries are loaded back in the order they were written.
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_key: Mapped[str] = mapped_column(String(255))
+    session_id: Mapped[str] = mapped_column(String(255))
+    subpath: Mapped[str] = mapped_column(String(255), default="")
+    # The entry's own uuid, when it has one: a batch delivered twice is stored once.
+    uuid: Mapped[str | None] = mapped_column(String(64))
+    entry: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (
+        Index("ix_agent_transcripts_key", "project_key", "session_id", "subpath", "id"),
+        Index("ix_agent_transcripts_session_id", "session_id"),
+        UniqueConstraint(
+            "project_key", "session_id", "subpath", "uuid", name="uq_agent_transcripts_uuid"
+        ),
+    )

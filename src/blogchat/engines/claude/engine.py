@@ -1,0 +1,393 @@
+"""The Claude engine: chats run on Claude through the Claude Agent SDK and its CLI.
+
+Each active chat has a long-lived CLI process (see pool.py) started with the persona's
+system prompt, only the persona's blog tools (an in-process MCP server per process),
+extended thinking and partial messages. Transcripts are mirrored to our database, so a
+chat whose process was reclaimed, or that outlived a restart, resumes its context.
+docs/claude.md explains the whole design.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from claude_agent_sdk import (
+    ClaudeAgentOptions,
+    McpSdkServerConfig,
+    SdkMcpTool,
+    ThinkingConfig,
+    create_sdk_mcp_server,
+    project_key_for_directory,
+)
+
+from blogchat.content import Post
+from blogchat.engines.base import (
+    AgentEngine,
+    EngineEvent,
+    ToolFinished,
+    TurnEnded,
+    TurnFailed,
+    TurnRequest,
+)
+from blogchat.engines.claude import failures
+from blogchat.engines.claude.failures import ProviderFailure
+from blogchat.engines.claude.pool import ProcessPool, StartFailed
+from blogchat.engines.claude.process import WAKE, AgentProcess, AgentSpec, Launch
+from blogchat.engines.claude.turn import DRAIN, SERVER, TOOL_PREFIX, Attempt, Outcome, Tally
+from blogchat.settings import Settings
+from blogchat.store.transcripts import TranscriptStore
+from blogchat.tools import BlogTools
+
+log = logging.getLogger(__name__)
+
+# The API's smallest thinking budget.
+MIN_THINKING_BUDGET = 1024
+# The earlier conversation handed to a chat that has no stored transcript, at most.
+MAX_CONTEXT_CHARS = 40_000
+# How often transcripts of deleted chats are cleaned up.
+FORGET_INTERVAL = 1800.0
+STOPPED_TOOL = "Stopped before the tool finished."
+CUT_TOOL = "The turn ended before the tool finished."
+
+
+def system_prompt(persona_prompt: str, post: Post | None, tools: tuple[str, ...]) -> str:
+    """The persona's prompt, plus what the reader is looking at."""
+    if post is None:
+        return persona_prompt
+    context = (
+        f"The reader opened this chat from the post “{post.title}” by {post.author.name} "
+        f"({post.date.isoformat()}), at {post.url}. When they say “this post” they mean it."
+    )
+    if "getPost" in tools:
+        context += f" Read it with getPost (slug “{post.slug}”) when you need its text."
+    return f"{persona_prompt}\n\n{context}"
+
+
+class ClaudeEngine(AgentEngine):
+    """Runs turns on Claude, one CLI process per active chat."""
+
+    name = "claude"
+
+    def __init__(self, settings: Settings, tools: BlogTools, transcripts: TranscriptStore) -> None:
+        self.settings = settings
+        self.tools = tools
+        self.transcripts = transcripts
+        agent_dir = (settings.agent_dir or settings.data_dir / "agent").resolve()
+        # A stable working directory: the transcripts' project key derives from it.
+        self.workdir = agent_dir / "workdir"
+        self.config_dir = agent_dir / "config"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_dir.mkdir(parents=True, exist_ok=True)
+        self.project_key = project_key_for_directory(self.workdir)
+        self.pool = ProcessPool(
+            self._new_process,
+            cap=settings.max_live_clients,
+            idle_seconds=settings.client_idle_seconds,
+            parallel_starts=settings.max_parallel_starts or os.cpu_count() or 2,
+            on_sweep=self._forget_deleted_chats,
+        )
+        self._forgotten_at = float("-inf")
+        # Chats whose transcript could not be resumed: their next process starts over.
+        self._start_over: set[str] = set()
+
+    # --- the AgentEngine interface ------------------------------------------------------
+
+    async def run_turn(
+        self, request: TurnRequest, stop: asyncio.Event
+    ) -> AsyncIterator[EngineEvent]:
+        """Stream one turn; retried unseen when the provider fails before anything streamed."""
+        spec = self._spec(request)
+        tally = Tally()
+        retries = self.settings.provider_retries
+        delay = self.settings.provider_retry_delay
+        outcome = Outcome.FAILED
+        failure: ProviderFailure | None = None
+        process: AgentProcess | None = None
+        wake: asyncio.Task[None] | None = None
+        try:
+            while True:
+                try:
+                    process = await self._acquire(spec, stop)
+                except StartFailed as exc:
+                    outcome, failure = Outcome.FAILED, failures.NOT_STARTED.because(str(exc))
+                else:
+                    if process is None or stop.is_set():
+                        if process is not None:
+                            await self.pool.release(process)
+                            process = None
+                        outcome, failure = Outcome.STOPPED, None
+                        break
+                    wake = asyncio.create_task(_wake_on(stop, process))
+                    attempt = Attempt(
+                        process,
+                        self._prompt(request, process),
+                        stop,
+                        tally,
+                        stall_seconds=self.settings.stall_seconds,
+                    )
+                    async with contextlib.aclosing(attempt.events()) as events:
+                        async for event in events:
+                            yield event
+                    wake.cancel()
+                    finished, process = process, None
+                    if attempt.settled:
+                        await self.pool.release(finished)
+                    else:
+                        await self.pool.discard(finished)
+                    outcome, failure = attempt.outcome, attempt.failure
+                if (
+                    outcome is Outcome.FAILED
+                    and failure is not None
+                    and failure.retryable
+                    and not tally.forwarded
+                    and retries > 0
+                ):
+                    log.info(
+                        "chat %s: retrying in %.1f s after %s",
+                        request.chat_id,
+                        delay,
+                        failure.detail,
+                    )
+                    if await _stopped_within(stop, delay):
+                        outcome, failure = Outcome.STOPPED, None
+                        break
+                    retries -= 1
+                    delay *= 2
+                    continue
+                break
+        finally:
+            if wake is not None:
+                wake.cancel()
+            if process is not None:
+                # Cut off mid-attempt (a hard stop, or the session closed): get the process
+                # back in the background so the chat's next turn finds it ready.
+                self.pool.recover(process, DRAIN * 2)
+        note = STOPPED_TOOL if outcome is Outcome.STOPPED else CUT_TOOL
+        for tool_use_id in tally.open_tools:
+            yield ToolFinished(tool_use_id, note, is_error=True)
+        if failure is not None and outcome is Outcome.FAILED:
+            log.warning("chat %s: turn failed: %s", request.chat_id, failure.detail)
+            yield TurnFailed(failure.message, retryable=failure.retryable, code=failure.code)
+        yield self._ended(request, outcome, tally)
+
+    async def release(self, chat_id: str) -> None:
+        """The chat's session closed: its process goes (its transcript stays in the store)."""
+        await self.pool.forget(chat_id)
+
+    async def aclose(self) -> None:
+        """Close every process."""
+        await self.pool.aclose()
+
+    # --- a turn's pieces ----------------------------------------------------------------
+
+    def _spec(self, request: TurnRequest) -> AgentSpec:
+        tools = tuple(tool.name for tool in self.tools.allowed(request.persona.allowed_tools))
+        return AgentSpec(
+            chat_id=request.chat_id,
+            model_id=request.model_id,
+            system_prompt=system_prompt(request.persona.system_prompt, request.post, tools),
+            tools=tools,
+        )
+
+    async def _acquire(self, spec: AgentSpec, stop: asyncio.Event) -> AgentProcess | None:
+        """The chat's process, or None if the reader stopped the turn while waiting for it."""
+        acquiring = asyncio.ensure_future(self.pool.acquire(spec))
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({acquiring, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not acquiring.done():
+                acquiring.cancel()
+                # The pool may hand the process over just as we give up: put it back.
+                acquiring.add_done_callback(self._give_back)
+        if acquiring.done() and not acquiring.cancelled():
+            return acquiring.result()
+        return None
+
+    def _give_back(self, acquiring: asyncio.Future[AgentProcess]) -> None:
+        if not acquiring.cancelled() and acquiring.exception() is None:
+            self.pool.recover(acquiring.result(), DRAIN)
+
+    def _prompt(self, request: TurnRequest, process: AgentProcess) -> str:
+        """The prompt; for a chat with no stored transcript it carries the conversation so far."""
+        if process.resumed or process.turns or not request.history:
+            return request.text
+        lines = [
+            f"{'Reader' if message.role == 'user' else 'You'}: {message.text.strip()}"
+            for message in request.history
+            if message.text.strip()
+        ]
+        if not lines:
+            return request.text
+        earlier = "\n\n".join(lines)[-MAX_CONTEXT_CHARS:]
+        return f"<earlier_conversation>\n{earlier}\n</earlier_conversation>\n\n{request.text}"
+
+    def _ended(self, request: TurnRequest, outcome: Outcome, tally: Tally) -> TurnEnded:
+        warning = None
+        if outcome is Outcome.MAX_TURNS:
+            warning = (
+                f"The assistant reached its limit of {self.settings.max_turns} steps for one "
+                "message, so this answer may be incomplete. Ask it to go on if you need more."
+            )
+        metadata: dict[str, object] = {"engine": self.name, "attempts": tally.attempts}
+        if tally.result is not None:
+            metadata.update(
+                num_turns=tally.result.num_turns,
+                cost_usd=tally.result.total_cost_usd,
+                terminal_reason=tally.result.terminal_reason,
+            )
+        reason = {
+            Outcome.COMPLETE: "complete",
+            Outcome.MAX_TURNS: "max_turns",
+            Outcome.STOPPED: "stopped",
+            Outcome.FAILED: "error",
+        }[outcome]
+        return TurnEnded(
+            reason=reason,  # type: ignore[arg-type]
+            model=request.model_id,
+            input_tokens=tally.input_tokens,
+            output_tokens=tally.output_tokens,
+            warning=warning,
+            metadata=metadata,
+        )
+
+    # --- processes ----------------------------------------------------------------------
+
+    def _new_process(self, spec: AgentSpec) -> AgentProcess:
+        return AgentProcess(spec, self._prepare, on_start_failed=self._start_failed)
+
+    async def _prepare(self, process: AgentProcess) -> Launch:
+        """Options for a chat's new process: resume its stored transcript if there is one."""
+        chat_id = process.spec.chat_id
+        if chat_id in self._start_over:
+            # Its first prompt carries the conversation instead (see _prompt).
+            self._start_over.discard(chat_id)
+            await self.transcripts.delete({"project_key": self.project_key, "session_id": chat_id})
+        resumed = await self.transcripts.has_session(self.project_key, chat_id)
+        local = self.config_dir / "projects" / self.project_key
+        local_files = (local / f"{chat_id}.jsonl", local / chat_id)
+        if not resumed:
+            # A copy left by a process that was killed would make the CLI refuse the id.
+            _remove(local_files)
+        return Launch(self._options(process, resumed=resumed), resumed, local_files)
+
+    def _options(self, process: AgentProcess, *, resumed: bool) -> ClaudeAgentOptions:
+        spec = process.spec
+        settings = self.settings
+        key = settings.anthropic_api_key
+        env = {
+            "ANTHROPIC_API_KEY": key.get_secret_value() if key else "",
+            "CLAUDE_CONFIG_DIR": str(self.config_dir),
+            # No update checks, telemetry or session-title requests: only the agent loop.
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+            # Otherwise the CLI hides MCP tools behind its own ToolSearch tool.
+            "ENABLE_TOOL_SEARCH": "false",
+            # The CLI's own retries back off for up to minutes; the engine retries instead.
+            "CLAUDE_CODE_MAX_RETRIES": str(settings.cli_max_retries),
+        }
+        if settings.anthropic_base_url:
+            env["ANTHROPIC_BASE_URL"] = settings.anthropic_base_url
+        thinking: ThinkingConfig = {"type": "disabled"}
+        if settings.thinking_budget:
+            thinking = {
+                "type": "enabled",
+                "budget_tokens": max(MIN_THINKING_BUDGET, settings.thinking_budget),
+                # Newer models return no thinking text unless asked for a summary.
+                "display": "summarized",
+            }
+        return ClaudeAgentOptions(
+            system_prompt=spec.system_prompt,
+            # No built-in tool at all (Bash, Read, WebFetch, ToolSearch, ...): only the
+            # persona's blog tools, which the MCP server below is the only source of.
+            tools=[],
+            allowed_tools=[f"{TOOL_PREFIX}{name}" for name in spec.tools],
+            mcp_servers={SERVER: self._mcp_server(process)},
+            strict_mcp_config=True,
+            setting_sources=[],
+            cwd=str(self.workdir),
+            env=env,
+            model=spec.model_id,
+            include_partial_messages=True,
+            max_turns=settings.max_turns,
+            thinking=thinking,
+            session_store=self.transcripts,
+            # The chat id is the session id: the store keeps the transcript under it.
+            resume=spec.chat_id if resumed else None,
+            session_id=None if resumed else spec.chat_id,
+            stderr=lambda line: log.debug("chat %s: cli: %s", spec.chat_id, line.rstrip()),
+        )
+
+    def _mcp_server(self, process: AgentProcess) -> McpSdkServerConfig:
+        """A server of its own for each process, holding only the persona's tools."""
+        allowed = process.spec.tools
+        tools: list[SdkMcpTool[Any]] = [
+            SdkMcpTool(
+                name=tool.name,
+                description=tool.description,
+                input_schema=tool.input_schema,
+                handler=self._tool_handler(tool.name, allowed, process),
+            )
+            for tool in self.tools.allowed(allowed)
+        ]
+        return create_sdk_mcp_server(SERVER, tools=tools)
+
+    def _tool_handler(self, name: str, allowed: tuple[str, ...], process: AgentProcess) -> Any:
+        async def handle(arguments: dict[str, Any]) -> dict[str, Any]:
+            process.tool_started()
+            try:
+                # BlogTools.call refuses any tool the persona does not list.
+                result = await asyncio.to_thread(self.tools.call, name, arguments, allowed)
+            finally:
+                process.tool_finished()
+            return {
+                "content": [{"type": "text", "text": result.output}],
+                "is_error": result.is_error,
+            }
+
+        return handle
+
+    def _start_failed(self, process: AgentProcess) -> None:
+        if process.resumed:
+            log.warning(
+                "chat %s: its stored transcript could not be resumed; the next process starts "
+                "over from the chat's messages",
+                process.spec.chat_id,
+            )
+            self._start_over.add(process.spec.chat_id)
+
+    async def _forget_deleted_chats(self) -> None:
+        now = time.monotonic()
+        if now - self._forgotten_at < FORGET_INTERVAL:
+            return
+        self._forgotten_at = now
+        removed = await self.transcripts.forget_deleted_chats()
+        if removed:
+            log.info("removed %d transcript entries of deleted chats", removed)
+
+
+async def _wake_on(stop: asyncio.Event, process: AgentProcess) -> None:
+    await stop.wait()
+    process.inbox.put_nowait(WAKE)
+
+
+async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+    return stop.is_set()
+
+
+def _remove(paths: tuple[Path, ...]) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

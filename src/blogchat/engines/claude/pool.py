@@ -1,0 +1,274 @@
+"""The live agent processes, one per active chat, within a cap.
+
+Each chat keeps its CLI process between turns, so later turns cost tens of milliseconds
+instead of a process start. A process is about 200 MB, so at most `cap` of them are alive
+(starting and closing ones included). When a chat needs a process and the cap is reached,
+the least recently used idle process is closed first; when every process is running a
+turn, the chat waits for one to finish. Processes idle for `idle_seconds` are closed.
+A closed chat's context is not lost: its next process resumes the transcript from the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from blogchat.engines.claude.process import AgentProcess, AgentSpec, ProcessState
+
+log = logging.getLogger(__name__)
+
+# How long a process that is being closed may take before it is killed.
+CLOSE_GRACE = 2.0
+# How long a start may take (the SDK's own handshake timeout is 60 s).
+START_TIMEOUT = 60.0
+
+
+class StartFailed(Exception):
+    """The CLI process could not be started."""
+
+
+Launcher = Callable[[AgentSpec], AgentProcess]
+
+
+class ProcessPool:
+    """Agent processes by chat id, least recently used first."""
+
+    def __init__(
+        self,
+        launch: Launcher,
+        *,
+        cap: int,
+        idle_seconds: float,
+        parallel_starts: int,
+        on_sweep: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
+        self._launch = launch
+        self.cap = cap
+        self.idle_seconds = idle_seconds
+        self._on_sweep = on_sweep
+        self._by_chat: dict[str, AgentProcess] = {}
+        self._closing: set[AgentProcess] = set()
+        self._changed = asyncio.Condition()
+        # Starting a CLI is CPU-bound: starting many at once only makes each one slower.
+        self._starts = asyncio.Semaphore(parallel_starts)
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closed = False
+        self.peak = 0
+        self.started = 0
+
+    # --- accounting ---------------------------------------------------------------------
+
+    @property
+    def live(self) -> int:
+        """Processes that exist now: starting, idle, busy or closing."""
+        return len(self._by_chat) + len(self._closing)
+
+    def processes(self) -> list[AgentProcess]:
+        """Every process of the pool, the closing ones included."""
+        return [*self._by_chat.values(), *self._closing]
+
+    def get(self, chat_id: str) -> AgentProcess | None:
+        """The chat's process, if it has one."""
+        return self._by_chat.get(chat_id)
+
+    # --- taking and giving back ---------------------------------------------------------
+
+    async def acquire(self, spec: AgentSpec) -> AgentProcess:
+        """The chat's process, ready and marked busy; started (or resumed) if need be."""
+        if self._closed:
+            raise StartFailed("the engine is shut down")
+        self._start_sweeper()
+        launched: AgentProcess | None = None
+        async with self._changed:
+            while True:
+                if self._closed:
+                    raise StartFailed("the engine is shut down")
+                if launched is not None and launched.start_error is not None:
+                    raise StartFailed(str(launched.start_error)) from launched.start_error
+                process = self._by_chat.get(spec.chat_id)
+                if process is not None and process.state is ProcessState.IDLE:
+                    if process.spec == spec and process.alive:
+                        process.state = ProcessState.BUSY
+                        # Most recently used goes last.
+                        self._by_chat[spec.chat_id] = self._by_chat.pop(spec.chat_id)
+                        return process
+                    # A new model (or persona text): a new process resumes the transcript.
+                    self._retire(process)
+                    continue
+                if process is None and not self._closing_for(spec.chat_id):
+                    # (A closing process of this chat may still be flushing its transcript,
+                    # which the new one resumes from.)
+                    if self.live < self.cap:
+                        launched = self._launch_in_background(spec)
+                    elif (victim := self._least_recently_used_idle()) is not None:
+                        log.info(
+                            "reclaiming the idle agent process of chat %s", victim.spec.chat_id
+                        )
+                        self._retire(victim)
+                        # Wait until it is gone, so the cap holds.
+                await self._changed.wait()
+
+    async def release(self, process: AgentProcess) -> None:
+        """A turn finished cleanly: the process is ready for the chat's next turn."""
+        if process.retire or self._closed or not process.alive:
+            await self.discard(process)
+            return
+        async with self._changed:
+            process.state = ProcessState.IDLE
+            process.last_used = time.monotonic()
+            self._changed.notify_all()
+
+    async def discard(self, process: AgentProcess) -> None:
+        """Close a process (broken, or no longer wanted) in the background."""
+        async with self._changed:
+            self._retire(process)
+
+    def recover(self, process: AgentProcess, within: float) -> None:
+        """A turn was cut off: get the process back to idle in the background, or close it."""
+        self._spawn(self._recover(process, within), f"agent-recover-{process.spec.chat_id}")
+
+    async def _recover(self, process: AgentProcess, within: float) -> None:
+        settled = False
+        with contextlib.suppress(Exception):
+            settled = await process.settle(within)
+        if settled:
+            await self.release(process)
+        else:
+            await self.discard(process)
+
+    async def forget(self, chat_id: str) -> None:
+        """The chat's session closed: close its process (after its turn, if one runs)."""
+        async with self._changed:
+            process = self._by_chat.get(chat_id)
+            if process is None:
+                return
+            process.retire = True
+            if process.state is ProcessState.IDLE:
+                self._retire(process)
+
+    # --- idle reclaim -------------------------------------------------------------------
+
+    async def sweep(self) -> int:
+        """Close processes idle for longer than `idle_seconds`; returns how many."""
+        now = time.monotonic()
+        async with self._changed:
+            idle = [
+                process
+                for process in self._by_chat.values()
+                if process.state is ProcessState.IDLE
+                and now - process.last_used >= self.idle_seconds
+            ]
+            for process in idle:
+                self._retire(process)
+        return len(idle)
+
+    def _start_sweeper(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="agent-sweeper")
+
+    async def _sweep_forever(self) -> None:
+        interval = max(0.5, min(30.0, self.idle_seconds / 4))
+        while True:
+            try:
+                if await self.sweep():
+                    log.debug("closed idle agent processes; %d live", self.live)
+                if self._on_sweep is not None:
+                    await self._on_sweep()
+            except Exception:
+                log.exception("agent process sweep failed")
+            await asyncio.sleep(interval)
+
+    # --- shutdown -----------------------------------------------------------------------
+
+    async def aclose(self, grace: float = 8.0) -> None:
+        """Close every process; those that do not exit in time are killed."""
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        async with self._changed:
+            for process in list(self._by_chat.values()):
+                self._retire(process)
+        pending = list(self._tasks)
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=grace)
+            for process in self.processes():
+                process.kill()
+            if late:
+                await asyncio.wait(late, timeout=2)
+        for process in self.processes():
+            if process.alive:
+                log.error("agent process %s survived shutdown", process.pid)
+
+    # --- internals (called with the condition's lock held) ------------------------------
+
+    def _closing_for(self, chat_id: str) -> bool:
+        return any(process.spec.chat_id == chat_id for process in self._closing)
+
+    def _least_recently_used_idle(self) -> AgentProcess | None:
+        for process in self._by_chat.values():
+            if process.state is ProcessState.IDLE:
+                return process
+        return None
+
+    def _launch_in_background(self, spec: AgentSpec) -> AgentProcess:
+        process = self._launch(spec)
+        self._by_chat[spec.chat_id] = process
+        self.peak = max(self.peak, self.live)
+        # The start runs in a task of its own: a turn that stops waiting for it leaves no
+        # half-started CLI behind, and the process is ready for the chat's next turn.
+        self._spawn(self._start(process), f"agent-start-{spec.chat_id}")
+        return process
+
+    async def _start(self, process: AgentProcess) -> None:
+        try:
+            async with self._starts:
+                await asyncio.wait_for(process.start(), START_TIMEOUT)
+        except Exception as exc:
+            log.exception("chat %s: the agent process did not start", process.spec.chat_id)
+            async with self._changed:
+                process.start_error = exc
+                process.state = ProcessState.IDLE
+                self._retire(process)
+                self._changed.notify_all()
+            return
+        async with self._changed:
+            self.started += 1
+            if process.state is ProcessState.STARTING:
+                process.state = ProcessState.IDLE
+                process.last_used = time.monotonic()
+                if self._closed or process.retire:
+                    self._retire(process)
+            self._changed.notify_all()
+
+    def _retire(self, process: AgentProcess) -> None:
+        if process.state is ProcessState.STARTING:
+            # Closed as soon as its start is over.
+            process.retire = True
+            return
+        if self._by_chat.get(process.spec.chat_id) is process:
+            del self._by_chat[process.spec.chat_id]
+        if process.state in (ProcessState.CLOSING, ProcessState.CLOSED):
+            return
+        process.state = ProcessState.CLOSING
+        self._closing.add(process)
+        self._spawn(self._close(process), f"agent-close-{process.spec.chat_id}")
+
+    async def _close(self, process: AgentProcess) -> None:
+        try:
+            await process.close(grace=CLOSE_GRACE)
+        finally:
+            async with self._changed:
+                self._closing.discard(process)
+                self._changed.notify_all()
+
+    def _spawn(self, coro: Awaitable[object], name: str) -> None:
+        task: asyncio.Task[object] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,427 @@
+"""One attempt at a turn: a prompt sent to a chat's agent process, and the SDK's messages
+turned into engine events, with graceful stop, a stall watchdog and failure detection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any
+
+from claude_agent_sdk import (
+    AssistantMessage,
+    RateLimitEvent,
+    ResultMessage,
+    StreamEvent,
+    SystemMessage,
+    TextBlock,
+    ThinkingBlock,
+    ToolResultBlock,
+    ToolUseBlock,
+    UserMessage,
+)
+
+from blogchat.engines.base import EngineEvent, TextDelta, ThinkingDelta, ToolFinished, ToolStarted
+from blogchat.engines.claude import failures
+from blogchat.engines.claude.failures import ProviderFailure
+from blogchat.engines.claude.process import AgentProcess, Ended, Inbound, Wake
+
+log = logging.getLogger(__name__)
+
+# After a stop: how long the agent may take to finish its sentence or its tool call. The
+# session cuts the turn 1.6 s after the stop; STOP_GRACE + DRAIN stays well under that.
+STOP_GRACE = 0.7
+# After an interrupt: how long the CLI may take to end the turn before the process is
+# given up on (it usually takes 20-50 ms).
+DRAIN = 0.5
+
+# The in-process MCP server with the blog tools, and the prefix the CLI gives their names.
+SERVER = "blog"
+TOOL_PREFIX = f"mcp__{SERVER}__"
+
+# Where a sentence (or a line) ends inside streamed text: a graceful stop cuts there.
+_SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]*_]*(?=\s|$)|\n")
+
+
+def plain_tool_name(name: str) -> str:
+    """`mcp__blog__searchBlogContent` → `searchBlogContent`."""
+    return name.removeprefix(TOOL_PREFIX)
+
+
+def sentence_end(text: str) -> int | None:
+    """The index just after the first sentence end in `text`, if there is one."""
+    match = _SENTENCE_END.search(text)
+    return None if match is None else match.end()
+
+
+class Outcome(enum.Enum):
+    """How an attempt ended."""
+
+    COMPLETE = "complete"
+    MAX_TURNS = "max_turns"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass
+class Tally:
+    """What a whole turn produced, across its attempts."""
+
+    # Whether anything reached the reader (then a failure can no longer be retried unseen).
+    forwarded: bool = False
+    # Tokens per model call (message id): input (cached included) and output.
+    usage: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Tool calls announced to the reader that have not returned, by tool_use_id.
+    open_tools: dict[str, str] = field(default_factory=dict)
+    result: ResultMessage | None = None
+    attempts: int = 0
+
+    @property
+    def input_tokens(self) -> int:
+        """Input tokens over the turn's model calls."""
+        return sum(tokens for tokens, _ in self.usage.values())
+
+    @property
+    def output_tokens(self) -> int:
+        """Output tokens over the turn's model calls."""
+        return sum(tokens for _, tokens in self.usage.values())
+
+
+def _input_tokens(usage: dict[str, Any]) -> int:
+    return sum(
+        int(usage.get(key) or 0)
+        for key in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+    )
+
+
+def _tool_output(block: ToolResultBlock) -> str:
+    content = block.content
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = [item.get("text", "") for item in content if item.get("type") == "text"]
+    if len(texts) == len(content):
+        return "\n".join(str(text) for text in texts)
+    return json.dumps(content, ensure_ascii=False)
+
+
+class Attempt:
+    """Sends one prompt and streams what comes back, until the CLI's result for it."""
+
+    def __init__(
+        self,
+        process: AgentProcess,
+        prompt: str,
+        stop: asyncio.Event,
+        tally: Tally,
+        *,
+        stall_seconds: float,
+    ) -> None:
+        self.process = process
+        self.prompt = prompt
+        self.stop = stop
+        self.tally = tally
+        self.stall_seconds = stall_seconds
+        self.outcome = Outcome.FAILED
+        self.failure: ProviderFailure | None = None
+        # Whether the process read this attempt's result and can take the next prompt.
+        self.settled = False
+        self._error_kind: str | None = None
+        self._stop_at: float | None = None
+        self._interrupted_at: float | None = None
+        self._interrupted_for_stop = False
+        # Forward nothing more (the sentence after a stop is done, or the turn failed).
+        self._quiet = False
+        self._open_message: str | None = None
+        self._forwarded_in_message = False
+        # Whether the open message got its message_delta (its stop reason).
+        self._message_ended_well = False
+        self._streamed: set[str] = set()
+        self._block: str | None = None
+        self._done = False
+
+    @property
+    def chat_id(self) -> str:
+        """The chat this attempt belongs to."""
+        return self.process.spec.chat_id
+
+    async def events(self) -> AsyncGenerator[EngineEvent, None]:
+        """The attempt's engine events; `outcome`, `failure` and `settled` are set after."""
+        self.tally.attempts += 1
+        try:
+            await self.process.query(self.prompt)
+        except Exception as exc:
+            log.warning("chat %s: could not send the prompt: %r", self.chat_id, exc)
+            self.failure = failures.CRASHED.because(repr(exc))
+            return
+        while not self._done:
+            if self.stop.is_set() and self._stop_at is None:
+                self._on_stop()
+            try:
+                item = await self.process.receive(self._timeout())
+            except TimeoutError:
+                self._on_timeout()
+                continue
+            for event in self._handle(item):
+                self.tally.forwarded = True
+                if isinstance(event, (TextDelta, ThinkingDelta)):
+                    self._forwarded_in_message = True
+                yield event
+
+    # --- timing -------------------------------------------------------------------------
+
+    def _timeout(self) -> float:
+        now = time.monotonic()
+        if self._interrupted_at is not None:
+            return max(0.0, self._interrupted_at + DRAIN - now)
+        if self._stop_at is not None:
+            return max(0.0, self._stop_at + STOP_GRACE - now)
+        return self.stall_seconds
+
+    def _on_timeout(self) -> None:
+        if self._interrupted_at is not None:
+            log.warning(
+                "chat %s: the agent did not end its turn after an interrupt; giving it up",
+                self.chat_id,
+            )
+            self._finish_unsettled()
+        elif self._stop_at is not None:
+            self._interrupt(for_stop=True)
+        elif self.process.tools_running:
+            pass  # Our own tool is working; the CLI has nothing to say meanwhile.
+        else:
+            log.warning(
+                "chat %s: nothing from the model for %.0f s", self.chat_id, self.stall_seconds
+            )
+            self._fail(failures.STALLED.because(f"no event for {self.stall_seconds} s"))
+
+    def _on_stop(self) -> None:
+        self._stop_at = time.monotonic()
+        if self._interrupted_at is not None:
+            return
+        if self.tally.open_tools:
+            return  # Let the running tool call finish (within STOP_GRACE).
+        if self._block == "text":
+            return  # Let the sentence finish (within STOP_GRACE).
+        self._interrupt(for_stop=True)
+
+    def _interrupt(self, *, for_stop: bool) -> None:
+        self._quiet = True
+        if self._interrupted_at is None:
+            self._interrupted_at = time.monotonic()
+            self._interrupted_for_stop = for_stop
+            self.process.interrupt()
+
+    def _fail(self, failure: ProviderFailure) -> None:
+        if self.failure is None:
+            self.failure = failure
+        self._interrupt(for_stop=False)
+
+    def _finish_unsettled(self) -> None:
+        self.settled = False
+        self._conclude(None)
+
+    # --- messages -----------------------------------------------------------------------
+
+    def _handle(self, item: Inbound) -> list[EngineEvent]:
+        if isinstance(item, Wake):
+            return []
+        if isinstance(item, Ended):
+            if self._stop_at is None and self.failure is None:
+                detail = repr(item.error) if item.error else "the CLI exited"
+                log.warning("chat %s: the agent process ended mid-turn: %s", self.chat_id, detail)
+                self.failure = failures.CRASHED.because(detail)
+            self._finish_unsettled()
+            return []
+        if isinstance(item, StreamEvent):
+            return self._on_stream_event(item)
+        if isinstance(item, AssistantMessage):
+            return self._on_assistant(item)
+        if isinstance(item, UserMessage):
+            return self._on_user(item)
+        if isinstance(item, ResultMessage):
+            self.tally.result = item
+            self.settled = self.process.owed_results == 0 and self.process.alive
+            self._conclude(item)
+            return []
+        if isinstance(item, SystemMessage):
+            self._on_system(item)
+            return []
+        if isinstance(item, RateLimitEvent):
+            log.info("chat %s: rate limit status %s", self.chat_id, item.rate_limit_info)
+            return []
+        # ConversationResetMessage (no slash commands reach the CLI, so none is expected).
+        log.debug("chat %s: ignoring %r", self.chat_id, item)
+        return []
+
+    def _on_stream_event(self, message: StreamEvent) -> list[EngineEvent]:
+        if message.parent_tool_use_id is not None:
+            return []  # A subagent's stream (there are none: no Agent tool is offered).
+        event = message.event
+        kind = event.get("type")
+        if kind == "message_start":
+            if self._open_message is not None and self._forwarded_in_message:
+                # The CLI retries a response that broke off, and streams it again from the
+                # start. The reader already has the first part: this turn cannot go on.
+                log.warning("chat %s: the model's answer broke off mid-stream", self.chat_id)
+                self._fail(failures.CUT_OFF.because("new message_start after streamed deltas"))
+                return []
+            body = event.get("message") or {}
+            self._open_message = str(body.get("id") or "")
+            self._forwarded_in_message = False
+            self._message_ended_well = False
+            self._streamed.add(self._open_message)
+            usage = body.get("usage") or {}
+            self.tally.usage[self._open_message] = (_input_tokens(usage), 0)
+            return []
+        if kind == "content_block_start":
+            self._block = (event.get("content_block") or {}).get("type")
+            return []
+        if kind == "content_block_delta":
+            return self._on_delta(event.get("delta") or {})
+        if kind == "content_block_stop":
+            block, self._block = self._block, None
+            if block == "text" and self._stop_at is not None:
+                self._interrupt(for_stop=True)
+            return []
+        if kind == "message_delta":
+            self._message_ended_well = True
+            output = (event.get("usage") or {}).get("output_tokens")
+            if self._open_message is not None and output is not None:
+                tokens, _ = self.tally.usage.get(self._open_message, (0, 0))
+                self.tally.usage[self._open_message] = (tokens, int(output))
+            return []
+        if kind == "message_stop":
+            if not self._message_ended_well and self._forwarded_in_message:
+                # The stream broke (an error event): the CLI closes the message and asks
+                # the model to resume where it stopped. The reader already has the start.
+                log.warning("chat %s: the model's answer broke off mid-stream", self.chat_id)
+                self._fail(failures.CUT_OFF.because("message ended without a stop reason"))
+            self._open_message = None
+            return []
+        if kind != "ping":
+            log.debug("chat %s: ignoring stream event %s", self.chat_id, kind)
+        return []
+
+    def _on_delta(self, delta: dict[str, Any]) -> list[EngineEvent]:
+        kind = delta.get("type")
+        if self._quiet:
+            return []
+        if kind == "text_delta":
+            text = str(delta.get("text") or "")
+            if self._stop_at is not None:
+                cut = sentence_end(text)
+                if cut is not None:
+                    # The sentence being written is finished: end the turn here.
+                    self._interrupt(for_stop=True)
+                    return [TextDelta(text[:cut])] if text[:cut] else []
+            return [TextDelta(text)] if text else []
+        if kind == "thinking_delta":
+            if self._stop_at is not None:
+                self._interrupt(for_stop=True)
+                return []
+            text = str(delta.get("thinking") or "")
+            return [ThinkingDelta(text)] if text else []
+        # input_json_delta (the tool's input arrives whole in the AssistantMessage),
+        # signature_delta and citations_delta carry nothing for the reader.
+        return []
+
+    def _on_assistant(self, message: AssistantMessage) -> list[EngineEvent]:
+        if message.parent_tool_use_id is not None:
+            return []
+        if message.error is not None:
+            # The CLI reports a provider failure as an assistant message ("API Error: ...").
+            # That text is not an answer: keep it out of the transcript.
+            self._error_kind = message.error
+            text = " ".join(b.text for b in message.content if isinstance(b, TextBlock))
+            self.failure = self.failure or failures.classify(None, message.error, text)
+            self._quiet = True
+            return []
+        streamed = message.message_id in self._streamed
+        if not streamed and message.message_id:
+            # A reply that was not streamed (the CLI's fallback after a broken stream).
+            if self._open_message is not None and self._forwarded_in_message:
+                self._fail(failures.CUT_OFF.because("unstreamed reply after streamed deltas"))
+                return []
+            usage = message.usage or {}
+            self.tally.usage[message.message_id] = (
+                _input_tokens(usage),
+                int(usage.get("output_tokens") or 0),
+            )
+        events: list[EngineEvent] = []
+        for block in message.content:
+            if isinstance(block, ToolUseBlock):
+                if self._quiet:
+                    continue
+                self.tally.open_tools[block.id] = block.name
+                events.append(ToolStarted(block.id, plain_tool_name(block.name), dict(block.input)))
+            elif not streamed and not self._quiet:
+                if isinstance(block, TextBlock) and block.text:
+                    events.append(TextDelta(block.text))
+                elif isinstance(block, ThinkingBlock) and block.thinking:
+                    events.append(ThinkingDelta(block.thinking))
+        return events
+
+    def _on_user(self, message: UserMessage) -> list[EngineEvent]:
+        if message.parent_tool_use_id is not None or isinstance(message.content, str):
+            return []
+        events: list[EngineEvent] = []
+        for block in message.content:
+            # Other blocks are the CLI's own notes: "[Request interrupted by user]", or its
+            # request to resume an answer that broke off.
+            if isinstance(block, ToolResultBlock) and block.tool_use_id in self.tally.open_tools:
+                if self._interrupted_at is not None:
+                    continue  # The CLI's note about the cancelled call; we say it ourselves.
+                del self.tally.open_tools[block.tool_use_id]
+                events.append(
+                    ToolFinished(block.tool_use_id, _tool_output(block), bool(block.is_error))
+                )
+        if self._stop_at is not None and not self.tally.open_tools:
+            self._interrupt(for_stop=True)
+        return events
+
+    def _on_system(self, message: SystemMessage) -> None:
+        data = message.data
+        if message.subtype == "api_retry":
+            log.info(
+                "chat %s: the CLI retries a model call (attempt %s of %s, status %s)",
+                self.chat_id,
+                data.get("attempt"),
+                data.get("max_retries"),
+                data.get("error_status"),
+            )
+        elif message.subtype == "mirror_error":
+            log.warning("chat %s: transcript not saved: %s", self.chat_id, data.get("error"))
+        elif message.subtype not in ("init", "status", "thinking_tokens"):
+            log.debug("chat %s: system message %s", self.chat_id, message.subtype)
+
+    # --- the end ------------------------------------------------------------------------
+
+    def _conclude(self, result: ResultMessage | None) -> None:
+        self._done = True
+        if self._interrupted_for_stop or (self._stop_at is not None and self.failure is None):
+            self.outcome = Outcome.STOPPED
+        elif self.failure is not None:
+            if result is not None and result.api_error_status is not None:
+                self.failure = failures.classify(
+                    result.api_error_status, self._error_kind, result.result or ""
+                )
+            self.outcome = Outcome.FAILED
+        elif result is None:
+            self.failure = failures.CRASHED
+            self.outcome = Outcome.FAILED
+        elif result.subtype == "error_max_turns" or result.terminal_reason == "max_turns":
+            self.outcome = Outcome.MAX_TURNS
+        elif result.is_error:
+            detail = result.result or "; ".join(result.errors or []) or result.subtype
+            self.failure = failures.classify(result.api_error_status, self._error_kind, detail)
+            self.outcome = Outcome.FAILED
+        else:
+            self.outcome = Outcome.COMPLETE

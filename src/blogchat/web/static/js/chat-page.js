@@ -1,0 +1,4 @@
+// Entry point of /chat and /chat/{id}.
+import { mountChat } from "./chat-view.js";
+
+mountChat(document.getElementById("chat-app"));

@@ -1,0 +1,215 @@
+"""The realtime hub: who may connect, and how every kind of bad frame is answered."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from blogchat.settings import Settings
+from tests.support.client import COOKIE, ChatSocket, Reader, answer_text
+from tests.support.server import LiveServer
+
+
+async def refused_status(url: str, **kwargs: Any) -> int:
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(url, open_timeout=10, **kwargs):
+            pass
+    status: int = refused.value.response.status_code
+    return status
+
+
+async def test_an_upgrade_without_a_session_cookie_is_refused(server: LiveServer) -> None:
+    assert await refused_status(server.ws_url, origin=server.url) == 401
+
+
+async def test_an_upgrade_with_a_forged_cookie_is_refused(
+    server: LiveServer, reader: Reader
+) -> None:
+    forged = reader.cookie[:-4] + ("AAAA" if not reader.cookie.endswith("AAAA") else "BBBB")
+    headers = {"Cookie": f"{COOKIE}={forged}"}
+    assert await refused_status(server.ws_url, origin=server.url, additional_headers=headers) == 401
+
+
+@pytest.mark.parametrize(
+    "origin", ["https://evil.example", "http://127.0.0.1:1", "null", "http://localhost"]
+)
+async def test_a_cross_site_upgrade_is_refused(
+    server: LiveServer, reader: Reader, origin: str
+) -> None:
+    headers = {"Cookie": f"{COOKIE}={reader.cookie}"}
+    status = await refused_status(server.ws_url, origin=origin, additional_headers=headers)
+    assert status == 403
+
+
+async def test_an_upgrade_without_an_origin_is_refused(server: LiveServer, reader: Reader) -> None:
+    headers = {"Cookie": f"{COOKIE}={reader.cookie}"}
+    assert await refused_status(server.ws_url, additional_headers=headers) == 403
+
+
+async def test_an_origin_listed_in_allowed_origins_may_connect(make_settings: Any) -> None:
+    settings: Settings = make_settings(allowed_origins="https://blog.example")
+    with LiveServer(settings) as server:
+        async with Reader(server.url) as reader:
+            ws = await reader.connect(origin="https://blog.example")
+            await ws.send(type="ping", requestId="hello")
+            assert (await ws.expect("pong"))["requestId"] == "hello"
+
+
+BAD_FRAMES: list[tuple[str | bytes, str]] = [
+    ("not json", "bad_request"),
+    ("", "bad_request"),
+    ("[1, 2, 3]", "bad_request"),
+    ('"subscribe"', "bad_request"),
+    ("{}", "bad_request"),
+    ('{"type": 7}', "bad_request"),
+    ('{"type": "launch_missiles"}', "unknown_type"),
+    ('{"type": "subscribe"}', "bad_request"),
+    ('{"type": "subscribe", "chatId": 12}', "bad_request"),
+    ('{"type": "subscribe", "chatId": "x", "afterSeq": -1}', "bad_request"),
+    ('{"type": "subscribe", "chatId": "x", "afterSeq": "3"}', "bad_request"),
+    ('{"type": "chat", "text": "hi"}', "bad_request"),
+    ('{"type": "chat", "clientMessageId": "a", "text": 5}', "bad_request"),
+    ('{"type": "chat", "clientMessageId": "a", "text": "hi", "model": "gpt"}', "bad_request"),
+    ('{"type": "chat", "clientMessageId": "a", "text": "hi", "chatID": "typo"}', "bad_request"),
+    ('{"type": "stop"}', "bad_request"),
+    (b"\x00\x01binary", "bad_request"),
+    ("[" * 100_000 + "]" * 100_000, "too_large"),
+]
+
+
+async def test_every_kind_of_bad_frame_gets_an_error_and_the_connection_stays_usable(
+    reader: Reader,
+) -> None:
+    ws = await reader.connect()
+    for frame, code in BAD_FRAMES:
+        await ws.send_raw(frame)
+        error = await ws.expect("error")
+        assert error["code"] == code, (frame[:60], error)
+        assert error["retryable"] is False
+        assert "seq" not in error
+    await ws.send(type="ping")
+    await ws.expect("pong")
+
+
+async def test_errors_carry_the_request_id_of_the_message_that_caused_them(
+    reader: Reader,
+) -> None:
+    ws = await reader.connect()
+    await ws.send_raw(json.dumps({"type": "nope", "requestId": "r-1"}))
+    assert (await ws.expect("error"))["requestId"] == "r-1"
+    await ws.send_raw(json.dumps({"type": "subscribe", "requestId": "r-2"}))
+    error = await ws.expect("error")
+    assert error["requestId"] == "r-2"
+    assert "chatId" in error["message"]
+
+
+async def test_a_frame_over_the_limit_gets_too_large_and_a_huge_one_closes_with_1009(
+    reader: Reader, settings: Settings
+) -> None:
+    ws = await reader.connect()
+    text = "x" * settings.max_frame_bytes
+    await ws.send(type="chat", clientMessageId="big", text=text)
+    assert (await ws.expect("error"))["code"] == "too_large"
+    # Multi-byte characters count in bytes, not characters.
+    await ws.send_raw(json.dumps({"type": "ping", "pad": "é" * (settings.max_frame_bytes // 2)}))
+    assert (await ws.expect("error"))["code"] == "too_large"
+    await ws.send(type="ping")
+    await ws.expect("pong")
+    assert (await reader.http.get("/api/chats")).json() == []
+
+    huge = await reader.connect()
+    await huge.send_raw("x" * (8 * 1024 * 1024))
+    with pytest.raises(ConnectionClosed) as closed:
+        await huge.recv(timeout=10)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1009
+
+
+# Each example sends one to four frames: about 2,000 frames per backend by default.
+FUZZ_EXAMPLES = int(os.environ.get("BLOGCHAT_FUZZ_EXAMPLES", "800"))
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+field_names = st.sampled_from(
+    ["chatId", "afterSeq", "clientMessageId", "text", "model", "persona", "requestId", "post"]
+)
+messages = st.fixed_dictionaries(
+    {"type": st.sampled_from(["subscribe", "unsubscribe", "chat", "stop", "ping", "pong", "Chat"])},
+    optional={"chatId": json_values, "afterSeq": json_values},
+).flatmap(
+    lambda base: st.dictionaries(field_names, json_values, max_size=4).map(
+        lambda extra: {**extra, **base}
+    )
+)
+frames = st.one_of(
+    messages.map(json.dumps),
+    json_values.map(json.dumps),
+    st.text(max_size=200),
+    st.binary(max_size=64),
+)
+
+
+@hypothesis_settings(
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(batch=st.lists(frames, min_size=1, max_size=4))
+async def test_fuzzed_frames_never_crash_the_server_or_disturb_another_connection(
+    fuzz_target: tuple[ChatSocket, ChatSocket], batch: list[str | bytes]
+) -> None:
+    fuzzed, _ = fuzz_target
+    for frame in batch:
+        await fuzzed.send_raw(frame)
+        answer = await fuzzed.recv(timeout=10)
+        # Every answer is a valid protocol message (recv checks); errors carry no seq.
+        if answer["type"] == "error":
+            assert "seq" not in answer
+            assert answer["code"] in {
+                "bad_request",
+                "unknown_type",
+                "too_large",
+                "not_found",
+                "persona_unknown",
+                "model_not_allowed",
+            }
+        else:
+            assert answer["type"] in {"pong", "subscribed", "chat_created"}
+            if answer["type"] == "chat_created":
+                # A fuzzed but valid `chat` really started a chat: drain its answer.
+                await fuzzed.until("done")
+
+
+@pytest.fixture
+async def fuzz_target(
+    server: LiveServer,
+) -> Any:
+    """A connection to fuzz, and a bystander streaming an answer the whole time."""
+    async with Reader(server.url) as attacker, Reader(server.url) as bystander:
+        fuzzed = await attacker.connect()
+        watcher = await bystander.connect()
+        await watcher.chat("sourdough starter temperature")
+        created = await watcher.expect("chat_created")
+        yield fuzzed, watcher
+        events = await watcher.until("done", timeout=60)
+        assert events[-1]["reason"] == "complete"
+        assert "24-26" in answer_text(events)
+        detail = (await bystander.http.get(f"/api/chats/{created['chatId']}")).json()
+        assert detail["messages"][1]["status"] == "complete"
+        # The fuzzed connection is still alive after everything.
+        await fuzzed.send(type="ping")
+        await asyncio.wait_for(fuzzed.until("pong"), 10)
