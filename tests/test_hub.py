@@ -213,3 +213,40 @@ async def fuzz_target(
         # The fuzzed connection is still alive after everything.
         await fuzzed.send(type="ping")
         await asyncio.wait_for(fuzzed.until("pong"), 10)
+
+
+async def test_a_peer_that_stops_answering_pings_is_dropped_and_its_subscriptions_freed(
+    make_settings: Any,
+) -> None:
+    settings: Settings = make_settings(ws_ping_interval=0.3)
+    with LiveServer(settings) as server:
+        async with Reader(server.url) as reader:
+            await reader.connect()  # a healthy connection, which answers pings
+            # A raw client: it completes the upgrade, then never reads or answers again.
+            stream_reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(
+                (
+                    "GET /ws HTTP/1.1\r\n"
+                    f"Host: 127.0.0.1:{server.port}\r\n"
+                    "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                    "Sec-WebSocket-Version: 13\r\n"
+                    f"Origin: {server.url}\r\n"
+                    f"Cookie: {COOKIE}={reader.cookie}\r\n\r\n"
+                ).encode()
+            )
+            await writer.drain()
+            assert b"101" in await stream_reader.readline()
+            hub = server.state.hub
+            for _ in range(200):
+                if len(hub.connections) == 2:
+                    break
+                await asyncio.sleep(0.02)
+            assert len(hub.connections) == 2
+            # Without pong answers the server gives up on it; the healthy one stays.
+            for _ in range(500):
+                if len(hub.connections) == 1:
+                    break
+                await asyncio.sleep(0.02)
+            assert len(hub.connections) == 1
+            writer.close()

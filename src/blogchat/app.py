@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -87,7 +88,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             engine,
             content.personas,
             content.blog,
-            render_answer,
+            # Histories render every finished answer each time they are sent.
+            functools.lru_cache(maxsize=1024)(render_answer),
             idle_seconds=settings.session_idle_seconds,
         )
         visitors = Visitors(store, settings.signing_key(), on_chats_moved=sessions.chats_moved)

@@ -12,7 +12,7 @@ from sqlalchemy.orm import selectinload
 
 from blogchat.store.accounts import ensure_user
 from blogchat.store.database import Database
-from blogchat.store.tables import Chat, Message, ToolCall, utcnow
+from blogchat.store.tables import AgentTranscriptEntry, Chat, Message, ToolCall, utcnow
 
 # A running answer is kept as "streaming"; after a crash nothing is streaming any more, so
 # start-up turns those rows into "incomplete" (see mark_interrupted_turns).
@@ -216,8 +216,12 @@ class ChatStore:
             return [_chat_record(row) for row in rows]
 
     async def delete_chat(self, chat_id: str) -> None:
-        """Delete a chat with its whole transcript."""
+        """Delete a chat with its whole transcript, the agent's copy included."""
         async with self.db.session() as session:
+            # The agent's transcripts are keyed by session id, which is the chat id.
+            await session.execute(
+                delete(AgentTranscriptEntry).where(AgentTranscriptEntry.session_id == chat_id)
+            )
             await session.execute(delete(Chat).where(Chat.id == chat_id))
 
     async def update_chat(self, chat_id: str, **values: Any) -> None:

@@ -25,7 +25,7 @@ from sqlalchemy import delete, exists, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from blogchat.store.database import Database
-from blogchat.store.tables import AgentTranscriptEntry, Chat, utcnow
+from blogchat.store.tables import AgentTranscriptEntry, utcnow
 
 MAIN = ""  # The subpath of a session's main transcript.
 
@@ -171,13 +171,3 @@ class TranscriptStore(SessionStore):
                 )
             )
             return bool(found)
-
-    async def forget_deleted_chats(self) -> int:
-        """Delete the transcripts of chats that no longer exist; returns how many entries."""
-        async with self.db.session() as session:
-            result = await session.execute(
-                delete(AgentTranscriptEntry).where(
-                    ~exists().where(Chat.id == AgentTranscriptEntry.session_id)
-                )
-            )
-        return int(result.rowcount)  # type: ignore[attr-defined]

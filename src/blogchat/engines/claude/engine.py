@@ -14,8 +14,7 @@ import contextlib
 import logging
 import os
 import shutil
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +51,6 @@ log = logging.getLogger(__name__)
 MIN_THINKING_BUDGET = 1024
 # The earlier conversation handed to a chat that has no stored transcript, at most.
 MAX_CONTEXT_CHARS = 40_000
-# How often transcripts of deleted chats are cleaned up.
-FORGET_INTERVAL = 1800.0
 STOPPED_TOOL = "Stopped before the tool finished."
 CUT_TOOL = "The turn ended before the tool finished."
 
@@ -92,9 +89,7 @@ class ClaudeEngine(AgentEngine):
             cap=settings.max_live_clients,
             idle_seconds=settings.client_idle_seconds,
             parallel_starts=settings.max_parallel_starts or os.cpu_count() or 2,
-            on_sweep=self._forget_deleted_chats,
         )
-        self._forgotten_at = float("-inf")
         # Chats whose transcript could not be resumed: their next process starts over.
         self._start_over: set[str] = set()
 
@@ -110,66 +105,40 @@ class ClaudeEngine(AgentEngine):
         delay = self.settings.provider_retry_delay
         outcome = Outcome.FAILED
         failure: ProviderFailure | None = None
-        process: AgentProcess | None = None
-        wake: asyncio.Task[None] | None = None
-        try:
-            while True:
-                try:
-                    process = await self._acquire(spec, stop)
-                except StartFailed as exc:
-                    outcome, failure = Outcome.FAILED, failures.NOT_STARTED.because(str(exc))
-                else:
-                    if process is None or stop.is_set():
-                        if process is not None:
-                            await self.pool.release(process)
-                            process = None
-                        outcome, failure = Outcome.STOPPED, None
-                        break
-                    wake = asyncio.create_task(_wake_on(stop, process))
-                    attempt = Attempt(
-                        process,
-                        self._prompt(request, process),
-                        stop,
-                        tally,
-                        stall_seconds=self.settings.stall_seconds,
-                    )
-                    async with contextlib.aclosing(attempt.events()) as events:
-                        async for event in events:
-                            yield event
-                    wake.cancel()
-                    finished, process = process, None
-                    if attempt.settled:
-                        await self.pool.release(finished)
-                    else:
-                        await self.pool.discard(finished)
-                    outcome, failure = attempt.outcome, attempt.failure
-                if (
-                    outcome is Outcome.FAILED
-                    and failure is not None
-                    and failure.retryable
-                    and not tally.forwarded
-                    and retries > 0
-                ):
-                    log.info(
-                        "chat %s: retrying in %.1f s after %s",
-                        request.chat_id,
-                        delay,
-                        failure.detail,
-                    )
-                    if await _stopped_within(stop, delay):
-                        outcome, failure = Outcome.STOPPED, None
-                        break
-                    retries -= 1
-                    delay *= 2
-                    continue
+        while True:
+            try:
+                process = await self._acquire(spec, stop)
+            except StartFailed as exc:
+                outcome, failure = Outcome.FAILED, failures.NOT_STARTED.because(str(exc))
+            else:
+                if process is None:
+                    outcome, failure = Outcome.STOPPED, None
+                    break
+                attempt = Attempt(
+                    process,
+                    self._prompt(request, process),
+                    stop,
+                    tally,
+                    stall_seconds=self.settings.stall_seconds,
+                )
+                async with contextlib.aclosing(self._attempt(attempt)) as events:
+                    async for event in events:
+                        yield event
+                outcome, failure = attempt.outcome, attempt.failure
+            if (
+                outcome is not Outcome.FAILED
+                or failure is None
+                or not failure.retryable
+                or tally.forwarded
+                or retries <= 0
+            ):
                 break
-        finally:
-            if wake is not None:
-                wake.cancel()
-            if process is not None:
-                # Cut off mid-attempt (a hard stop, or the session closed): get the process
-                # back in the background so the chat's next turn finds it ready.
-                self.pool.recover(process, DRAIN * 2)
+            log.info("chat %s: retrying in %.1f s after %s", request.chat_id, delay, failure.detail)
+            if await _stopped_within(stop, delay):
+                outcome, failure = Outcome.STOPPED, None
+                break
+            retries -= 1
+            delay *= 2
         note = STOPPED_TOOL if outcome is Outcome.STOPPED else CUT_TOOL
         for tool_use_id in tally.open_tools:
             yield ToolFinished(tool_use_id, note, is_error=True)
@@ -197,6 +166,27 @@ class ClaudeEngine(AgentEngine):
             tools=tools,
         )
 
+    async def _attempt(self, attempt: Attempt) -> AsyncGenerator[EngineEvent, None]:
+        """Run one attempt, then hand its process back to the pool."""
+        process = attempt.process
+        wake = asyncio.create_task(_wake_on(attempt.stop, process))
+        finished = False
+        try:
+            async with contextlib.aclosing(attempt.events()) as events:
+                async for event in events:
+                    yield event
+            finished = True
+        finally:
+            wake.cancel()
+            if not finished:
+                # Cut off mid-attempt (a hard stop, or the session closed): settle the
+                # process in the background, so the chat's next turn finds it ready.
+                self.pool.recover(process, DRAIN * 2)
+        if attempt.settled:
+            await self.pool.release(process)
+        else:
+            await self.pool.discard(process)
+
     async def _acquire(self, spec: AgentSpec, stop: asyncio.Event) -> AgentProcess | None:
         """The chat's process, or None if the reader stopped the turn while waiting for it."""
         acquiring = asyncio.ensure_future(self.pool.acquire(spec))
@@ -209,9 +199,13 @@ class ClaudeEngine(AgentEngine):
                 acquiring.cancel()
                 # The pool may hand the process over just as we give up: put it back.
                 acquiring.add_done_callback(self._give_back)
-        if acquiring.done() and not acquiring.cancelled():
-            return acquiring.result()
-        return None
+        if not acquiring.done() or acquiring.cancelled():
+            return None
+        process = acquiring.result()
+        if stop.is_set():
+            await self.pool.release(process)
+            return None
+        return process
 
     def _give_back(self, acquiring: asyncio.Future[AgentProcess]) -> None:
         if not acquiring.cancelled() and acquiring.exception() is None:
@@ -363,15 +357,6 @@ class ClaudeEngine(AgentEngine):
                 process.spec.chat_id,
             )
             self._start_over.add(process.spec.chat_id)
-
-    async def _forget_deleted_chats(self) -> None:
-        now = time.monotonic()
-        if now - self._forgotten_at < FORGET_INTERVAL:
-            return
-        self._forgotten_at = now
-        removed = await self.transcripts.forget_deleted_chats()
-        if removed:
-            log.info("removed %d transcript entries of deleted chats", removed)
 
 
 async def _wake_on(stop: asyncio.Event, process: AgentProcess) -> None:

@@ -43,12 +43,10 @@ class ProcessPool:
         cap: int,
         idle_seconds: float,
         parallel_starts: int,
-        on_sweep: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self._launch = launch
         self.cap = cap
         self.idle_seconds = idle_seconds
-        self._on_sweep = on_sweep
         self._by_chat: dict[str, AgentProcess] = {}
         self._closing: set[AgentProcess] = set()
         self._changed = asyncio.Condition()
@@ -176,8 +174,6 @@ class ProcessPool:
             try:
                 if await self.sweep():
                     log.debug("closed idle agent processes; %d live", self.live)
-                if self._on_sweep is not None:
-                    await self._on_sweep()
             except Exception:
                 log.exception("agent process sweep failed")
             await asyncio.sleep(interval)

@@ -1,0 +1,141 @@
+"""Fixtures for tests of the Claude engine: the Anthropic test server and a blogchat server
+whose chats run on the real SDK and its bundled CLI against it.
+
+Import the fixtures you use into the test module: `from tests.support.claude import api, ...`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psutil
+import pytest
+
+from blogchat.engines.claude import ClaudeEngine
+from blogchat.settings import Settings
+from blogchat.tools import BlogTool
+from tests.support.anthropic_server import AnthropicTestServer
+from tests.support.client import COOKIE, Reader
+from tests.support.server import LiveServer
+
+# Opus gets an id of its own, so a test can tell it reached the provider as configured.
+OPUS_ID = "claude-opus-test-configured"
+
+# Fast failure handling: tests must not wait out real backoffs or watchdogs.
+TEST_OVERRIDES: dict[str, Any] = {
+    "cli_max_retries": 0,
+    "provider_retries": 2,
+    "provider_retry_delay": 0.05,
+    "stall_seconds": 3.0,
+    "thinking_budget": 2048,
+    "max_turns": 6,
+    "max_live_clients": 4,
+    "model_opus": OPUS_ID,
+}
+
+
+def claude_overrides(api: AnthropicTestServer, **overrides: Any) -> dict[str, Any]:
+    """Settings that select the Claude engine, talking to this test server."""
+    return {
+        "anthropic_api_key": "test-key",
+        "anthropic_base_url": api.base_url,
+        **TEST_OVERRIDES,
+        **overrides,
+    }
+
+
+def cli_processes() -> list[psutil.Process]:
+    """The agent CLI processes started by this test process."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.name() == "claude" and child.status() != psutil.STATUS_ZOMBIE:
+                found.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
+    """Poll until `condition()` holds; False if it never did."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def engine_of(server: LiveServer) -> ClaudeEngine:
+    """The running server's Claude engine."""
+    engine = server.state.engine
+    assert isinstance(engine, ClaudeEngine)
+    return engine
+
+
+@contextmanager
+def claude_server_for(settings: Settings) -> Iterator[LiveServer]:
+    """A live server on the Claude engine that leaves no CLI process behind when it stops."""
+    server = LiveServer(settings).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        # Shutdown closes every agent process; none may outlive the server.
+        assert wait_until(lambda: not cli_processes(), 10), cli_processes()
+
+
+def slow_down_tool(server: LiveServer, name: str, seconds: float) -> None:
+    """Make one of the running server's blog tools take `seconds` longer (test only)."""
+    tools = server.state.tools
+    original: BlogTool = tools.all[name]
+
+    def slow(arguments: Any) -> object:
+        time.sleep(seconds)
+        return original.run(arguments)
+
+    tools.all[name] = dataclasses.replace(original, run=slow)
+
+
+async def reader_with_cookie(server: LiveServer, cookie: str) -> Reader:
+    """The same visitor (by its cookie) on another server, e.g. after a restart."""
+    visitor = Reader(server.url)
+    visitor.http.cookies.set(COOKIE, cookie)
+    return await visitor.__aenter__()
+
+
+@pytest.fixture
+def api() -> Iterator[AnthropicTestServer]:
+    """A Messages API test server of this test's own."""
+    with AnthropicTestServer() as server:
+        yield server
+
+
+@pytest.fixture
+def make_claude_settings(
+    make_settings: Callable[..., Settings], api: AnthropicTestServer
+) -> Callable[..., Settings]:
+    """Settings for a Claude-engine server on this test's database; keywords override."""
+
+    def make(**overrides: Any) -> Settings:
+        return make_settings(**claude_overrides(api, **overrides))
+
+    return make
+
+
+@pytest.fixture
+def claude_server(make_claude_settings: Callable[..., Settings]) -> Iterator[LiveServer]:
+    """A live blogchat server whose chats run on Claude (the test server)."""
+    with claude_server_for(make_claude_settings()) as server:
+        yield server
+
+
+@pytest.fixture
+async def claude_reader(claude_server: LiveServer) -> AsyncIterator[Reader]:
+    """An anonymous visitor of the Claude-engine server."""
+    async with Reader(claude_server.url) as visitor:
+        yield visitor
