@@ -6,6 +6,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +53,8 @@ def _postgres_problem() -> str | None:
     return _POSTGRES_PROBLEM
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    """A fresh, empty database for one test, on each backend in turn."""
-    if request.param == "sqlite":
-        yield Database("sqlite", f"sqlite+aiosqlite:///{tmp_path / 'blogchat.db'}")
-        return
+@contextmanager
+def _private_postgres_schema() -> Iterator[Database]:
     problem = _postgres_problem()
     if problem:
         if IN_CI:
@@ -69,6 +66,23 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databas
         yield Database("postgresql", POSTGRES_URL, schema)
     finally:
         asyncio.run(_postgres(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """A fresh, empty database for one test, on each backend in turn."""
+    if request.param == "sqlite":
+        yield Database("sqlite", f"sqlite+aiosqlite:///{tmp_path / 'blogchat.db'}")
+        return
+    with _private_postgres_schema() as database:
+        yield database
+
+
+@pytest.fixture
+def postgres_database() -> Iterator[Database]:
+    """A private PostgreSQL schema, for the tests of PostgreSQL-only behaviour."""
+    with _private_postgres_schema() as database:
+        yield database
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from blogchat.store import Database
 from blogchat.store.database import alembic_config
 from blogchat.store.tables import User, metadata
 from tests.support.server import Database as Backend
+from tests.support.server import settings_for
 
 TABLES = {table.name for table in metadata.sorted_tables}
 HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()
@@ -108,12 +110,10 @@ async def test_an_empty_database_differs_from_the_metadata(db: Database) -> None
 
 
 async def test_a_postgresql_schema_that_does_not_exist_yet_is_created(
-    database: Backend, settings: Settings
+    postgres_database: Backend, tmp_path: Path
 ) -> None:
-    if database.kind != "postgresql":
-        pytest.skip("schemas are a PostgreSQL feature")
     schema = f"t_{uuid.uuid4().hex[:16]}"
-    db = Database(settings.database, schema=schema)
+    db = Database(settings_for(postgres_database, tmp_path).database, schema=schema)
     try:
         await db.migrate()
         assert await state(db) == (TABLES | {"alembic_version"}, HEAD)
