@@ -18,7 +18,7 @@ from tests.support.client import Reader
 from tests.support.server import Database, LiveServer, settings_for
 
 # Fixture modules shared by several test files.
-pytest_plugins = ["tests.support.browser"]
+pytest_plugins = ["tests.support.browser", "tests.support.claude"]
 
 POSTGRES_URL = os.environ.get(
     "BLOGCHAT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"

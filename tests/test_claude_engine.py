@@ -2,9 +2,6 @@
 through a real server, WebSocket and database (SQLite and PostgreSQL).
 """
 
-# Fixtures imported from tests.support.claude are requested by name as test parameters.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import asyncio
@@ -31,13 +28,9 @@ from tests.support.anthropic_server import (
 )
 from tests.support.claude import (
     OPUS_ID,
-    api,  # noqa: F401
-    claude_reader,  # noqa: F401
-    claude_server,  # noqa: F401
     claude_server_for,
     cli_processes,
     engine_of,
-    make_claude_settings,  # noqa: F401
     reader_with_cookie,
     slow_down_tool,
     wait_until,
@@ -366,8 +359,14 @@ async def test_a_refused_api_key_is_not_retried_and_says_it_is_a_configuration_p
 @pytest.mark.parametrize(
     "broken",
     [
-        pytest.param((text("The first part. ", delay=0.05), error(529)), id="error-event"),
-        pytest.param((text("The first part. ", delay=0.05), cut()), id="connection-cut"),
+        # The pause makes sure the first part reached the reader before the break (without
+        # it, a busy machine may see the break first, and then a retry is right).
+        pytest.param(
+            (text("The first part. ", delay=0.05), stall(1.0), error(529)), id="error-event"
+        ),
+        pytest.param(
+            (text("The first part. ", delay=0.05), stall(1.0), cut()), id="connection-cut"
+        ),
     ],
 )
 async def test_a_failure_after_the_first_token_ends_the_turn_and_keeps_the_partial_answer(

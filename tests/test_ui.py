@@ -14,6 +14,7 @@ from playwright.async_api import BrowserContext, Page, expect
 
 from blogchat.hub import CLOSE_GOING_AWAY
 from blogchat.settings import Settings
+from tests.support.anthropic_server import AnthropicTestServer, error, reply, text
 from tests.support.server import LiveServer, running
 
 if TYPE_CHECKING:
@@ -383,3 +384,56 @@ async def test_streaming_patches_the_answer_in_place_and_never_redraws_the_trans
     # The streamed text went into one text node; it was swapped for HTML once, at the end.
     assert changes["inAnswers"] <= 3, changes
     await expect(page.locator('#transcript > li[data-drawn="1"]')).to_have_count(2)
+
+
+# --- on the Claude engine (the Anthropic test server stands in for the provider) ---------
+
+
+async def test_a_provider_failure_shows_the_error_and_whether_asking_again_helps(
+    api: AnthropicTestServer,
+    claude_server: LiveServer,
+    page: Page,
+    chat_page: MakeChatPage,
+) -> None:
+    api.when_user_says("overloaded-probe", [error(status=529)], repeat_last=True)
+    chat = await chat_page(page, claude_server.url).open()
+    await chat.ask("overloaded-probe: what is new?")
+
+    failed = await chat.wait_for_answer("error")
+    note = failed.locator(".note--error")
+    await expect(note).to_contain_text("The answer failed.")
+    await expect(note).to_contain_text("overloaded")
+    await expect(note).to_contain_text("asking again should work")
+    await expect(note.get_by_role("button", name="Ask again")).to_be_visible()
+    await expect(failed.locator(".badge--error")).to_have_text("Failed")
+    saved = await _saved_answer(chat, await chat.chat_id())
+    assert saved["status"] == "error"
+    assert "overloaded" in saved["error"]
+
+
+XSS = (
+    'Sure. <script>window.__pwned = "script"</script> and '
+    "<img src=x onerror=\"window.__pwned = 'img'\"> and [a link](javascript:alert(1)). Done."
+)
+
+
+async def test_model_output_with_script_and_img_onerror_stays_inert(
+    api: AnthropicTestServer,
+    claude_server: LiveServer,
+    page: Page,
+    chat_page: MakeChatPage,
+) -> None:
+    api.when_user_says("xss-probe", [reply(text(XSS))])
+    chat = await chat_page(page, claude_server.url).open()
+    await chat.ask("xss-probe")
+
+    done = await chat.wait_for_answer("complete")
+    html = done.locator(".answer__html")
+    # The tags show as text; nothing of them became markup.
+    await expect(html).to_contain_text("<script>")
+    await expect(html).to_contain_text("onerror=")
+    assert await html.locator("script").count() == 0
+    assert await html.locator("img").count() == 0
+    assert await page.locator("[onerror]").count() == 0
+    assert await html.locator('a[href^="javascript:"]').count() == 0
+    assert await page.evaluate("() => window.__pwned") is None

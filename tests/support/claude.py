@@ -1,7 +1,7 @@
 """Fixtures for tests of the Claude engine: the Anthropic test server and a blogchat server
 whose chats run on the real SDK and its bundled CLI against it.
 
-Import the fixtures you use into the test module: `from tests.support.claude import api, ...`.
+tests/conftest.py loads these fixtures for every test module.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from blogchat.engines.claude import ClaudeEngine
 from blogchat.settings import Settings
 from blogchat.tools import BlogTool
 from tests.support.anthropic_server import AnthropicTestServer
-from tests.support.client import COOKIE, Reader
+from tests.support.client import Reader
 from tests.support.server import LiveServer
 
 # Opus gets an id of its own, so a test can tell it reached the provider as configured.
@@ -103,9 +103,7 @@ def slow_down_tool(server: LiveServer, name: str, seconds: float) -> None:
 
 async def reader_with_cookie(server: LiveServer, cookie: str) -> Reader:
     """The same visitor (by its cookie) on another server, e.g. after a restart."""
-    visitor = Reader(server.url)
-    visitor.http.cookies.set(COOKIE, cookie)
-    return await visitor.__aenter__()
+    return await Reader(server.url, cookie=cookie).__aenter__()
 
 
 @pytest.fixture
