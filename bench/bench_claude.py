@@ -54,6 +54,8 @@ def settings_for(api: AnthropicTestServer, data: Path, **overrides: Any) -> Sett
         "anthropic_base_url": api.base_url,
         "cli_max_retries": 0,
         "log_level": "WARNING",
+        # Chats are started by id here; bench_claude_cost.py measures the spares.
+        "spare_processes": 0,
         **overrides,
     }
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
@@ -79,8 +81,12 @@ class Bench:
     async def __aenter__(self) -> Bench:
         self.store = await Store.open(self.settings.database)
         self.engine = ClaudeEngine(
-            self.settings, self.content.tools, TranscriptStore(self.store.db)
+            self.settings,
+            self.content.tools,
+            TranscriptStore(self.store.db),
+            spare_persona=self.content.personas.default,
         )
+        self.engine.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -88,6 +94,22 @@ class Bench:
         assert self.store is not None
         await self.engine.aclose()
         await self.store.close()
+
+    async def spare_ready(self, within: float = 60.0) -> None:
+        """Wait until a spare process has started."""
+        assert self.engine is not None
+        pool = self.engine.pool
+        for _ in range(int(within / 0.01)):
+            if any(p.spare and p.state.value == "idle" for p in pool.processes()):
+                return
+            await asyncio.sleep(0.01)
+        raise RuntimeError("no spare process started")
+
+    def new_chat_id(self) -> str:
+        """The id the engine gives a new chat of the default persona (a spare's, if ready)."""
+        assert self.engine is not None
+        persona = self.content.personas.default
+        return self.engine.new_chat_id(persona, self.settings.model_haiku)
 
     async def turn(self, chat_id: str, text: str) -> tuple[float, float]:
         """Seconds to the first token and to the end of one turn."""

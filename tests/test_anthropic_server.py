@@ -82,14 +82,10 @@ def streamed_text(events: list[dict[str, Any]]) -> str:
 # -- the server on its own ----------------------------------------------------------------------
 
 
-def test_start_and_stop_are_fast_and_leave_no_thread() -> None:
+def test_start_and_stop_leave_no_thread() -> None:
     before = set(threading.enumerate())
-    started = time.monotonic()
     with AnthropicTestServer() as server:
-        assert time.monotonic() - started < 0.5
         assert httpx.post(f"{server.base_url}/v1/messages", json=messages_body("hi")).is_success
-        stopping = time.monotonic()
-    assert time.monotonic() - stopping < 0.5
     assert set(threading.enumerate()) == before
 
 

@@ -149,7 +149,12 @@ async def test_the_model_gets_the_personas_prompt_only_its_tools_and_thinking(
     )
     assert not BUILT_INS & set(request.tool_names)
     assert explainer.system_prompt in request.system
-    assert "sourdough-starter-from-scratch" in request.system
+    # The post the chat was opened from comes with the first prompt, not in the system
+    # prompt (which stays the persona's, so that a spare process fits the chat).
+    assert "sourdough-starter-from-scratch" not in request.system
+    assert "<post_context>" in request.prompt
+    assert "sourdough-starter-from-scratch" in request.prompt
+    assert request.prompt.endswith("What is hydration?")
     assert request.thinking == {"type": "enabled", "budget_tokens": 2048, "display": "summarized"}
     assert request.model == claude_server.settings.model_haiku
     # Nothing but the agent loop talks to the provider.
@@ -726,3 +731,147 @@ async def test_a_crashed_agent_process_fails_the_turn_and_the_chat_goes_on(
     after = await ws.until("done", timeout=60)
     assert after[-1]["reason"] == "complete"
     assert api.last_request().prompt.endswith("Back again?")
+
+
+# --- spare processes ------------------------------------------------------------------------
+
+
+def ready_spare(server: LiveServer) -> Any:
+    """The server's spare agent process, once it has started."""
+    pool = engine_of(server).pool
+
+    def ready() -> Any:
+        return next(
+            (p for p in pool.processes() if p.spare and p.state.value == "idle" and p.pid), None
+        )
+
+    assert wait_until(lambda: ready() is not None, timeout=60), "no spare process started"
+    return ready()
+
+
+async def test_a_new_chat_takes_the_spare_process_and_another_spare_is_started(
+    api: AnthropicTestServer, make_claude_settings: Any
+) -> None:
+    api.set_default(EchoResponder())
+    with claude_server_for(make_claude_settings(spare_processes=1)) as server:
+        pool = engine_of(server).pool
+        spare = ready_spare(server)
+        spare_id, spare_pid = spare.spec.chat_id, spare.pid
+        started = pool.started
+        async with Reader(server.url) as reader:
+            ws = await reader.connect()
+            await ws.chat("Is anyone there?")
+            created = await ws.expect("chat_created")
+            events = await ws.until("done", timeout=60)
+            # The chat is the spare's: same id, same CLI, no process started for it.
+            assert created["chatId"] == spare_id
+            process = pool.get(spare_id)
+            assert process is not None
+            assert process.pid == spare_pid
+            assert not process.spare
+            assert events[-1]["reason"] == "complete"
+            assert answer_text(events) == "Echo: Is anyone there?"
+            assert api.last_request().session_id == spare_id
+            # A new spare takes its place, under a new id.
+            next_spare = ready_spare(server)
+            assert next_spare.spec.chat_id != spare_id
+            assert pool.started == started + 1
+            # The chat's next turn runs on the same process.
+            await ws.chat("Still you?", spare_id)
+            assert answer_text(await ws.until("done", timeout=60)) == "Echo: Still you?"
+            assert pool.get(spare_id) is process
+            assert process.pid == spare_pid
+            detail = await chat_detail(reader, spare_id)
+            assert [m["text"] for m in detail["messages"]] == [
+                "Is anyone there?",
+                "Echo: Is anyone there?",
+                "Still you?",
+                "Echo: Still you?",
+            ]
+
+
+async def test_a_chat_opened_from_a_post_fits_the_spare_and_is_told_about_the_post_once(
+    api: AnthropicTestServer, make_claude_settings: Any
+) -> None:
+    api.set_default(EchoResponder())
+    with claude_server_for(make_claude_settings(spare_processes=1)) as server:
+        spare_id = ready_spare(server).spec.chat_id
+        async with Reader(server.url) as reader:
+            ws = await reader.connect()
+            await ws.chat("Summarize this post", post="sourdough-starter-from-scratch")
+            assert (await ws.expect("chat_created"))["chatId"] == spare_id
+            await ws.until("done", timeout=60)
+            first = api.last_request()
+            await ws.chat("And the second section?", spare_id)
+            await ws.until("done", timeout=60)
+            second = api.last_request()
+    assert "<post_context>" in first.prompt
+    assert "sourdough-starter-from-scratch" in first.prompt
+    assert "sourdough-starter-from-scratch" not in first.system
+    # The conversation carries it from then on; it is not repeated.
+    assert second.prompt == "And the second section?"
+    assert "sourdough-starter-from-scratch" in json.dumps(second.messages)
+
+
+async def test_a_chat_the_spare_does_not_fit_gets_its_own_process_and_the_spare_stays(
+    api: AnthropicTestServer, make_claude_settings: Any
+) -> None:
+    api.set_default(EchoResponder())
+    with claude_server_for(make_claude_settings(spare_processes=1)) as server:
+        pool = engine_of(server).pool
+        spare = ready_spare(server)
+        async with Reader(server.url) as reader:
+            ws = await reader.connect()
+            await ws.chat("Explain proofing", persona="explainer")
+            created = await ws.expect("chat_created")
+            await ws.until("done", timeout=60)
+        assert created["chatId"] != spare.spec.chat_id
+        assert spare.spare
+        assert pool.get(spare.spec.chat_id) is spare
+        assert api.last_request().session_id == created["chatId"]
+
+
+async def test_a_spare_only_uses_free_room_and_goes_first_when_a_chat_needs_it(
+    api: AnthropicTestServer, make_claude_settings: Any
+) -> None:
+    api.set_default(EchoResponder())
+    settings = make_claude_settings(spare_processes=1, max_live_clients=2)
+    with claude_server_for(settings) as server:
+        pool = engine_of(server).pool
+        first_spare = ready_spare(server)
+        async with Reader(server.url) as reader:
+            ws = await reader.connect()
+            await ws.chat("First chat")
+            taken = (await ws.expect("chat_created"))["chatId"]
+            await ws.until("done", timeout=60)
+            assert taken == first_spare.spec.chat_id
+            # The cap leaves room for one more process: a new spare.
+            second_spare = ready_spare(server)
+            # A chat the spare does not fit needs that room: the spare goes, not the chat.
+            await ws.chat("Explain autolyse", persona="explainer")
+            other = (await ws.expect("chat_created"))["chatId"]
+            events = await ws.until("done", timeout=60)
+            assert events[-1]["reason"] == "complete"
+            assert wait_until(lambda: second_spare.state.value == "closed")
+            assert pool.get(taken) is not None
+            assert pool.get(other) is not None
+            # The cap is full with chats: no spare is started.
+            assert pool.spare_count == 0
+            assert pool.peak <= 2
+            await ws.chat("Again", taken)
+            assert answer_text(await ws.until("done", timeout=60)) == "Echo: Again"
+
+
+async def test_a_spare_is_never_reclaimed_for_being_idle(
+    api: AnthropicTestServer, make_claude_settings: Any
+) -> None:
+    settings = make_claude_settings(spare_processes=1, client_idle_seconds=0.5)
+    with claude_server_for(settings) as server:
+        pool = engine_of(server).pool
+        spare = ready_spare(server)
+        started = pool.started
+        # Several sweeps run meanwhile (every 0.5 s with this idle time).
+        await asyncio.sleep(2.5)
+        assert pool.get(spare.spec.chat_id) is spare
+        assert spare.alive
+        assert pool.started == started

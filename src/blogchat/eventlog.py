@@ -7,7 +7,11 @@ shared ones (e.g. a Redis Stream and pub/sub) when several instances serve one b
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Sequence
 from typing import Protocol
+
+# The most events a chat's log keeps (and so the longest replay a resume can ask for).
+MAX_LOG_EVENTS = 50_000
 
 
 class EventLog(Protocol):
@@ -29,6 +33,9 @@ class Subscriber(Protocol):
     def deliver(self, frame: str) -> None:
         """Queue a frame for sending; must not block."""
 
+    def replay(self, frames: Sequence[str]) -> None:
+        """Queue frames replayed from the log on resume; must not block."""
+
 
 class Fanout(Protocol):
     """The subscribers of one chat."""
@@ -49,7 +56,7 @@ class Fanout(Protocol):
 class MemoryEventLog:
     """An EventLog in this process's memory, bounded in size."""
 
-    def __init__(self, last_seq: int, *, max_events: int = 50_000) -> None:
+    def __init__(self, last_seq: int, *, max_events: int = MAX_LOG_EVENTS) -> None:
         # Events up to last_seq happened before this log existed: they cannot be replayed.
         self._floor = last_seq + 1
         self._seqs: list[int] = []

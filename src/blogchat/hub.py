@@ -13,7 +13,7 @@ import logging
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
 from starlette.responses import Response
@@ -22,6 +22,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from blogchat import policy
 from blogchat import protocol as wire
 from blogchat.content import Blog
+from blogchat.eventlog import MAX_LOG_EVENTS
 from blogchat.origins import origin_allowed
 from blogchat.personas import Personas
 from blogchat.session import ChatSession, ChatSessions, SessionClosed, user_message_event
@@ -52,6 +53,8 @@ class Connection:
 
     Delivering never waits on the network, so one slow reader cannot hold up a chat's
     other subscribers; a reader that falls too far behind is disconnected instead.
+    Frames replayed on resume are already held by the chat's log, so they do not count
+    towards that limit: a resume after a long absence must not look like falling behind.
     """
 
     def __init__(self, websocket: WebSocket, visitor: Visitor, *, queue_limit: int) -> None:
@@ -62,6 +65,12 @@ class Connection:
         self.subscriptions: set[str] = set()
         self._queue: deque[str] = deque()
         self._queue_limit = queue_limit
+        # Replayed frames still queued, and the span of each replay counted in frames ever
+        # queued: the queue is FIFO, so a frame's number tells whether it was replayed.
+        self._replaying = 0
+        self._replays: deque[tuple[int, int]] = deque()
+        self._queued = 0
+        self._sent = 0
         self._wake = asyncio.Event()
         self._close_code: int | None = None
 
@@ -69,11 +78,27 @@ class Connection:
         """Queue a frame (a chat event, or an answer to this connection)."""
         if self.state is not ConnectionState.OPEN:
             return
-        if len(self._queue) >= self._queue_limit:
-            log.warning("connection %s fell %d frames behind; closing", self.id, len(self._queue))
+        if self.backlog >= self._queue_limit:
+            log.warning("connection %s fell %d frames behind; closing", self.id, self.backlog)
             self.close(CLOSE_SLOW_CONSUMER)
             return
         self._queue.append(frame)
+        self._queued += 1
+        self._wake.set()
+
+    def replay(self, frames: Sequence[str]) -> None:
+        """Queue the frames a resume replays from a chat's log."""
+        if self.state is not ConnectionState.OPEN or not frames:
+            return
+        if self._replaying + len(frames) > MAX_LOG_EVENTS:
+            # Re-subscribing again and again without reading is falling behind too.
+            log.warning("connection %s asked for too long a replay; closing", self.id)
+            self.close(CLOSE_SLOW_CONSUMER)
+            return
+        self._queue.extend(frames)
+        self._replays.append((self._queued, self._queued + len(frames)))
+        self._queued += len(frames)
+        self._replaying += len(frames)
         self._wake.set()
 
     def send(self, message: wire.WireModel) -> None:
@@ -85,13 +110,28 @@ class Connection:
         if self.state is ConnectionState.OPEN:
             self.state = ConnectionState.CLOSING
             self._close_code = code
-            self._queue.clear()
+            self._drop_queue()
             self._wake.set()
 
     @property
     def backlog(self) -> int:
-        """Frames waiting to be sent."""
-        return len(self._queue)
+        """Live frames waiting to be sent (replayed ones not counted)."""
+        return len(self._queue) - self._replaying
+
+    def _next_frame(self) -> str:
+        number = self._sent
+        self._sent += 1
+        if self._replays and self._replays[0][0] <= number:
+            self._replaying -= 1
+            if number + 1 == self._replays[0][1]:
+                self._replays.popleft()
+        return self._queue.popleft()
+
+    def _drop_queue(self) -> None:
+        self._queue.clear()
+        self._replays.clear()
+        self._replaying = 0
+        self._queued = self._sent = 0
 
     async def write_forever(self) -> None:
         """Send queued frames in order until the connection closes."""
@@ -101,7 +141,7 @@ class Connection:
                 await self._wake.wait()
                 self._wake.clear()
                 while self._queue:
-                    await websocket.send_text(self._queue.popleft())
+                    await websocket.send_text(self._next_frame())
                 if self.state is ConnectionState.CLOSING:
                     with contextlib.suppress(Exception):
                         await websocket.close(self._close_code or CLOSE_GOING_AWAY)
@@ -111,7 +151,7 @@ class Connection:
             return
         finally:
             self.state = ConnectionState.CLOSED
-            self._queue.clear()
+            self._drop_queue()
 
 
 @dataclass(frozen=True)
@@ -353,14 +393,12 @@ class Hub:
             persona = self.personas[message.persona]
         if message.post is not None and self.blog.post(message.post) is None:
             raise _Rejected("bad_request", f"There is no post {message.post!r}.")
-        model: wire.ModelAlias = message.model or policy.DEFAULT_MODEL
-        if message.model is None and persona.model is not None:
-            chosen: wire.ModelAlias = persona.model  # type: ignore[assignment]
-            if policy.allowed(chosen, anonymous=visitor.anonymous):
-                model = chosen
+        model = message.model or policy.default_for(persona, anonymous=visitor.anonymous)
+        # The engine may have an agent process started ahead for such a chat: its id.
+        chat_id = self.sessions.engine.new_chat_id(persona, policy.model_id(self.settings, model))
         chat = await self.store.chats.create_chat(
             ChatRecord(
-                id=str(uuid.uuid4()),
+                id=chat_id,
                 owner_id=visitor.id,
                 title=title_for(text),
                 persona=persona.id,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, Literal, get_args
 
+from blogchat.personas import Persona
 from blogchat.protocol import ModelAlias
 from blogchat.settings import Settings
 
@@ -42,6 +43,14 @@ def model_id(settings: Settings, alias: ModelAlias) -> str:
 def allowed(alias: ModelAlias, *, anonymous: bool) -> bool:
     """Whether a visitor may use a model: anonymous visitors get haiku only."""
     return not anonymous or alias in ANONYMOUS_MODELS
+
+
+def default_for(persona: Persona, *, anonymous: bool) -> ModelAlias:
+    """The model of a new chat that names none: the persona's own if the visitor may use it."""
+    chosen = persona.model
+    if chosen is not None and allowed(chosen, anonymous=anonymous):  # type: ignore[arg-type]
+        return chosen  # type: ignore[return-value]
+    return DEFAULT_MODEL
 
 
 def check(alias: ModelAlias, *, anonymous: bool) -> None:

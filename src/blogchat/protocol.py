@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -41,7 +42,16 @@ ErrorCode = Literal[
     "internal",
 ]
 
-Id = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+def no_nul(value: str) -> str:
+    """Refuse U+0000 in what a client sends: PostgreSQL cannot store it, no reader types it."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+Text = Annotated[str, AfterValidator(no_nul)]
+Id = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(no_nul)]
 RequestId = Annotated[str, StringConstraints(max_length=128)]
 
 
@@ -104,7 +114,7 @@ class Chat(ClientModel):
     type: Literal["chat"]
     chat_id: Id | None = None
     client_message_id: Id
-    text: str
+    text: Text
     model: ModelAlias | None = None
     persona: Id | None = None
     # Extension: the slug of the post the chat is about ("Ask about this post"); only

@@ -20,6 +20,7 @@ from blogchat.content import Blog
 from blogchat.engines.base import (
     AgentEngine,
     EngineEvent,
+    ModelCall,
     TextDelta,
     ThinkingDelta,
     ToolFinished,
@@ -39,6 +40,7 @@ from blogchat.store import (
 )
 from blogchat.store.chats import conversation_order
 from blogchat.store.tables import utcnow
+from blogchat.telemetry import NO_TRACE, Telemetry, TurnStart, TurnTrace
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +153,10 @@ class ChatSession:
         blog: Blog,
         render: Renderer,
         timings: SessionTimings,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.blog = blog
+        self.telemetry = telemetry or Telemetry()
         self.chat = chat
         self.history = history
         self.store = store
@@ -229,8 +233,8 @@ class ChatSession:
                 request_id=request_id,
             )
             subscriber.deliver(answer.to_json())
-        for frame in replay or ():
-            subscriber.deliver(frame)
+        if replay:
+            subscriber.replay(replay)
         self.fanout.add(subscriber)
         self.last_activity = time.monotonic()
 
@@ -354,13 +358,26 @@ class ChatSession:
             anonymous=pending.anonymous,
             post=self.blog.post(self.chat.post_slug) if self.chat.post_slug else None,
         )
-        saver = asyncio.create_task(self._save_periodically(draft))
-        self._consumer = asyncio.create_task(self._consume(request, draft))
+        trace = self.telemetry.start_turn(
+            TurnStart(
+                chat_id=self.chat.id,
+                text=request.text,
+                persona=persona.id,
+                model_alias=pending.model_alias,
+                model_id=pending.model_id,
+                anonymous=pending.anonymous,
+                engine=self.engine.name,
+            )
+        )
+        finished = asyncio.Event()
+        saver = asyncio.create_task(self._save_periodically(draft, finished))
+        self._consumer = asyncio.create_task(self._consume(request, draft, trace))
         try:
             outcome = await self._consumer
         except asyncio.CancelledError:
             if not self._aborted:
-                saver.cancel()
+                finished.set()
+                trace.abandon()
                 raise
             # The graceful stop ran out of time: end the turn here with what we have.
             outcome = _Outcome(reason="stopped", model=pending.model_id)
@@ -375,15 +392,21 @@ class ChatSession:
             if self._hard_stop is not None:
                 self._hard_stop.cancel()
                 self._hard_stop = None
-        saver.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await saver
-        await self._finish(draft, pending, outcome)
+        # Let a save in progress finish rather than cutting it off mid-transaction: a
+        # partial save landing after the final one would overwrite the answer.
+        finished.set()
+        await saver
+        await self._finish(draft, pending, outcome, trace)
 
-    async def _consume(self, request: TurnRequest, draft: MessageRecord) -> _Outcome:
+    async def _consume(
+        self, request: TurnRequest, draft: MessageRecord, trace: TurnTrace = NO_TRACE
+    ) -> _Outcome:
         outcome = _Outcome(model=request.model_id)
         ended = False
         async for event in self.engine.run_turn(request, self._stop):
+            trace.observe(event)
+            if isinstance(event, ModelCall):
+                continue  # For telemetry only: readers never see it.
             if isinstance(event, TurnEnded):
                 outcome.reason = event.reason
                 outcome.model = event.model or request.model_id
@@ -450,7 +473,13 @@ class ChatSession:
                 raise TypeError(event)
             self._publish(seq, frame)
 
-    async def _finish(self, draft: MessageRecord, pending: _PendingTurn, outcome: _Outcome) -> None:
+    async def _finish(
+        self,
+        draft: MessageRecord,
+        pending: _PendingTurn,
+        outcome: _Outcome,
+        trace: TurnTrace = NO_TRACE,
+    ) -> None:
         async with self._lock:
             failure = outcome.failure
             if failure is not None:
@@ -506,11 +535,26 @@ class ChatSession:
             if self._last_turn_start is not None:
                 self.log.trim(self._last_turn_start)
             self._last_turn_start = pending.user.seq_start
+        # Once `done` is queued, so that building the spans never delays it; nothing awaits
+        # since, so the trace is logged before that frame goes out.
+        trace.finish(
+            reason=outcome.reason,
+            model=outcome.model,
+            input_tokens=outcome.input_tokens,
+            output_tokens=outcome.output_tokens,
+            warning=outcome.warning,
+            answer=final.text,
+            failure=outcome.failure,
+        )
 
-    async def _save_periodically(self, draft: MessageRecord) -> None:
+    async def _save_periodically(self, draft: MessageRecord, finished: asyncio.Event) -> None:
+        """Save the partial answer every `save_interval` until the turn is `finished`."""
         saved_seq = -1
         while True:
-            await asyncio.sleep(self.timings.save_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(finished.wait(), self.timings.save_interval)
+            if finished.is_set():
+                return
             if not draft.seq_start or draft.seq_end == saved_seq:
                 continue
             snapshot = dataclasses.replace(
@@ -582,6 +626,7 @@ class ChatSessions:
         *,
         idle_seconds: float,
         timings: SessionTimings | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.store = store
         self.engine = engine
@@ -590,6 +635,7 @@ class ChatSessions:
         self.render = render
         self.idle_seconds = idle_seconds
         self.timings = timings or SessionTimings()
+        self.telemetry = telemetry or Telemetry()
         self._sessions: dict[str, ChatSession] = {}
         self._opening: dict[str, asyncio.Future[ChatSession]] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -623,6 +669,7 @@ class ChatSessions:
                 blog=self.blog,
                 render=self.render,
                 timings=self.timings,
+                telemetry=self.telemetry,
             )
             self._sessions[chat.id] = session
             future.set_result(session)

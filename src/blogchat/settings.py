@@ -164,6 +164,16 @@ class Settings(BaseSettings):
         description="An agent process idle this long is reclaimed.",
     )
 
+    spare_processes: int = Field(
+        default=1,
+        ge=0,
+        validation_alias=_env("BLOGCHAT_SPARE_PROCESSES"),
+        description=(
+            "Agent processes kept started ahead for new chats of the default persona, so a "
+            "first answer does not wait for a process start (about 200 MB each). 0: none."
+        ),
+    )
+
     max_parallel_starts: int = Field(
         default=0,
         ge=0,
@@ -219,6 +229,27 @@ class Settings(BaseSettings):
         default="blogchat",
         validation_alias=_env("BRAINTRUST_PROJECT"),
         description="Braintrust project that receives the traces.",
+    )
+    braintrust_app_url: str | None = Field(
+        default=None,
+        validation_alias=_env("BRAINTRUST_APP_URL"),
+        description="Braintrust app URL to log in at. Unset: https://www.braintrust.dev.",
+    )
+    braintrust_api_url: str | None = Field(
+        default=None,
+        validation_alias=_env("BRAINTRUST_API_URL"),
+        description="Braintrust API URL that receives the traces. Unset: the one login returns.",
+    )
+    braintrust_org_name: str | None = Field(
+        default=None,
+        validation_alias=_env("BRAINTRUST_ORG_NAME"),
+        description="Braintrust organization, for an API key that belongs to several.",
+    )
+    telemetry_flush_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        validation_alias=_env("BLOGCHAT_TELEMETRY_FLUSH_SECONDS"),
+        description="At shutdown, how long pending traces may take to be sent before they go.",
     )
 
     log_level: str = Field(

@@ -34,6 +34,9 @@ TEST_OVERRIDES: dict[str, Any] = {
     "thinking_budget": 2048,
     "max_turns": 6,
     "max_live_clients": 4,
+    # No process started ahead, so that tests count exactly the processes their chats
+    # need; the spares have tests of their own (test_claude_engine.py).
+    "spare_processes": 0,
     "model_opus": OPUS_ID,
 }
 

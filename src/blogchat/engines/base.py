@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -84,7 +85,32 @@ class TurnEnded:
     metadata: dict[str, object] = field(default_factory=dict)
 
 
-EngineEvent = ThinkingDelta | TextDelta | ToolStarted | ToolFinished | TurnFailed | TurnEnded
+@dataclass(frozen=True)
+class ModelCall:
+    """One request to the model, reported once it is over: for telemetry only.
+
+    Sessions pass it to the turn's trace and never to readers. Times are epoch seconds.
+    """
+
+    model: str
+    started_at: float
+    ended_at: float
+    # What this request added to the conversation: the prompt, or the tool results.
+    input: object = None
+    # What the model answered: {"role": "assistant", "content": [blocks]}, if anything.
+    output: object = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    first_token_at: float | None = None
+    stop_reason: str | None = None
+    # The provider's error (or why the response was cut short); None when it succeeded.
+    error: str | None = None
+    message_id: str | None = None
+
+
+EngineEvent = (
+    ThinkingDelta | TextDelta | ToolStarted | ToolFinished | ModelCall | TurnFailed | TurnEnded
+)
 
 
 class AgentEngine(ABC):
@@ -100,6 +126,17 @@ class AgentEngine(ABC):
         reason "stopped". The caller may also cancel the iteration outright (a hard
         stop after the graceful one took too long); the engine must then clean up.
         """
+
+    def start(self) -> None:  # noqa: B027 - optional hook
+        """The app is up: begin whatever the engine prepares ahead (without waiting for it)."""
+
+    def new_chat_id(self, persona: Persona, model_id: str) -> str:
+        """The id of a chat about to be created with this persona and model.
+
+        An engine that prepared something ahead for such a chat (an agent process started
+        in advance) hands out the id it prepared it under; otherwise a fresh one.
+        """
+        return str(uuid.uuid4())
 
     async def release(self, chat_id: str) -> None:  # noqa: B027 - optional hook
         """The chat's session closed: free whatever the engine keeps for it."""

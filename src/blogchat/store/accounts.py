@@ -12,7 +12,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from blogchat.store.database import Database
+from blogchat.store.database import Database, runs_to_completion
 from blogchat.store.tables import Chat, LoginSession, User, utcnow
 
 
@@ -46,6 +46,7 @@ class AccountStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
+    @runs_to_completion
     async def create_account(self, user_id: str, email: str, password_hash: str) -> Account:
         """Register a new account; raise EmailTaken if the email is in use."""
         try:
@@ -55,6 +56,7 @@ class AccountStore:
             raise EmailTaken(email) from None
         return Account(user_id, email, password_hash)
 
+    @runs_to_completion
     async def find_account(self, email: str) -> Account | None:
         """The account registered with this email, if any."""
         async with self.db.session() as session:
@@ -63,6 +65,7 @@ class AccountStore:
             return None
         return Account(user.id, user.email, user.password_hash)
 
+    @runs_to_completion
     async def set_password_hash(self, user_id: str, password_hash: str) -> None:
         """Replace a stored hash (after argon2 asks for a rehash)."""
         async with self.db.session() as session:
@@ -70,6 +73,7 @@ class AccountStore:
                 update(User).where(User.id == user_id).values(password_hash=password_hash)
             )
 
+    @runs_to_completion
     async def start_login(self, user_id: str, ttl: timedelta) -> str:
         """Sign a browser in: returns the token its cookie will carry."""
         token = secrets.token_urlsafe(32)
@@ -83,6 +87,7 @@ class AccountStore:
             )
         return token
 
+    @runs_to_completion
     async def resolve_login(self, user_id: str, token: str) -> Account | None:
         """The account behind a live login token, or None if it expired or was revoked."""
         async with self.db.session() as session:
@@ -99,6 +104,7 @@ class AccountStore:
             return None
         return Account(user.id, user.email, user.password_hash)
 
+    @runs_to_completion
     async def end_login(self, token: str) -> None:
         """Revoke a login token (logout)."""
         async with self.db.session() as session:
@@ -106,6 +112,7 @@ class AccountStore:
                 delete(LoginSession).where(LoginSession.token_hash == _token_hash(token))
             )
 
+    @runs_to_completion
     async def transfer_chats(self, from_user: str, to_user: str) -> int:
         """Give an anonymous visitor's chats to an account; returns how many moved."""
         if from_user == to_user:

@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import selectinload
 
 from blogchat.store.accounts import ensure_user
-from blogchat.store.database import Database
+from blogchat.store.database import Database, runs_to_completion
 from blogchat.store.tables import AgentTranscriptEntry, Chat, Message, ToolCall, utcnow
 
 # A running answer is kept as "streaming"; after a crash nothing is streaming any more, so
@@ -178,6 +178,7 @@ class ChatStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
+    @runs_to_completion
     async def create_chat(self, chat: ChatRecord) -> ChatRecord:
         """Store a new chat (and its anonymous owner's row, the first time)."""
         async with self.db.session() as session:
@@ -199,12 +200,14 @@ class ChatStore:
             )
         return chat
 
+    @runs_to_completion
     async def get_chat(self, chat_id: str) -> ChatRecord | None:
         """A chat by id, whoever owns it."""
         async with self.db.session() as session:
             row = await session.get(Chat, chat_id)
             return None if row is None else _chat_record(row)
 
+    @runs_to_completion
     async def list_chats(self, owner_id: str) -> list[ChatRecord]:
         """A visitor's chats, most recently active first."""
         async with self.db.session() as session:
@@ -215,6 +218,7 @@ class ChatStore:
             )
             return [_chat_record(row) for row in rows]
 
+    @runs_to_completion
     async def delete_chat(self, chat_id: str) -> None:
         """Delete a chat with its whole transcript, the agent's copy included."""
         async with self.db.session() as session:
@@ -224,11 +228,13 @@ class ChatStore:
             )
             await session.execute(delete(Chat).where(Chat.id == chat_id))
 
+    @runs_to_completion
     async def update_chat(self, chat_id: str, **values: Any) -> None:
         """Change some of a chat's columns (model, title, agent_session_id, ...)."""
         async with self.db.session() as session:
             await session.execute(update(Chat).where(Chat.id == chat_id).values(**values))
 
+    @runs_to_completion
     async def reserve_seq(self, chat_id: str, upto: int) -> None:
         """Record that seqs up to `upto` may be in use, so none is reused after a crash."""
         async with self.db.session() as session:
@@ -238,6 +244,7 @@ class ChatStore:
                 .values(last_seq=case((Chat.last_seq < upto, upto), else_=Chat.last_seq))
             )
 
+    @runs_to_completion
     async def find_client_message(
         self, owner_id: str, client_message_id: str
     ) -> MessageRecord | None:
@@ -256,6 +263,7 @@ class ChatStore:
             )
             return None if row is None else _message_record(row)
 
+    @runs_to_completion
     async def add_message(self, record: MessageRecord, *, last_seq: int | None = None) -> None:
         """Insert a new message; optionally also move the chat's seq high-water mark."""
         try:
@@ -273,6 +281,7 @@ class ChatStore:
         except IntegrityError:
             raise DuplicateClientMessage(record.client_message_id) from None
 
+    @runs_to_completion
     async def save_message(self, record: MessageRecord, *, last_seq: int | None = None) -> None:
         """Insert or update a message with its tool calls (partial or final answers)."""
         async with self.db.session() as session:
@@ -289,6 +298,7 @@ class ChatStore:
             _apply(row, record)
             await self._touch(session, record.chat_id, last_seq)
 
+    @runs_to_completion
     async def get_messages(self, chat_id: str) -> list[MessageRecord]:
         """A chat's transcript in seq order."""
         async with self.db.session() as session:
@@ -300,6 +310,7 @@ class ChatStore:
             )
             return conversation_order([_message_record(row) for row in rows])
 
+    @runs_to_completion
     async def mark_interrupted_turns(self) -> int:
         """At start-up: answers that were streaming when the server died become incomplete."""
         async with self.db.session() as session:

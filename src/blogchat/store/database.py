@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -24,6 +26,45 @@ from sqlalchemy.schema import CreateSchema
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# Store operations whose caller was cancelled, kept alive until they end.
+_finishing: set[asyncio.Task[Any]] = set()
+
+
+def runs_to_completion(
+    operation: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Let a store operation finish even when the task awaiting it is cancelled.
+
+    A transaction cut off mid-way hands its connection back in an unknown state; the
+    pool then discards it without a rollback, and on SQLite the write lock stays with
+    that abandoned connection until it is garbage-collected, so every other writer
+    fails with "database is locked". Cancellation is ordinary here (a turn's periodic
+    save, a stopped turn, a shutdown), so the operation runs in its own task and the
+    cancelled caller merely stops waiting for it.
+    """
+
+    @functools.wraps(operation)
+    async def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        task = asyncio.ensure_future(operation(*args, **kwargs))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                _finishing.add(task)
+                task.add_done_callback(_finished)
+            raise
+
+    return run
+
+
+def _finished(task: asyncio.Task[Any]) -> None:
+    _finishing.discard(task)
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.error("a store operation failed after its caller gave up", exc_info=error)
 
 
 def alembic_config() -> Config:
@@ -59,11 +100,23 @@ class Database:
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._serial = asyncio.Lock() if self.is_sqlite else None
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
-        """A session whose transaction commits on success and rolls back on error."""
-        async with self.sessions() as session, session.begin():
+        """A session whose transaction commits on success and rolls back on error.
+
+        On SQLite one transaction runs at a time: SQLite allows a single writer, and
+        writers that wait on its busy timeout poll with growing sleeps, so under load the
+        unlucky ones time out ("database is locked") while the lock holder is itself
+        waiting for the event loop. Queuing here is first come, first served, and waits
+        as long as it takes. PostgreSQL sessions run side by side.
+        """
+        if self._serial is None:
+            async with self.sessions() as session, session.begin():
+                yield session
+            return
+        async with self._serial, self.sessions() as session, session.begin():
             yield session
 
     async def migrate(self) -> None:

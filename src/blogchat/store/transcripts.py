@@ -24,7 +24,7 @@ from claude_agent_sdk import (
 from sqlalchemy import delete, exists, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from blogchat.store.database import Database
+from blogchat.store.database import Database, runs_to_completion
 from blogchat.store.tables import AgentTranscriptEntry, utcnow
 
 MAIN = ""  # The subpath of a session's main transcript.
@@ -51,6 +51,7 @@ class TranscriptStore(SessionStore):
     def __init__(self, db: Database) -> None:
         self.db = db
 
+    @runs_to_completion
     async def append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
         """Add a batch of entries after the ones already stored, in order."""
         if not entries:
@@ -75,6 +76,7 @@ class TranscriptStore(SessionStore):
             statement = dialect.insert(AgentTranscriptEntry).on_conflict_do_nothing()
             await session.execute(statement, rows)
 
+    @runs_to_completion
     async def load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
         """Every entry of a transcript in append order; None if it was never written."""
         async with self.db.session() as session:
@@ -89,6 +91,7 @@ class TranscriptStore(SessionStore):
             return None
         return [cast(SessionStoreEntry, entry) for entry in entries]
 
+    @runs_to_completion
     async def list_sessions(self, project_key: str) -> list[SessionStoreListEntry]:
         """The main transcripts of a project with their last write time (epoch ms)."""
         async with self.db.session() as session:
@@ -107,6 +110,7 @@ class TranscriptStore(SessionStore):
             ).all()
         return [{"session_id": session_id, "mtime": _ms(written)} for session_id, written in rows]
 
+    @runs_to_completion
     async def list_session_summaries(self, project_key: str) -> list[SessionSummaryEntry]:
         """A summary of each main transcript of a project, folded from its entries on read.
 
@@ -137,6 +141,7 @@ class TranscriptStore(SessionStore):
             summaries.append(summary)
         return summaries
 
+    @runs_to_completion
     async def delete(self, key: SessionKey) -> None:
         """Delete a transcript; deleting a main transcript also deletes its subkeys."""
         conditions = _where(key)
@@ -145,6 +150,7 @@ class TranscriptStore(SessionStore):
         async with self.db.session() as session:
             await session.execute(delete(AgentTranscriptEntry).where(*conditions))
 
+    @runs_to_completion
     async def list_subkeys(self, key: SessionListSubkeysKey) -> list[str]:
         """The subpaths stored under a session (subagent transcripts)."""
         async with self.db.session() as session:
@@ -158,6 +164,7 @@ class TranscriptStore(SessionStore):
 
     # --- beyond the SDK's protocol ------------------------------------------------------
 
+    @runs_to_completion
     async def has_session(self, project_key: str, session_id: str) -> bool:
         """Whether a main transcript exists for this session (so it can be resumed)."""
         async with self.db.session() as session:

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Request, Response, status
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
 
 from blogchat import policy
@@ -15,6 +15,7 @@ from blogchat.session import chat_info, message_info
 from blogchat.store import ChatRecord
 from blogchat.visitors import AuthError, Visitor
 from blogchat.web.deps import (
+    ChatIdPath,
     CurrentVisitor,
     HubDep,
     PersonasDep,
@@ -35,14 +36,20 @@ class _Body(BaseModel):
 class Credentials(_Body):
     """Email and password, for registering and signing in."""
 
-    email: Annotated[str, StringConstraints(min_length=1, max_length=320)]
+    email: Annotated[
+        str, StringConstraints(min_length=1, max_length=320), AfterValidator(wire.no_nul)
+    ]
     password: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
 
 
 class ChatPatch(_Body):
     """Rename a chat."""
 
-    title: Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
+    title: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=200, strip_whitespace=True),
+        AfterValidator(wire.no_nul),
+    ]
 
 
 class Me(_Body):
@@ -176,7 +183,7 @@ async def chats(visitor: CurrentVisitor, store: StoreDep) -> list[wire.ChatInfo]
 
 @router.get("/chats/{chat_id}", response_model=ChatDetail, response_model_exclude_none=True)
 async def chat(
-    chat_id: str, visitor: CurrentVisitor, store: StoreDep, sessions: SessionsDep
+    chat_id: ChatIdPath, visitor: CurrentVisitor, store: StoreDep, sessions: SessionsDep
 ) -> ChatDetail:
     """A chat and its transcript, including a running answer so far."""
     record = await _own_chat(store, visitor, chat_id)
@@ -198,7 +205,7 @@ async def chat(
 
 @router.patch("/chats/{chat_id}", response_model=wire.ChatInfo)
 async def rename_chat(
-    chat_id: str,
+    chat_id: ChatIdPath,
     body: ChatPatch,
     visitor: CurrentVisitor,
     store: StoreDep,
@@ -217,7 +224,11 @@ async def rename_chat(
 
 @router.delete("/chats/{chat_id}", status_code=status.HTTP_204_NO_CONTENT)
 async def delete_chat(
-    chat_id: str, visitor: CurrentVisitor, store: StoreDep, sessions: SessionsDep, hub: HubDep
+    chat_id: ChatIdPath,
+    visitor: CurrentVisitor,
+    store: StoreDep,
+    sessions: SessionsDep,
+    hub: HubDep,
 ) -> Response:
     """Delete a chat and its transcript (a running turn is stopped first)."""
     await _own_chat(store, visitor, chat_id)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
+from pydantic import AfterValidator
 
 from blogchat.content import Blog
 from blogchat.hub import Hub
 from blogchat.personas import Personas
+from blogchat.protocol import no_nul
 from blogchat.search import SearchIndex
 from blogchat.session import ChatSessions
 from blogchat.settings import Settings
@@ -38,3 +40,5 @@ PersonasDep = Annotated[Personas, Depends(_state("personas"))]
 SessionsDep = Annotated[ChatSessions, Depends(_state("sessions"))]
 VisitorsDep = Annotated[Visitors, Depends(_state("visitors"))]
 HubDep = Annotated[Hub, Depends(_state("hub"))]
+# A chat id in a URL: any string (unknown ones are simply not found) but NUL.
+ChatIdPath = Annotated[str, Path(), AfterValidator(no_nul)]

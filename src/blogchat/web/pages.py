@@ -13,13 +13,16 @@ from fastapi import APIRouter, Form, HTTPException, Query, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
+from pydantic import AfterValidator
 from sqlalchemy import text
 
 from blogchat.content import Blog, Post
+from blogchat.protocol import no_nul
 from blogchat.rendering import render_markdown
 from blogchat.visitors import MIN_PASSWORD_LENGTH, AuthError
 from blogchat.web.deps import (
     BlogDep,
+    ChatIdPath,
     CurrentVisitor,
     SearchDep,
     SettingsDep,
@@ -227,7 +230,7 @@ async def chat_page(
 @router.get("/chat/{chat_id}")
 async def chat_page_for(
     request: Request,
-    chat_id: str,
+    chat_id: ChatIdPath,
     blog: BlogDep,
     store: StoreDep,
     settings: SettingsDep,
@@ -267,7 +270,7 @@ async def login_form(
     request: Request,
     visitor: CurrentVisitor,
     visitors: VisitorsDep,
-    email: Annotated[str, Form(max_length=320)] = "",
+    email: Annotated[str, Form(max_length=320), AfterValidator(no_nul)] = "",
     password: Annotated[str, Form(max_length=1024)] = "",
     next: Annotated[str, Form(max_length=2000)] = "/chat",
 ) -> Response:
@@ -280,7 +283,7 @@ async def register_form(
     request: Request,
     visitor: CurrentVisitor,
     visitors: VisitorsDep,
-    email: Annotated[str, Form(max_length=320)] = "",
+    email: Annotated[str, Form(max_length=320), AfterValidator(no_nul)] = "",
     password: Annotated[str, Form(max_length=1024)] = "",
     next: Annotated[str, Form(max_length=2000)] = "/chat",
 ) -> Response:

@@ -14,7 +14,9 @@ import contextlib
 import logging
 import os
 import shutil
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from claude_agent_sdk import (
     project_key_for_directory,
 )
 
+from blogchat import policy
 from blogchat.content import Post
 from blogchat.engines.base import (
     AgentEngine,
@@ -41,6 +44,7 @@ from blogchat.engines.claude.failures import ProviderFailure
 from blogchat.engines.claude.pool import ProcessPool, StartFailed
 from blogchat.engines.claude.process import WAKE, AgentProcess, AgentSpec, Launch
 from blogchat.engines.claude.turn import DRAIN, SERVER, TOOL_PREFIX, Attempt, Outcome, Tally
+from blogchat.personas import Persona
 from blogchat.settings import Settings
 from blogchat.store.transcripts import TranscriptStore
 from blogchat.tools import BlogTools
@@ -55,17 +59,19 @@ STOPPED_TOOL = "Stopped before the tool finished."
 CUT_TOOL = "The turn ended before the tool finished."
 
 
-def system_prompt(persona_prompt: str, post: Post | None, tools: tuple[str, ...]) -> str:
-    """The persona's prompt, plus what the reader is looking at."""
-    if post is None:
-        return persona_prompt
+def post_context(post: Post, tools: tuple[str, ...]) -> str:
+    """What the reader is looking at, for a chat opened from a post.
+
+    It goes with the chat's first prompt rather than into the system prompt, so that the
+    system prompt is the persona's alone and a spare process fits any new chat.
+    """
     context = (
         f"The reader opened this chat from the post “{post.title}” by {post.author.name} "
         f"({post.date.isoformat()}), at {post.url}. When they say “this post” they mean it."
     )
     if "getPost" in tools:
         context += f" Read it with getPost (slug “{post.slug}”) when you need its text."
-    return f"{persona_prompt}\n\n{context}"
+    return f"<post_context>\n{context}\n</post_context>"
 
 
 class ClaudeEngine(AgentEngine):
@@ -73,10 +79,19 @@ class ClaudeEngine(AgentEngine):
 
     name = "claude"
 
-    def __init__(self, settings: Settings, tools: BlogTools, transcripts: TranscriptStore) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        tools: BlogTools,
+        transcripts: TranscriptStore,
+        spare_persona: Persona | None = None,
+    ) -> None:
         self.settings = settings
         self.tools = tools
         self.transcripts = transcripts
+        # Spares are started for new chats of this persona, on the model it gives anonymous
+        # readers (a registered reader's chat fits them too when it uses that model).
+        self._spare_persona = spare_persona
         agent_dir = (settings.agent_dir or settings.data_dir / "agent").resolve()
         # A stable working directory: the transcripts' project key derives from it.
         self.workdir = agent_dir / "workdir"
@@ -89,6 +104,8 @@ class ClaudeEngine(AgentEngine):
             cap=settings.max_live_clients,
             idle_seconds=settings.client_idle_seconds,
             parallel_starts=settings.max_parallel_starts or os.cpu_count() or 2,
+            spares=settings.spare_processes if spare_persona is not None else 0,
+            spare_spec=self._spare_spec,
         )
         # Chats whose transcript could not be resumed: their next process starts over.
         self._start_over: set[str] = set()
@@ -147,6 +164,19 @@ class ClaudeEngine(AgentEngine):
             yield TurnFailed(failure.message, retryable=failure.retryable, code=failure.code)
         yield self._ended(request, outcome, tally)
 
+    def start(self) -> None:
+        """Start the spare processes in the background."""
+        self.pool.start_spares()
+
+    def new_chat_id(self, persona: Persona, model_id: str) -> str:
+        """A spare's id when one fits the new chat (its first turn then starts at once)."""
+        wanted = self._spec_for("", persona, model_id)
+        claimed = self.pool.claim_spare(lambda spec: replace(spec, chat_id="") == wanted)
+        if claimed is None:
+            return super().new_chat_id(persona, model_id)
+        log.debug("new chat %s takes a spare agent process", claimed)
+        return claimed
+
     async def release(self, chat_id: str) -> None:
         """The chat's session closed: its process goes (its transcript stays in the store)."""
         await self.pool.forget(chat_id)
@@ -158,13 +188,19 @@ class ClaudeEngine(AgentEngine):
     # --- a turn's pieces ----------------------------------------------------------------
 
     def _spec(self, request: TurnRequest) -> AgentSpec:
-        tools = tuple(tool.name for tool in self.tools.allowed(request.persona.allowed_tools))
+        return self._spec_for(request.chat_id, request.persona, request.model_id)
+
+    def _spec_for(self, chat_id: str, persona: Persona, model_id: str) -> AgentSpec:
+        tools = tuple(tool.name for tool in self.tools.allowed(persona.allowed_tools))
         return AgentSpec(
-            chat_id=request.chat_id,
-            model_id=request.model_id,
-            system_prompt=system_prompt(request.persona.system_prompt, request.post, tools),
-            tools=tools,
+            chat_id=chat_id, model_id=model_id, system_prompt=persona.system_prompt, tools=tools
         )
+
+    def _spare_spec(self) -> AgentSpec:
+        persona = self._spare_persona
+        assert persona is not None  # No spares are kept without it.
+        model = policy.model_id(self.settings, policy.default_for(persona, anonymous=True))
+        return self._spec_for(str(uuid.uuid4()), persona, model)
 
     async def _attempt(self, attempt: Attempt) -> AsyncGenerator[EngineEvent, None]:
         """Run one attempt, then hand its process back to the pool."""
@@ -181,10 +217,11 @@ class ClaudeEngine(AgentEngine):
             if not finished:
                 # Cut off mid-attempt (a hard stop, or the session closed): settle the
                 # process in the background, so the chat's next turn finds it ready.
-                self.pool.recover(process, DRAIN * 2)
+                self.pool.recover(process, DRAIN * 2, on_lost=self._lost_mid_turn)
         if attempt.settled:
             await self.pool.release(process)
         else:
+            self._lost_mid_turn(process)
             await self.pool.discard(process)
 
     async def _acquire(self, spec: AgentSpec, stop: asyncio.Event) -> AgentProcess | None:
@@ -212,18 +249,23 @@ class ClaudeEngine(AgentEngine):
             self.pool.recover(acquiring.result(), DRAIN)
 
     def _prompt(self, request: TurnRequest, process: AgentProcess) -> str:
-        """The prompt; for a chat with no stored transcript it carries the conversation so far."""
-        if process.resumed or process.turns or not request.history:
+        """The prompt. The first one of a process that starts a conversation afresh also
+        carries the post the chat was opened from and, for a chat with no stored
+        transcript, the conversation so far."""
+        if process.resumed or process.turns:
             return request.text
+        parts = []
+        if request.post is not None:
+            parts.append(post_context(request.post, process.spec.tools))
         lines = [
             f"{'Reader' if message.role == 'user' else 'You'}: {message.text.strip()}"
             for message in request.history
             if message.text.strip()
         ]
-        if not lines:
-            return request.text
-        earlier = "\n\n".join(lines)[-MAX_CONTEXT_CHARS:]
-        return f"<earlier_conversation>\n{earlier}\n</earlier_conversation>\n\n{request.text}"
+        if lines:
+            earlier = "\n\n".join(lines)[-MAX_CONTEXT_CHARS:]
+            parts.append(f"<earlier_conversation>\n{earlier}\n</earlier_conversation>")
+        return "\n\n".join([*parts, request.text])
 
     def _ended(self, request: TurnRequest, outcome: Outcome, tally: Tally) -> TurnEnded:
         warning = None
@@ -348,6 +390,15 @@ class ClaudeEngine(AgentEngine):
             }
 
         return handle
+
+    def _lost_mid_turn(self, process: AgentProcess) -> None:
+        # A process that goes without finishing its turn (killed, crashed, hung) may have
+        # stored the question but not what the reader was shown of the answer: the chat's
+        # next process starts over from our own saved messages instead of that transcript.
+        log.info(
+            "chat %s: agent process lost mid-turn; its next one starts over", process.spec.chat_id
+        )
+        self._start_over.add(process.spec.chat_id)
 
     def _start_failed(self, process: AgentProcess) -> None:
         if process.resumed:

@@ -6,6 +6,12 @@ instead of a process start. A process is about 200 MB, so at most `cap` of them 
 the least recently used idle process is closed first; when every process is running a
 turn, the chat waits for one to finish. Processes idle for `idle_seconds` are closed.
 A closed chat's context is not lost: its next process resumes the transcript from the store.
+
+Spares are processes started ahead, under a fresh id, for chats that do not exist yet: a
+new chat that fits one takes the spare's id as its own (`claim_spare`), and its first
+answer does not wait for a process start. Spares only use room under the cap that nobody
+is waiting for, are the first to go when a chat needs room, and are never reclaimed for
+being idle.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ log = logging.getLogger(__name__)
 CLOSE_GRACE = 2.0
 # How long a start may take (the SDK's own handshake timeout is 60 s).
 START_TIMEOUT = 60.0
+# After a spare failed to start, how long before another is tried.
+SPARE_BACKOFF = 30.0
 
 
 class StartFailed(Exception):
@@ -31,6 +39,7 @@ class StartFailed(Exception):
 
 
 Launcher = Callable[[AgentSpec], AgentProcess]
+SpareSpec = Callable[[], AgentSpec]
 
 
 class ProcessPool:
@@ -43,10 +52,17 @@ class ProcessPool:
         cap: int,
         idle_seconds: float,
         parallel_starts: int,
+        spares: int = 0,
+        spare_spec: SpareSpec | None = None,
     ) -> None:
         self._launch = launch
         self.cap = cap
         self.idle_seconds = idle_seconds
+        self.spares = spares if spare_spec is not None else 0
+        self._spare_spec = spare_spec
+        self._spares_paused_until = 0.0
+        # Chats waiting for room under the cap: while any waits, no spare is started.
+        self._waiting = 0
         self._by_chat: dict[str, AgentProcess] = {}
         self._closing: set[AgentProcess] = set()
         self._changed = asyncio.Condition()
@@ -72,6 +88,36 @@ class ProcessPool:
     def get(self, chat_id: str) -> AgentProcess | None:
         """The chat's process, if it has one."""
         return self._by_chat.get(chat_id)
+
+    @property
+    def spare_count(self) -> int:
+        """Spares that exist now, starting or ready."""
+        return sum(1 for process in self._by_chat.values() if process.spare)
+
+    # --- spares -------------------------------------------------------------------------
+
+    def start_spares(self) -> None:
+        """Start the spares (in the background) and keep them topped up from now on."""
+        if self.spares:
+            self._start_sweeper()
+            self._top_up()
+
+    def claim_spare(self, fits: Callable[[AgentSpec], bool]) -> str | None:
+        """Hand a spare that `fits` to a new chat: returns the chat id it was started under."""
+        for process in list(self._by_chat.values()):
+            if not process.spare or process.retire or not fits(process.spec):
+                continue
+            if process.state is ProcessState.IDLE and not process.alive:
+                continue  # Died while waiting; the sweep closes it.
+            if process.state not in (ProcessState.STARTING, ProcessState.IDLE):
+                continue
+            process.spare = False
+            process.last_used = time.monotonic()
+            chat_id = process.spec.chat_id
+            self._by_chat[chat_id] = self._by_chat.pop(chat_id)
+            self._top_up()
+            return chat_id
+        return None
 
     # --- taking and giving back ---------------------------------------------------------
 
@@ -108,7 +154,12 @@ class ProcessPool:
                         )
                         self._retire(victim)
                         # Wait until it is gone, so the cap holds.
-                await self._changed.wait()
+                needs_room = process is None
+                self._waiting += needs_room
+                try:
+                    await self._changed.wait()
+                finally:
+                    self._waiting -= needs_room
 
     async def release(self, process: AgentProcess) -> None:
         """A turn finished cleanly: the process is ready for the chat's next turn."""
@@ -125,17 +176,32 @@ class ProcessPool:
         async with self._changed:
             self._retire(process)
 
-    def recover(self, process: AgentProcess, within: float) -> None:
-        """A turn was cut off: get the process back to idle in the background, or close it."""
-        self._spawn(self._recover(process, within), f"agent-recover-{process.spec.chat_id}")
+    def recover(
+        self,
+        process: AgentProcess,
+        within: float,
+        on_lost: Callable[[AgentProcess], None] | None = None,
+    ) -> None:
+        """A turn was cut off: get the process back to idle in the background, or close it
+        (calling `on_lost` first)."""
+        self._spawn(
+            self._recover(process, within, on_lost), f"agent-recover-{process.spec.chat_id}"
+        )
 
-    async def _recover(self, process: AgentProcess, within: float) -> None:
+    async def _recover(
+        self,
+        process: AgentProcess,
+        within: float,
+        on_lost: Callable[[AgentProcess], None] | None,
+    ) -> None:
         settled = False
         with contextlib.suppress(Exception):
             settled = await process.settle(within)
         if settled:
             await self.release(process)
         else:
+            if on_lost is not None:
+                on_lost(process)
             await self.discard(process)
 
     async def forget(self, chat_id: str) -> None:
@@ -158,10 +224,14 @@ class ProcessPool:
                 process
                 for process in self._by_chat.values()
                 if process.state is ProcessState.IDLE
-                and now - process.last_used >= self.idle_seconds
+                and (
+                    (process.spare and not process.alive)
+                    or (not process.spare and now - process.last_used >= self.idle_seconds)
+                )
             ]
             for process in idle:
                 self._retire(process)
+            self._top_up()
         return len(idle)
 
     def _start_sweeper(self) -> None:
@@ -190,13 +260,16 @@ class ProcessPool:
         async with self._changed:
             for process in list(self._by_chat.values()):
                 self._retire(process)
-        pending = list(self._tasks)
-        if pending:
-            _, late = await asyncio.wait(pending, timeout=grace)
+        # Starts and closes under way, and the closes they lead to (a process that was
+        # still starting is closed once its start is over).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self._tasks and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(list(self._tasks), timeout=left)
+        if self._tasks:
             for process in self.processes():
                 process.kill()
-            if late:
-                await asyncio.wait(late, timeout=2)
+            await asyncio.wait(list(self._tasks), timeout=2)
         for process in self.processes():
             if process.alive:
                 log.error("agent process %s survived shutdown", process.pid)
@@ -207,10 +280,24 @@ class ProcessPool:
         return any(process.spec.chat_id == chat_id for process in self._closing)
 
     def _least_recently_used_idle(self) -> AgentProcess | None:
+        # A spare goes first (even one still starting), then the least recently used.
+        for process in self._by_chat.values():
+            if process.spare and not process.retire:
+                return process
         for process in self._by_chat.values():
             if process.state is ProcessState.IDLE:
                 return process
         return None
+
+    def _top_up(self) -> None:
+        """Start spares while there are too few and room nobody is waiting for."""
+        if self._spare_spec is None or self._closed or self._waiting:
+            return
+        if time.monotonic() < self._spares_paused_until:
+            return
+        while self.spare_count < self.spares and self.live < self.cap:
+            process = self._launch_in_background(self._spare_spec())
+            process.spare = True
 
     def _launch_in_background(self, spec: AgentSpec) -> AgentProcess:
         process = self._launch(spec)
@@ -228,6 +315,8 @@ class ProcessPool:
         except Exception as exc:
             log.exception("chat %s: the agent process did not start", process.spec.chat_id)
             async with self._changed:
+                if process.spare:
+                    self._spares_paused_until = time.monotonic() + SPARE_BACKOFF
                 process.start_error = exc
                 process.state = ProcessState.IDLE
                 self._retire(process)
@@ -261,6 +350,7 @@ class ProcessPool:
         finally:
             async with self._changed:
                 self._closing.discard(process)
+                self._top_up()
                 self._changed.notify_all()
 
     def _spawn(self, coro: Awaitable[object], name: str) -> None:

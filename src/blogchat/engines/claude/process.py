@@ -106,6 +106,8 @@ class AgentProcess:
         self.last_used = time.monotonic()
         # Close this process when its turn ends instead of keeping it.
         self.retire = False
+        # Started ahead for a chat that does not exist yet (see ProcessPool.claim_spare).
+        self.spare = False
         self.start_seconds = 0.0
         self.start_error: BaseException | None = None
         self._cli: Any = None

@@ -27,7 +27,14 @@ from claude_agent_sdk import (
     UserMessage,
 )
 
-from blogchat.engines.base import EngineEvent, TextDelta, ThinkingDelta, ToolFinished, ToolStarted
+from blogchat.engines.base import (
+    EngineEvent,
+    ModelCall,
+    TextDelta,
+    ThinkingDelta,
+    ToolFinished,
+    ToolStarted,
+)
 from blogchat.engines.claude import failures
 from blogchat.engines.claude.failures import ProviderFailure
 from blogchat.engines.claude.process import AgentProcess, Ended, Inbound, Wake
@@ -112,6 +119,197 @@ def _tool_output(block: ToolResultBlock) -> str:
     return json.dumps(content, ensure_ascii=False)
 
 
+@dataclass
+class _OpenCall:
+    """A model request in flight, as far as the CLI's messages show it."""
+
+    model: str
+    started_at: float
+    input: object
+    message_id: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    first_token_at: float | None = None
+    stop_reason: str | None = None
+    content: list[dict[str, Any]] = field(default_factory=list)
+    # Text of the block being streamed; its whole text comes in an AssistantMessage after.
+    partial: list[str] = field(default_factory=list)
+
+    def ended(self, error: str | None = None, stop_reason: str | None = None) -> ModelCall:
+        if self.partial:
+            # A block cut short (by a stop or a failure): keep what the model had said.
+            self.content.append({"type": "text", "text": "".join(self.partial)})
+            self.partial = []
+        return ModelCall(
+            model=self.model,
+            started_at=self.started_at,
+            ended_at=time.time(),
+            input=self.input,
+            output={"role": "assistant", "content": self.content} if self.content else None,
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            first_token_at=self.first_token_at,
+            stop_reason=self.stop_reason or stop_reason,
+            error=error,
+            message_id=self.message_id,
+        )
+
+
+class ModelCalls:
+    """Follows the model requests behind an attempt's messages and reports each as it ends.
+
+    The CLI makes the requests; its messages show when one is sent (a "requesting" status),
+    retried (an "api_retry"), streamed, finished (message_stop) or failed ("API Error").
+    """
+
+    def __init__(self, model: str, prompt: str) -> None:
+        self.model = model
+        self._call: _OpenCall | None = None
+        self._reported: set[str] = set()
+        # The reader stopped the turn: a response cut short is interrupted, not broken.
+        self.stopped = False
+        # What the next request adds to the conversation: the prompt, then tool results.
+        self._next_input: object = [{"role": "user", "content": prompt}]
+
+    def observe(self, item: Inbound) -> list[ModelCall]:
+        """The model calls that ended with this message (usually none)."""
+        if isinstance(item, StreamEvent):
+            if item.parent_tool_use_id is None:
+                return self._on_stream_event(item.event)
+        elif isinstance(item, AssistantMessage):
+            if item.parent_tool_use_id is None:
+                return self._on_assistant(item)
+        elif isinstance(item, UserMessage):
+            if item.parent_tool_use_id is None and not isinstance(item.content, str):
+                self._on_user(item)
+        elif isinstance(item, SystemMessage):
+            return self._on_system(item)
+        return []
+
+    def close(self, error: str | None, stop_reason: str | None = None) -> list[ModelCall]:
+        """The attempt is over: report the call still open, if any."""
+        call, self._call = self._call, None
+        if call is None:
+            return []
+        if call.message_id:
+            self._reported.add(call.message_id)
+        return [call.ended(error, stop_reason)]
+
+    def _open(self) -> tuple[_OpenCall, list[ModelCall]]:
+        ended = self.close("superseded by a new request") if self._call else []
+        self._call = _OpenCall(self.model, time.time(), self._next_input)
+        return self._call, ended
+
+    def _on_system(self, message: SystemMessage) -> list[ModelCall]:
+        data = message.data
+        if message.subtype == "status" and data.get("status") == "requesting":
+            if self._call is not None and self._call.message_id is None:
+                return []  # The same request, announced again.
+            _, ended = self._open()
+            return ended
+        if message.subtype == "api_retry":
+            # The request failed and the CLI sends it again.
+            status, error = data.get("error_status"), data.get("error")
+            ended = self.close(f"API error {status}: {error}")
+            self._open()
+            return ended
+        return []
+
+    def _on_stream_event(self, event: dict[str, Any]) -> list[ModelCall]:
+        kind = event.get("type")
+        if kind == "content_block_delta":
+            call = self._call
+            if call is not None:
+                if call.first_token_at is None:
+                    call.first_token_at = time.time()
+                delta = event.get("delta") or {}
+                if delta.get("type") == "text_delta":
+                    call.partial.append(str(delta.get("text") or ""))
+            return []
+        if kind == "content_block_start" and self._call is not None:
+            self._call.partial = []
+            return []
+        if kind == "message_start":
+            ended: list[ModelCall] = []
+            call = self._call
+            if call is None or call.message_id is not None:
+                if call is not None:
+                    ended = self.close("the response broke off and was requested again")
+                call, more = self._open()
+                ended += more
+            body = event.get("message") or {}
+            call.message_id = str(body.get("id") or "") or None
+            call.model = str(body.get("model") or call.model)
+            call.input_tokens = _input_tokens(body.get("usage") or {})
+            return ended
+        if kind == "message_delta" and self._call is not None:
+            stop = (event.get("delta") or {}).get("stop_reason")
+            self._call.stop_reason = stop or self._call.stop_reason
+            output = (event.get("usage") or {}).get("output_tokens")
+            if output is not None:
+                self._call.output_tokens = int(output)
+            return []
+        if kind == "message_stop" and self._call is not None:
+            if self._call.stop_reason is not None:
+                return self.close(None)
+            if self.stopped:
+                return self.close(None, "interrupted")
+            return self.close("the response broke off mid-stream")
+        return []
+
+    def _on_assistant(self, message: AssistantMessage) -> list[ModelCall]:
+        call = self._call
+        if message.error is not None:
+            text = " ".join(b.text for b in message.content if isinstance(b, TextBlock))
+            if call is None:
+                call, _ = self._open()
+            return self.close(f"{message.error}: {text}".strip())
+        if message.message_id in self._reported:
+            return []  # A late copy of a response already reported.
+        if call is None or (call.message_id and call.message_id != message.message_id):
+            # A reply that was not streamed (the CLI's fallback after a broken stream).
+            ended = self.close(None) if call is not None else []
+            call, _ = self._open()
+        else:
+            ended = []
+        if call.message_id is None:
+            call.message_id = message.message_id
+            usage = message.usage or {}
+            call.input_tokens = _input_tokens(usage)
+            call.output_tokens = int(usage.get("output_tokens") or 0)
+            call.stop_reason = message.stop_reason
+        call.partial = []
+        for block in message.content:
+            if isinstance(block, TextBlock):
+                call.content.append({"type": "text", "text": block.text})
+            elif isinstance(block, ThinkingBlock):
+                call.content.append({"type": "thinking", "thinking": block.thinking})
+            elif isinstance(block, ToolUseBlock):
+                name = plain_tool_name(block.name)
+                call.content.append(
+                    {"type": "tool_use", "id": block.id, "name": name, "input": block.input}
+                )
+        return ended
+
+    def _on_user(self, message: UserMessage) -> None:
+        blocks: list[dict[str, Any]] = []
+        for block in message.content:
+            if isinstance(block, ToolResultBlock):
+                blocks.append(
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": block.tool_use_id,
+                        "content": _tool_output(block),
+                        "is_error": bool(block.is_error),
+                    }
+                )
+            elif isinstance(block, TextBlock):
+                # The CLI's own note, such as its request to resume a broken answer.
+                blocks.append({"type": "text", "text": block.text})
+        if blocks:
+            self._next_input = [{"role": "user", "content": blocks}]
+
+
 class Attempt:
     """Sends one prompt and streams what comes back, until the CLI's result for it."""
 
@@ -146,6 +344,7 @@ class Attempt:
         self._streamed: set[str] = set()
         self._block: str | None = None
         self._done = False
+        self.calls = ModelCalls(process.spec.model_id, prompt)
 
     @property
     def chat_id(self) -> str:
@@ -169,11 +368,20 @@ class Attempt:
             except TimeoutError:
                 self._on_timeout()
                 continue
+            for call in self.calls.observe(item):
+                yield call
             for event in self._handle(item):
                 self.tally.forwarded = True
                 if isinstance(event, (TextDelta, ThinkingDelta)):
                     self._forwarded_in_message = True
                 yield event
+        if self.outcome is Outcome.FAILED:
+            failure = self.failure or failures.CRASHED
+            ended = self.calls.close(failure.detail or failure.message)
+        else:
+            ended = self.calls.close(None, "interrupted")
+        for call in ended:
+            yield call
 
     # --- timing -------------------------------------------------------------------------
 
@@ -214,6 +422,7 @@ class Attempt:
 
     def _interrupt(self, *, for_stop: bool) -> None:
         self._quiet = True
+        self.calls.stopped = self.calls.stopped or for_stop
         if self._interrupted_at is None:
             self._interrupted_at = time.monotonic()
             self._interrupted_for_stop = for_stop

@@ -1,0 +1,336 @@
+"""Concurrency: 1,000 open WebSockets, 100 chats streaming 50 tokens/s each.
+
+Run with `uv run python bench/bench_concurrency.py`. The server is the real app in a process
+of its own, on the scripted engine (`bench/serve.py`): every token carries the monotonic
+clock at the moment the engine produced it, so each client computes the delay between a
+token being produced and being received. In one run:
+
+1. memory: the server's RSS before and after opening every connection (they idle);
+2. load: 100 of the connections each stream a chat at 50 tokens/s while the others idle;
+   the delay of every token, the server's CPU, its peak RSS and every error are recorded.
+   At the same time, a twin server with nothing else to do streams one chat to the same
+   client: its delays are the baseline, taken side by side under the same machine noise;
+3. afterwards, every idle connection must still answer a ping.
+
+Idle memory is also measured on two fresh servers, one whose clients negotiate
+permessage-deflate (as browsers do) and one whose clients do not, because compression keeps
+a zlib context per connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.support import (
+    KB,
+    MB,
+    BenchServer,
+    Row,
+    chat_frame,
+    cpu_seconds,
+    goal_row,
+    info_row,
+    new_visitor,
+    open_socket,
+    print_rows,
+    process_memory,
+    raise_file_limit,
+    server,
+    summarize,
+)
+
+BENCH = "2. concurrency"
+GOAL_P99_MS = 50.0
+GOAL_IDLE_KB = 100.0
+
+
+@dataclass
+class Stream:
+    """What one streaming client saw."""
+
+    delays: list[float] = field(default_factory=list)
+    tokens: int = 0
+    errors: list[str] = field(default_factory=list)
+    done: bool = False
+
+
+async def visitors(bench: BenchServer, count: int) -> list[str]:
+    """`count` fresh anonymous visitors' cookies."""
+    limits = httpx.Limits(max_connections=50)
+    async with httpx.AsyncClient(base_url=bench.url, timeout=60, limits=limits) as http:
+        return list(await asyncio.gather(*(new_visitor(http) for _ in range(count))))
+
+
+async def open_many(
+    bench: BenchServer, cookies: list[str], compression: str | None = "deflate"
+) -> list[ClientConnection]:
+    """Open one connection per cookie, a hundred at a time."""
+    sockets: list[ClientConnection] = []
+    for start in range(0, len(cookies), 100):
+        batch = cookies[start : start + 100]
+        sockets += await asyncio.gather(
+            *(open_socket(bench.url, cookie, compression=compression) for cookie in batch)
+        )
+    return sockets
+
+
+async def stream(ws: ClientConnection, tokens: int, rate: float, delay: float) -> Stream:
+    """Start a chat after `delay` seconds and read it to its end, timing every token."""
+    seen = Stream()
+    await asyncio.sleep(delay)
+    await ws.send(chat_frame(f"tokens={tokens} rate={rate:g}"))
+    last_seq: int | None = None
+    try:
+        while True:
+            frame = await ws.recv()
+            received = time.monotonic_ns()
+            event = json.loads(frame)
+            kind = event["type"]
+            if "seq" in event:
+                if last_seq is not None and event["seq"] != last_seq + 1:
+                    seen.errors.append(f"seq {event['seq']} after {last_seq}")
+                last_seq = event["seq"]
+            if kind == "token":
+                produced = int(event["text"][1:].split(" ", 1)[0])
+                seen.delays.append((received - produced) / 1e9)
+                seen.tokens += 1
+            elif kind == "done":
+                if event["reason"] != "complete":
+                    seen.errors.append(f"done with reason {event['reason']}")
+                seen.done = True
+                break
+            elif kind == "error":
+                seen.errors.append(f"error {event['code']}: {event['message']}")
+    except ConnectionClosed as exc:
+        seen.errors.append(f"connection closed: {exc}")
+    if seen.tokens != tokens:
+        seen.errors.append(f"{seen.tokens} tokens of {tokens}")
+    return seen
+
+
+class PeakMemory:
+    """Samples a process's RSS in the background, keeping the peak."""
+
+    def __init__(self, process: psutil.Process) -> None:
+        self.process = process
+        self.peak = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            await asyncio.sleep(0.25)
+
+    def __enter__(self) -> PeakMemory:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+async def idle_memory(connections: int, compression: str | None, database: str) -> float:
+    """Bytes of server RSS per idle connection, on a fresh server."""
+    with server(engine="scripted", database=database) as bench:
+        cookies = await visitors(bench, connections)
+        await asyncio.sleep(1)
+        before, _ = process_memory(bench.ps)
+        sockets = await open_many(bench, cookies, compression)
+        await asyncio.sleep(2)
+        after, _ = process_memory(bench.ps)
+        await asyncio.gather(*(ws.close() for ws in sockets))
+    return (after - before) / connections
+
+
+async def measure(
+    connections: int,
+    chats: int,
+    rate: float,
+    seconds: float,
+    database: str,
+    profile: Path | None = None,
+) -> list[Row]:
+    """Run the whole scenario; return the result rows."""
+    raise_file_limit()
+    client = psutil.Process()
+    rows: list[Row] = []
+    tokens = int(rate * seconds)
+    with (
+        server(engine="scripted", database=database, profile=profile) as bench,
+        server(engine="scripted", database=database) as twin,
+    ):
+        process = bench.ps
+        cookies = await visitors(bench, connections)
+        probe = await open_socket(twin.url, (await visitors(twin, 1))[0])
+        # Warm both up (first chat, first save, first replay of every code path).
+        await stream(probe, 20, 0, 0)
+        warm = await open_socket(bench.url, cookies[0])
+        await stream(warm, 20, 0, 0)
+        await warm.close()
+
+        # 1. Memory of the idle connections.
+        await asyncio.sleep(1)
+        rss_before, _ = process_memory(process)
+        sockets = await open_many(bench, cookies)
+        await asyncio.sleep(2)
+        rss_open, _ = process_memory(process)
+
+        # 2. Load: the first `chats` connections stream, the rest idle; the twin streams one.
+        streaming, idle = sockets[:chats], sockets[chats:]
+        server_cpu, client_cpu = cpu_seconds(process), cpu_seconds(client)
+        started = time.monotonic()
+        with PeakMemory(process) as peak:
+            baseline, *results = await asyncio.gather(
+                stream(probe, tokens, rate, 0),
+                *(
+                    # Spread the starts over a token interval, as real chats would be.
+                    stream(ws, tokens, rate, index / chats / rate)
+                    for index, ws in enumerate(streaming)
+                ),
+            )
+        elapsed = time.monotonic() - started
+        server_cpu = cpu_seconds(process) - server_cpu
+        client_cpu = cpu_seconds(client) - client_cpu
+
+        # 3. Every idle connection is still alive.
+        dead = 0
+        for outcome in await asyncio.gather(
+            *(asyncio.wait_for(ws.ping(), 30) for ws in idle), return_exceptions=True
+        ):
+            if isinstance(outcome, BaseException):
+                dead += 1
+            else:
+                try:
+                    await asyncio.wait_for(outcome, 30)
+                except (TimeoutError, ConnectionClosed):
+                    dead += 1
+        await asyncio.gather(*(ws.close() for ws in [*sockets, probe]))
+
+    delays = [delay for result in results for delay in result.delays]
+    loaded = summarize(delays)
+    alone_summary = summarize(baseline.delays)
+    errors = [error for result in results for error in result.errors] + baseline.errors
+    errors += [f"{dead} idle connection(s) dead"] if dead else []
+    idle_per = (rss_open - rss_before) / connections
+    delivered = sum(result.tokens for result in results)
+
+    rows.append(
+        goal_row(
+            BENCH,
+            f"token delay under load, p99 ({chats} chats × {rate:g} tok/s, {connections} open)",
+            measured=loaded.p99 * 1000,
+            goal=GOAL_P99_MS,
+            unit="ms",
+            shown=f"{loaded.p99 * 1000:.1f} ms (p50 {loaded.p50 * 1000:.1f}, n={loaded.n:,})",
+        )
+    )
+    rows.append(
+        info_row(
+            BENCH,
+            "token delay, one chat on an idle twin server, same time (baseline)",
+            alone_summary.ms(),
+        )
+    )
+    rows.append(
+        info_row(
+            BENCH,
+            "token delay, loaded / baseline",
+            f"{loaded.p50 / alone_summary.p50:.1f}× p50, {loaded.p99 / alone_summary.p99:.1f}× p99",
+            note="what the load adds beyond the machine's own noise",
+        )
+    )
+    rows.append(
+        Row(
+            bench=BENCH,
+            metric="errors (refused, lost, repeated, closed, not complete)",
+            goal="0",
+            measured=str(len(errors)),
+            ratio=None,
+            passed=not errors,
+            note="; ".join(errors[:5]),
+        )
+    )
+    rows.append(
+        goal_row(
+            BENCH,
+            "server RSS per idle connection (deflate negotiated)",
+            measured=idle_per / KB,
+            goal=GOAL_IDLE_KB,
+            unit="KB",
+            shown=f"{idle_per / KB:.1f} KB",
+        )
+    )
+    rows.append(
+        info_row(
+            BENCH,
+            "server CPU under load",
+            f"{server_cpu / elapsed:.0%} of one core "
+            f"({server_cpu / max(delivered, 1) * 1e6:.0f} µs per token delivered)",
+            note=f"the client process used {client_cpu / elapsed:.0%} of one core",
+        )
+    )
+    rows.append(
+        info_row(
+            BENCH,
+            "server RSS",
+            f"{rss_before / MB:.0f} MB at rest, {rss_open / MB:.0f} MB with "
+            f"{connections} open, {peak.peak / MB:.0f} MB peak under load",
+        )
+    )
+    return rows
+
+
+async def idle_rows(connections: int, database: str) -> list[Row]:
+    """Idle memory per connection with and without compression, on fresh servers."""
+    with_deflate = await idle_memory(connections, "deflate", database)
+    without = await idle_memory(connections, None, database)
+    return [
+        info_row(
+            BENCH,
+            "RSS per idle connection, fresh server: deflate / none",
+            f"{with_deflate / KB:.1f} KB / {without / KB:.1f} KB",
+            note="permessage-deflate keeps zlib state per connection",
+        )
+    ]
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    """Parse arguments, run, print; returns the rows for the runner."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--connections", type=int, default=1000)
+    parser.add_argument("--chats", type=int, default=100)
+    parser.add_argument("--rate", type=float, default=50.0, help="tokens per second per chat")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each answer")
+    parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument("--skip-idle", action="store_true", help="skip the deflate comparison")
+    parser.add_argument("--profile", type=Path, help="profile the loaded server into this file")
+    args = parser.parse_args(argv)
+    rows = asyncio.run(
+        measure(args.connections, args.chats, args.rate, args.seconds, args.database, args.profile)
+    )
+    if not args.skip_idle:
+        rows += asyncio.run(idle_rows(args.connections, args.database))
+    print_rows(
+        f"Concurrency ({args.connections} connections, {args.chats} chats at {args.rate:g}"
+        f" tokens/s for {args.seconds:g} s, {args.database})",
+        rows,
+    )
+    return rows
+
+
+if __name__ == "__main__":
+    main()

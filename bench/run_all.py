@@ -1,0 +1,113 @@
+"""Run every benchmark and print one table of results against their goals.
+
+    uv run python bench/run_all.py            # everything, full size (about 5 minutes)
+    uv run python bench/run_all.py --quick    # smaller samples, for a smoke run
+    uv run python bench/run_all.py --only concurrency,resume
+
+Each benchmark measures side by side in one run and reports ratios (see docs/performance.md);
+the table ends with the machine, the command and the date, and is printed as Markdown too.
+Exit status 1 when any goal is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.support import Row, info_row, machine, markdown_table, print_rows
+
+BENCHMARKS = ("relay", "concurrency", "claude", "resume", "search")
+
+
+def relay(quick: bool) -> list[Row]:
+    """1. Relay overhead (needs the Claude Agent SDK's CLI)."""
+    from bench import bench_relay
+
+    return bench_relay.main(["--rounds", "10" if quick else "40"])
+
+
+def concurrency(quick: bool) -> list[Row]:
+    """2. 1,000 connections, 100 chats at 50 tokens/s."""
+    from bench import bench_concurrency
+
+    return bench_concurrency.main(["--seconds", "8"] if quick else [])
+
+
+def claude(quick: bool) -> list[Row]:
+    """3. Claude engine cost (reuses bench/bench_claude.py's engine harness)."""
+    from bench import bench_claude_cost
+
+    return bench_claude_cost.main(["--quick"] if quick else [])
+
+
+def resume(quick: bool) -> list[Row]:
+    """4. Replaying a 5,000-event turn."""
+    from bench import bench_resume
+
+    return bench_resume.main(["--rounds", "10" if quick else "30"])
+
+
+def search(quick: bool) -> list[Row]:
+    """5. searchBlogContent on 1,000 generated posts."""
+    from bench import bench_search_tool
+
+    return bench_search_tool.main(["--queries", "100" if quick else "300"])
+
+
+RUNNERS: dict[str, Callable[[bool], list[Row]]] = {
+    "relay": relay,
+    "concurrency": concurrency,
+    "claude": claude,
+    "resume": resume,
+    "search": search,
+}
+
+
+def main() -> int:
+    """Run the chosen benchmarks one after the other; print the summary."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller samples")
+    parser.add_argument(
+        "--only", default=",".join(BENCHMARKS), help=f"comma-separated, of {BENCHMARKS}"
+    )
+    args = parser.parse_args()
+    chosen = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = set(chosen) - set(BENCHMARKS)
+    if unknown:
+        parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
+
+    about = machine()
+    started = time.monotonic()
+    rows: list[Row] = []
+    for name in chosen:
+        print(f"\n=== {name} ===", flush=True)
+        try:
+            rows += RUNNERS[name](args.quick)
+        except Exception as exc:  # one broken benchmark must not hide the others
+            rows.append(
+                Row(name, "did not run", "-", f"{type(exc).__name__}: {exc}"[:200], passed=False)
+            )
+        # Let the previous benchmark's processes exit before the next one measures.
+        asyncio.run(asyncio.sleep(1))
+    elapsed = time.monotonic() - started
+    command = "uv run python bench/run_all.py " + " ".join(sys.argv[1:])
+    rows.append(info_row("-", "total time", f"{elapsed:.0f} s"))
+
+    print_rows("Summary", rows)
+    print("\n" + markdown_table(rows) + "\n")
+    print(f"command: `{command.strip()}`")
+    for key, value in about.items():
+        print(f"{key}: {value}")
+    print(f"cwd: {os.getcwd()}")
+    return 0 if all(row.passed is not False for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
