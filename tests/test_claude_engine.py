@@ -12,6 +12,7 @@ from typing import Any
 
 import psutil
 import pytest
+from sqlalchemy import text as sql_text
 
 from tests.support.anthropic_server import (
     AnthropicTestServer,
@@ -36,7 +37,7 @@ from tests.support.claude import (
     wait_until,
 )
 from tests.support.client import Event, Reader, answer_text
-from tests.support.server import LiveServer
+from tests.support.server import Database, LiveServer
 
 pytestmark = pytest.mark.claude
 
@@ -875,3 +876,50 @@ async def test_a_spare_is_never_reclaimed_for_being_idle(
         assert pool.get(spare.spec.chat_id) is spare
         assert spare.alive
         assert pool.started == started
+
+
+REFUSE_CHAT = {
+    "sqlite": [
+        "CREATE TRIGGER refuse_chat BEFORE INSERT ON chats WHEN NEW.title = 'boom' "
+        "BEGIN SELECT RAISE(ABORT, 'refused by test'); END"
+    ],
+    "postgresql": [
+        "CREATE FUNCTION refuse_chat() RETURNS trigger AS $$ BEGIN "
+        "IF NEW.title = 'boom' THEN RAISE EXCEPTION 'refused by test'; END IF; "
+        "RETURN NEW; END $$ LANGUAGE plpgsql",
+        "CREATE TRIGGER refuse_chat BEFORE INSERT ON chats "
+        "FOR EACH ROW EXECUTE FUNCTION refuse_chat()",
+    ],
+}
+
+
+async def test_a_chat_the_database_refuses_to_create_gives_its_spare_process_back(
+    api: AnthropicTestServer, make_claude_settings: Any, database: Database
+) -> None:
+    api.set_default(EchoResponder())
+    with claude_server_for(make_claude_settings(spare_processes=1)) as server:
+        pool = engine_of(server).pool
+        spare = ready_spare(server)
+
+        async def refuse() -> None:
+            async with server.state.store.db.engine.begin() as connection:
+                for statement in REFUSE_CHAT[database.kind]:
+                    await connection.execute(sql_text(statement))
+
+        future = asyncio.run_coroutine_threadsafe(refuse(), server.loop)  # type: ignore[arg-type]
+        await asyncio.wrap_future(future)
+        async with Reader(server.url) as reader:
+            ws = await reader.connect()
+            await ws.chat("boom")
+            refused = await ws.expect("error")
+            assert refused["retryable"] is True
+            # The spare the chat took is closed, not kept for a chat that does not exist,
+            # and a new one takes its place.
+            assert wait_until(lambda: spare.state.value == "closed")
+            assert pool.get(spare.spec.chat_id) is None
+            assert ready_spare(server) is not spare
+            # The next chat works, on the new spare.
+            await ws.chat("Hello again")
+            created = await ws.expect("chat_created")
+            assert answer_text(await ws.until("done", timeout=60)) == "Echo: Hello again"
+            assert (await reader.http.get("/api/chats")).json()[0]["id"] == created["chatId"]

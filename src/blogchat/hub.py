@@ -396,17 +396,22 @@ class Hub:
         model = message.model or policy.default_for(persona, anonymous=visitor.anonymous)
         # The engine may have an agent process started ahead for such a chat: its id.
         chat_id = self.sessions.engine.new_chat_id(persona, policy.model_id(self.settings, model))
-        chat = await self.store.chats.create_chat(
-            ChatRecord(
-                id=chat_id,
-                owner_id=visitor.id,
-                title=title_for(text),
-                persona=persona.id,
-                model=model,
-                created_by=message.client_message_id,
-                post_slug=message.post,
+        try:
+            chat = await self.store.chats.create_chat(
+                ChatRecord(
+                    id=chat_id,
+                    owner_id=visitor.id,
+                    title=title_for(text),
+                    persona=persona.id,
+                    model=model,
+                    created_by=message.client_message_id,
+                    post_slug=message.post,
+                )
             )
-        )
+        except BaseException:
+            # The chat does not exist: nothing the engine prepared for it may linger.
+            await self.sessions.engine.release(chat_id)
+            raise
         session = await self.sessions.open(chat)
         connection.send(
             wire.ChatCreated(
