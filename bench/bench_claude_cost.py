@@ -29,12 +29,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_claude import Bench, no_live_processes, settings_for
-from bench.bench_relay import direct
+from bench.bench_relay import direct, direct_client
 from bench.support import (
     MB,
     Row,
@@ -65,7 +63,7 @@ async def latencies(base_url: str, chats: int, turns: int) -> list[Row]:
         settings = engine_settings(base_url, Path(tmp), max_live_clients=chats)
         async with (
             Bench(settings) as bench,
-            httpx.AsyncClient(base_url=base_url, timeout=60) as http,
+            direct_client(base_url) as http,
         ):
             assert bench.engine is not None
             await direct(http)
@@ -130,7 +128,7 @@ async def first_turns_with_spares(base_url: str, chats: int) -> list[float]:
         )
         async with (
             Bench(settings) as bench,
-            httpx.AsyncClient(base_url=base_url, timeout=60) as http,
+            direct_client(base_url) as http,
         ):
             await direct(http)
             await bench.spare_ready()

@@ -6,6 +6,8 @@
 
 Each benchmark measures side by side in one run and reports ratios (see docs/performance.md);
 the table ends with the machine, the command and the date, and is printed as Markdown too.
+Each runs in a Python process of its own: what one leaves behind (a heap of a thousand
+connections' objects, threads) must not slow the next one's measurements.
 Exit status 1 when any goal is missed.
 """
 
@@ -13,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -70,6 +75,33 @@ RUNNERS: dict[str, Callable[[bool], list[Row]]] = {
 }
 
 
+# The line before a child's rows, as JSON, on its standard output.
+ROWS_MARK = "--- rows ---"
+
+
+def run_child(name: str, quick: bool) -> list[Row]:
+    """Run one benchmark in a fresh Python process; its rows."""
+    command = [sys.executable, __file__, "--child", name, *(["--quick"] if quick else [])]
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+    output = done.stdout
+    mark = output.rfind(ROWS_MARK)
+    print(output[:mark] if mark >= 0 else output, end="", flush=True)
+    if mark < 0:
+        raise RuntimeError(f"exited with status {done.returncode} and no results")
+    return [Row(**row) for row in json.loads(output[mark + len(ROWS_MARK) :])]
+
+
+def child(name: str, quick: bool) -> int:
+    """In the child process: run one benchmark and print its rows as JSON."""
+    try:
+        rows = RUNNERS[name](quick)
+    except Exception as exc:  # one broken benchmark must not hide the others
+        rows = [Row(name, "did not run", "-", f"{type(exc).__name__}: {exc}"[:200], passed=False)]
+    print(ROWS_MARK)
+    print(json.dumps([dataclasses.asdict(row) for row in rows]), flush=True)
+    return 0
+
+
 def main() -> int:
     """Run the chosen benchmarks one after the other; print the summary."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -77,7 +109,10 @@ def main() -> int:
     parser.add_argument(
         "--only", default=",".join(BENCHMARKS), help=f"comma-separated, of {BENCHMARKS}"
     )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.quick)
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = set(chosen) - set(BENCHMARKS)
     if unknown:
@@ -89,7 +124,7 @@ def main() -> int:
     for name in chosen:
         print(f"\n=== {name} ===", flush=True)
         try:
-            rows += RUNNERS[name](args.quick)
+            rows += run_child(name, args.quick)
         except Exception as exc:  # one broken benchmark must not hide the others
             rows.append(
                 Row(name, "did not run", "-", f"{type(exc).__name__}: {exc}"[:200], passed=False)
