@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, delete, select, update
+from sqlalchemy import case, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import selectinload
 
@@ -127,32 +127,45 @@ def _message_record(row: Message) -> MessageRecord:
     )
 
 
-def _apply(row: Message, record: MessageRecord) -> None:
-    row.text = record.text
-    row.status = record.status
-    row.thinking = record.thinking
-    row.model = record.model
-    row.input_tokens = record.input_tokens
-    row.output_tokens = record.output_tokens
-    row.reply_to = record.reply_to
-    row.seq_start = record.seq_start
-    row.seq_end = record.seq_end
-    row.warning = record.warning
-    row.error = record.error
-    row.updated_at = utcnow()
-    row.tool_calls = [
-        ToolCall(
-            position=position,
-            tool_use_id=call.tool_use_id,
-            name=call.name,
-            input=call.input,
-            output=call.output,
-            is_error=call.is_error,
-            started_at=call.started_at,
-            finished_at=call.finished_at,
-        )
+def _columns(record: MessageRecord) -> dict[str, Any]:
+    """The columns of a message row that a save sets (its tool calls aside)."""
+    return {
+        "text": record.text,
+        "status": record.status,
+        "thinking": record.thinking,
+        "model": record.model,
+        "input_tokens": record.input_tokens,
+        "output_tokens": record.output_tokens,
+        "reply_to": record.reply_to,
+        "seq_start": record.seq_start,
+        "seq_end": record.seq_end,
+        "warning": record.warning,
+        "error": record.error,
+        "updated_at": utcnow(),
+    }
+
+
+def _tool_call_columns(record: MessageRecord) -> list[dict[str, Any]]:
+    """The rows of a message's tool calls, in call order."""
+    return [
+        {
+            "position": position,
+            "tool_use_id": call.tool_use_id,
+            "name": call.name,
+            "input": call.input,
+            "output": call.output,
+            "is_error": call.is_error,
+            "started_at": call.started_at,
+            "finished_at": call.finished_at,
+        }
         for position, call in enumerate(record.tool_calls)
     ]
+
+
+def _apply(row: Message, record: MessageRecord) -> None:
+    for column, value in _columns(record).items():
+        setattr(row, column, value)
+    row.tool_calls = [ToolCall(**columns) for columns in _tool_call_columns(record)]
 
 
 def conversation_order(messages: list[MessageRecord]) -> list[MessageRecord]:
@@ -250,33 +263,43 @@ class ChatStore:
     ) -> MessageRecord | None:
         """The user message a visitor sent with this clientMessageId, in any of its chats."""
         async with self.db.session() as session:
-            row = await session.scalar(
-                select(Message)
+            # Every message a reader sends is looked up first, and almost never found: the
+            # plain id query keeps that path short; a resend loads the whole message.
+            found = await session.scalar(
+                select(Message.id)
                 .join(Chat, Chat.id == Message.chat_id)
                 .where(
                     Chat.owner_id == owner_id,
                     Message.client_message_id == client_message_id,
                     Message.role == "user",
                 )
-                .options(selectinload(Message.tool_calls))
                 .limit(1)
             )
+            if found is None:
+                return None
+            row = await session.get(Message, found, options=[selectinload(Message.tool_calls)])
             return None if row is None else _message_record(row)
 
     @runs_to_completion
     async def add_message(self, record: MessageRecord, *, last_seq: int | None = None) -> None:
         """Insert a new message; optionally also move the chat's seq high-water mark."""
+        columns = _columns(record) | {
+            "id": record.id,
+            "chat_id": record.chat_id,
+            "role": record.role,
+            "client_message_id": record.client_message_id,
+            "created_at": record.created_at,
+        }
         try:
             async with self.db.session() as session:
-                row = Message(
-                    id=record.id,
-                    chat_id=record.chat_id,
-                    role=record.role,
-                    client_message_id=record.client_message_id,
-                    created_at=record.created_at,
-                )
-                _apply(row, record)
-                session.add(row)
+                # Statements rather than ORM objects: this is on the way to a turn's first
+                # token (every message a reader sends is saved before it is acknowledged).
+                await session.execute(insert(Message).values(columns))
+                if record.tool_calls:
+                    await session.execute(
+                        insert(ToolCall),
+                        [{"message_id": record.id, **call} for call in _tool_call_columns(record)],
+                    )
                 await self._touch(session, record.chat_id, last_seq)
         except IntegrityError:
             raise DuplicateClientMessage(record.client_message_id) from None
