@@ -923,3 +923,75 @@ async def test_a_chat_the_database_refuses_to_create_gives_its_spare_process_bac
             created = await ws.expect("chat_created")
             assert answer_text(await ws.until("done", timeout=60)) == "Echo: Hello again"
             assert (await reader.http.get("/api/chats")).json()[0]["id"] == created["chatId"]
+
+
+# --- a chat's process started when it is opened ------------------------------------------------
+
+
+async def test_opening_a_chat_whose_process_was_closed_starts_it_before_the_next_question(
+    api: AnthropicTestServer, claude_server: LiveServer, claude_reader: Reader
+) -> None:
+    api.set_default(EchoResponder())
+    pool = engine_of(claude_server).pool
+    ws = await claude_reader.connect()
+    await ws.chat("Remember the word damson")
+    chat_id = (await ws.expect("chat_created"))["chatId"]
+    await ws.until("done", timeout=60)
+    claude_server.call(claude_server.state.sessions.close(chat_id))
+    assert wait_until(lambda: pool.get(chat_id) is None and pool.live == 0)
+    started = pool.started
+
+    # The reader comes back to the chat: its process starts (resuming the transcript)
+    # before they ask anything.
+    reader_again = await claude_reader.connect()
+    await reader_again.send(type="subscribe", chatId=chat_id, afterSeq=0)
+    await reader_again.expect("subscribed")
+    assert wait_until(
+        lambda: (p := pool.get(chat_id)) is not None and p.state.value == "idle", timeout=60
+    )
+    process = pool.get(chat_id)
+    assert process is not None
+    assert process.resumed
+    assert pool.started == started + 1
+    await reader_again.chat("Which word?", chat_id)
+    events = await reader_again.until("done", timeout=60)
+    assert events[-1]["reason"] == "complete"
+    # The question ran on that process: no other was started.
+    assert pool.get(chat_id) is process
+    assert pool.started == started + 1
+    assert conversation(api.last_request()) == [
+        ("user", "Remember the word damson"),
+        ("assistant", "Echo: Remember the word damson"),
+        ("user", "Which word?"),
+    ]
+
+
+async def test_opening_a_chat_starts_nothing_when_the_cap_is_full(
+    api: AnthropicTestServer, make_claude_settings: Any
+) -> None:
+    api.set_default(EchoResponder())
+    with claude_server_for(make_claude_settings(max_live_clients=1)) as server:
+        pool = engine_of(server).pool
+        async with Reader(server.url) as reader:
+            ws = await reader.connect()
+            await ws.chat("First chat")
+            first = (await ws.expect("chat_created"))["chatId"]
+            await ws.until("done", timeout=60)
+            await ws.chat("Second chat")
+            second = (await ws.expect("chat_created"))["chatId"]
+            await ws.until("done", timeout=60)
+            # The second chat took the only place: the first chat's process was closed.
+            assert wait_until(lambda: pool.get(first) is None)
+            started = pool.started
+            other = await reader.connect()
+            await other.send(type="subscribe", chatId=first, afterSeq=0)
+            await other.expect("subscribed")
+            await other.until("done")  # The first chat's transcript, replayed.
+            # Frames of one connection are handled in order: once the pong is back, the
+            # subscribe has been handled in full.
+            await other.send(type="ping")
+            await other.until("pong")
+            # Opening the first chat does not push the second one's process out.
+            assert pool.get(first) is None
+            assert pool.get(second) is not None
+            assert pool.started == started

@@ -335,6 +335,13 @@ class Hub:
         except SessionClosed:
             raise _Rejected("not_found", "This chat no longer exists.", message.chat_id) from None
         connection.subscriptions.add(message.chat_id)
+        if not session.busy:
+            # The reader may ask next: the engine can get ready meanwhile.
+            chat = session.chat
+            persona = self.personas.get(chat.persona) or self.personas.default
+            self.sessions.engine.prepare(
+                chat.id, persona, policy.model_id(self.settings, self._model_for(chat, connection))
+            )
 
     async def _unsubscribe(self, connection: Connection, message: wire.Unsubscribe) -> None:
         await self._own_chat(connection.visitor, message.chat_id)
@@ -441,10 +448,7 @@ class Hub:
             raise _Rejected(
                 "bad_request", "A chat's post is set when the chat is created.", chat.id
             )
-        model: wire.ModelAlias = message.model or chat.model  # type: ignore[assignment]
-        if not policy.allowed(model, anonymous=visitor.anonymous):
-            # The chat was on another model while its owner was signed in.
-            model = policy.DEFAULT_MODEL
+        model = message.model or self._model_for(chat, connection)
         if model != chat.model:
             await self.store.chats.update_chat(chat.id, model=model)
             session.set_chat(replace(chat, model=model))
@@ -455,6 +459,15 @@ class Hub:
             )
             connection.subscriptions.add(chat.id)
         await self._accept(session, message, text, model, visitor)
+
+    @staticmethod
+    def _model_for(chat: ChatRecord, connection: Connection) -> wire.ModelAlias:
+        """The chat's model, if its visitor may use it (a chat that was on another model while
+        its owner was signed in goes on with the default)."""
+        model: wire.ModelAlias = chat.model  # type: ignore[assignment]
+        if not policy.allowed(model, anonymous=connection.visitor.anonymous):
+            return policy.DEFAULT_MODEL
+        return model
 
     async def _accept(
         self,

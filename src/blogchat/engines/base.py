@@ -138,6 +138,9 @@ class AgentEngine(ABC):
         """
         return str(uuid.uuid4())
 
+    def prepare(self, chat_id: str, persona: Persona, model_id: str) -> None:  # noqa: B027
+        """A reader opened this chat: get ready for its next turn, if that costs no one."""
+
     async def release(self, chat_id: str) -> None:  # noqa: B027 - optional hook
         """The chat's session closed: free whatever the engine keeps for it."""
 

@@ -177,6 +177,12 @@ class ClaudeEngine(AgentEngine):
         log.debug("new chat %s takes a spare agent process", claimed)
         return claimed
 
+    def prepare(self, chat_id: str, persona: Persona, model_id: str) -> None:
+        """Start the chat's process now (resuming its transcript) if there is free room, so
+        that a reader who comes back to a chat does not wait for a start when they ask."""
+        if self.pool.prestart(self._spec_for(chat_id, persona, model_id)):
+            log.debug("chat %s: its agent process starts ahead of the next question", chat_id)
+
     async def release(self, chat_id: str) -> None:
         """The chat's session closed: its process goes (its transcript stays in the store)."""
         await self.pool.forget(chat_id)

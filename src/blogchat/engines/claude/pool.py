@@ -102,6 +102,20 @@ class ProcessPool:
             self._start_sweeper()
             self._top_up()
 
+    def prestart(self, spec: AgentSpec) -> bool:
+        """Start a chat's process ahead of its next turn, only in room nobody waits for."""
+        if (
+            self._closed
+            or self._waiting
+            or spec.chat_id in self._by_chat
+            or self._closing_for(spec.chat_id)
+            or self.live >= self.cap
+        ):
+            return False
+        self._start_sweeper()
+        self._launch_in_background(spec)
+        return True
+
     def claim_spare(self, fits: Callable[[AgentSpec], bool]) -> str | None:
         """Hand a spare that `fits` to a new chat: returns the chat id it was started under."""
         for process in list(self._by_chat.values()):
