@@ -12,7 +12,6 @@ from typing import Any
 
 import psutil
 import pytest
-from sqlalchemy import text as sql_text
 
 from tests.support.anthropic_server import (
     AnthropicTestServer,
@@ -901,13 +900,7 @@ async def test_a_chat_the_database_refuses_to_create_gives_its_spare_process_bac
         pool = engine_of(server).pool
         spare = ready_spare(server)
 
-        async def refuse() -> None:
-            async with server.state.store.db.engine.begin() as connection:
-                for statement in REFUSE_CHAT[database.kind]:
-                    await connection.execute(sql_text(statement))
-
-        future = asyncio.run_coroutine_threadsafe(refuse(), server.loop)  # type: ignore[arg-type]
-        await asyncio.wrap_future(future)
+        await server.run_sql(*REFUSE_CHAT[database.kind])
         async with Reader(server.url) as reader:
             ws = await reader.connect()
             await ws.chat("boom")

@@ -23,7 +23,6 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
-from sqlalchemy import text as sql_text
 from websockets.exceptions import ConnectionClosed
 
 from blogchat.hub import CLOSE_SLOW_CONSUMER, Connection, ConnectionState
@@ -649,14 +648,7 @@ REFUSE_BOOM = {
 
 async def refuse_messages_saying_boom(server: LiveServer, database: Database) -> None:
     """Make the real database refuse to store any message whose text is "boom"."""
-
-    async def create() -> None:
-        async with server.state.store.db.engine.begin() as connection:
-            for statement in REFUSE_BOOM[database.kind]:
-                await connection.execute(sql_text(statement))
-
-    future = asyncio.run_coroutine_threadsafe(create(), server.loop)  # type: ignore[arg-type]
-    await asyncio.wrap_future(future)
+    await server.run_sql(*REFUSE_BOOM[database.kind])
 
 
 async def test_a_message_the_database_refuses_is_not_acknowledged_and_starts_no_turn(

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import uvicorn
+from sqlalchemy import text as sql_text
 
 from blogchat.app import create_app
 from blogchat.cli import uvicorn_config
@@ -134,6 +135,17 @@ class LiveServer:
         """Run a coroutine on the server's event loop (to inspect its state safely)."""
         assert self.loop is not None
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def run_sql(self, *statements: str) -> None:
+        """Run SQL on the server's own database, in one transaction, from a test's loop."""
+
+        async def run() -> None:
+            async with self.state.store.db.engine.begin() as connection:
+                for statement in statements:
+                    await connection.execute(sql_text(statement))
+
+        assert self.loop is not None
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(run(), self.loop))
 
     def __enter__(self) -> LiveServer:
         return self.start()
