@@ -35,7 +35,7 @@ from tests.support.claude import (
     slow_down_tool,
     wait_until,
 )
-from tests.support.client import Event, Reader, answer_text
+from tests.support.client import ChatSocket, Event, Reader, answer_text
 from tests.support.server import Database, LiveServer
 
 pytestmark = pytest.mark.claude
@@ -675,19 +675,26 @@ async def test_a_transcript_that_cannot_be_resumed_starts_over_from_the_chats_me
     assert "Reader: Remember the word medlar" in api.last_request().prompt
 
 
+async def answering(
+    api: AnthropicTestServer, server: LiveServer, reader: Reader, word: str
+) -> tuple[ChatSocket, str, list[Event], Any]:
+    """A new chat whose long answer is streaming: its socket, id, events so far and CLI."""
+    api.when_user_says(word, text(LONG_ANSWER, delay=0.02))
+    ws = await reader.connect()
+    await ws.chat(f"Will you {word}?")
+    chat_id = (await ws.expect("chat_created"))["chatId"]
+    events = await ws.until("token", timeout=60)
+    process = engine_of(server).pool.get(chat_id)
+    assert process is not None
+    assert process.pid is not None
+    return ws, chat_id, events, process
+
+
 async def test_stop_ends_the_turn_even_when_the_agent_process_hangs(
     api: AnthropicTestServer, claude_server: LiveServer, claude_reader: Reader
 ) -> None:
     engine = engine_of(claude_server)
-    api.when_user_says("freeze", text(LONG_ANSWER, delay=0.02))
-    ws = await claude_reader.connect()
-    await ws.chat("Will you freeze?")
-    created = await ws.expect("chat_created")
-    chat_id = created["chatId"]
-    events = await ws.until("token", timeout=60)
-    hung = engine.pool.get(chat_id)
-    assert hung is not None
-    assert hung.pid is not None
+    ws, chat_id, events, hung = await answering(api, claude_server, claude_reader, "freeze")
     cli = psutil.Process(hung.pid)
     cli.suspend()  # The CLI answers nothing any more, not even the interrupt.
     await ws.send(type="stop", chatId=chat_id)
@@ -710,16 +717,7 @@ async def test_stop_ends_the_turn_even_when_the_agent_process_hangs(
 async def test_a_crashed_agent_process_fails_the_turn_and_the_chat_goes_on(
     api: AnthropicTestServer, claude_server: LiveServer, claude_reader: Reader
 ) -> None:
-    engine = engine_of(claude_server)
-    api.when_user_says("crash", text(LONG_ANSWER, delay=0.02))
-    ws = await claude_reader.connect()
-    await ws.chat("Will you crash?")
-    created = await ws.expect("chat_created")
-    chat_id = created["chatId"]
-    events = await ws.until("token", timeout=60)
-    process = engine.pool.get(chat_id)
-    assert process is not None
-    assert process.pid is not None
+    ws, chat_id, events, process = await answering(api, claude_server, claude_reader, "crash")
     psutil.Process(process.pid).kill()
     events += await ws.until("done", timeout=60)
 

@@ -335,13 +335,8 @@ class Hub:
         except SessionClosed:
             raise _Rejected("not_found", "This chat no longer exists.", message.chat_id) from None
         connection.subscriptions.add(message.chat_id)
-        if not session.busy:
-            # The reader may ask next: the engine can get ready meanwhile.
-            chat = session.chat
-            persona = self.personas.get(chat.persona) or self.personas.default
-            self.sessions.engine.prepare(
-                chat.id, persona, policy.model_id(self.settings, self._model_for(chat, connection))
-            )
+        model = self._model_for(session.chat, connection)
+        session.prepare(policy.model_id(self.settings, model))
 
     async def _unsubscribe(self, connection: Connection, message: wire.Unsubscribe) -> None:
         await self._own_chat(connection.visitor, message.chat_id)

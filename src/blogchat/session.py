@@ -30,7 +30,7 @@ from blogchat.engines.base import (
     TurnRequest,
 )
 from blogchat.eventlog import EventLog, Fanout, MemoryEventLog, MemoryFanout, Subscriber
-from blogchat.personas import Personas
+from blogchat.personas import Persona, Personas
 from blogchat.store import (
     STREAMING,
     ChatRecord,
@@ -193,6 +193,17 @@ class ChatSession:
         """Whether a turn is running or waiting."""
         return self.state is SessionState.RUNNING or bool(self._queue)
 
+    @property
+    def persona(self) -> Persona:
+        """The chat's persona (the default one if the chat's is no longer configured)."""
+        return self.personas.get(self.chat.persona, self.personas.default)
+
+    def prepare(self, model_id: str) -> None:
+        """A reader opened the chat and may ask next: let the engine get ready, unless a
+        turn is running or waiting anyway."""
+        if not self.busy:
+            self.engine.prepare(self.chat.id, self.persona, model_id)
+
     def messages(self) -> list[MessageRecord]:
         """The transcript as published so far, including the running answer."""
         records = list(self.history)
@@ -334,7 +345,7 @@ class ChatSession:
                 self.last_activity = time.monotonic()
 
     async def _run_turn(self, pending: _PendingTurn) -> None:
-        persona = self.personas.get(self.chat.persona, self.personas.default)
+        persona = self.persona
         draft = MessageRecord(
             id=str(uuid.uuid4()),
             chat_id=self.chat.id,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -39,12 +40,11 @@ def runs_to_completion(
 ) -> Callable[P, Coroutine[Any, Any, T]]:
     """Let a store operation finish even when the task awaiting it is cancelled.
 
-    A transaction cut off mid-way hands its connection back in an unknown state; the
-    pool then discards it without a rollback, and on SQLite the write lock stays with
-    that abandoned connection until it is garbage-collected, so every other writer
-    fails with "database is locked". Cancellation is ordinary here (a turn's periodic
-    save, a stopped turn, a shutdown), so the operation runs in its own task and the
-    cancelled caller merely stops waiting for it.
+    A transaction cut off mid-way cannot be rolled back in order: SQLAlchemy reports
+    "Exception during reset" and throws the connection away, and whether the cut-off
+    write landed is left to chance. Cancellation is ordinary here (a stopped turn, a
+    closed connection, a shutdown), so the operation runs in its own task and the
+    cancelled caller merely stops waiting for it: the write lands whole or not at all.
     """
 
     @functools.wraps(operation)
@@ -112,11 +112,8 @@ class Database:
         waiting for the event loop. Queuing here is first come, first served, and waits
         as long as it takes. PostgreSQL sessions run side by side.
         """
-        if self._serial is None:
-            async with self.sessions() as session, session.begin():
-                yield session
-            return
-        async with self._serial, self.sessions() as session, session.begin():
+        serial = self._serial or contextlib.nullcontext()
+        async with serial, self.sessions() as session, session.begin():
             yield session
 
     async def migrate(self) -> None:

@@ -104,8 +104,8 @@ class ClaudeEngine(AgentEngine):
             cap=settings.max_live_clients,
             idle_seconds=settings.client_idle_seconds,
             parallel_starts=settings.max_parallel_starts or os.cpu_count() or 2,
-            spares=settings.spare_processes if spare_persona is not None else 0,
-            spare_spec=self._spare_spec,
+            spares=settings.spare_processes,
+            spare_spec=self._spare_spec if spare_persona is not None else None,
         )
         # Chats whose transcript could not be resumed: their next process starts over.
         self._start_over: set[str] = set()

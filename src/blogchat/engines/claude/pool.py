@@ -105,11 +105,9 @@ class ProcessPool:
     def prestart(self, spec: AgentSpec) -> bool:
         """Start a chat's process ahead of its next turn, only in room nobody waits for."""
         if (
-            self._closed
-            or self._waiting
+            not self._free_room()
             or spec.chat_id in self._by_chat
             or self._closing_for(spec.chat_id)
-            or self.live >= self.cap
         ):
             return False
         self._start_sweeper()
@@ -303,13 +301,16 @@ class ProcessPool:
                 return process
         return None
 
+    def _free_room(self) -> bool:
+        """Whether a process may start that no chat asked for: room under the cap that no
+        chat is waiting for."""
+        return not self._closed and not self._waiting and self.live < self.cap
+
     def _top_up(self) -> None:
-        """Start spares while there are too few and room nobody is waiting for."""
-        if self._spare_spec is None or self._closed or self._waiting:
+        """Start spares while there are too few and free room."""
+        if self._spare_spec is None or time.monotonic() < self._spares_paused_until:
             return
-        if time.monotonic() < self._spares_paused_until:
-            return
-        while self.spare_count < self.spares and self.live < self.cap:
+        while self.spare_count < self.spares and self._free_room():
             process = self._launch_in_background(self._spare_spec())
             process.spare = True
 
