@@ -52,7 +52,7 @@ def settings_for(api: AnthropicTestServer, data: Path, **overrides: Any) -> Sett
         "personas_file": REPO / "config" / "personas.yaml",
         "anthropic_api_key": "bench-key",
         "anthropic_base_url": api.base_url,
-        "cli_max_retries": 0,
+        "provider_retries": 0,
         "log_level": "WARNING",
         # Chats are started by id here; bench_claude_cost.py measures the spares.
         "spare_processes": 0,

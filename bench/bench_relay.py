@@ -157,7 +157,7 @@ async def measure_against(
     claude_env = {
         "ANTHROPIC_API_KEY": "bench-key",
         "ANTHROPIC_BASE_URL": base_url,
-        "BLOGCHAT_CLI_MAX_RETRIES": "0",
+        "BLOGCHAT_PROVIDER_RETRIES": "0",
         "BLOGCHAT_THINKING_BUDGET": "0",
     }
     samples: dict[str, list[Take]] = {"direct": [], "engine": [], "blogchat": []}

@@ -109,7 +109,7 @@ def servers(engine: str, data: Path) -> Iterator[dict[str, LiveServer]]:
             extra.update(
                 anthropic_api_key="bench-key",
                 anthropic_base_url=api.base_url,
-                cli_max_retries=0,
+                provider_retries=0,
                 thinking_budget=0,
             )
         unreachable = {

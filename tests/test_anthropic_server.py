@@ -55,7 +55,7 @@ def api() -> Iterator[AnthropicTestServer]:
 def messages_body(prompt: str, *, stream: bool = True, **extra: Any) -> dict[str, Any]:
     """A Messages request shaped like the CLI's agent loop."""
     return {
-        "model": "claude-test",
+        "model": "claude-haiku-4-5",
         "max_tokens": 1024,
         "stream": stream,
         "system": [{"type": "text", "text": IDENTITY}, {"type": "text", "text": PERSONA}],
@@ -196,6 +196,111 @@ def test_errors_cuts_and_stalls(api: AnthropicTestServer) -> None:
     assert broken[-1]["error"]["type"] == "overloaded_error"
     outcomes = [r.outcome for r in api.main_requests()]
     assert outcomes == ["error 529", "cut", "completed", "completed"]
+
+
+def _with_history(*messages: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    body = messages_body("now?", **extra)
+    body["messages"] = [*messages, *body["messages"]]
+    return body
+
+
+ASKED = {"role": "user", "content": [{"type": "text", "text": "hi"}]}
+THOUGHT_WITHOUT_SIGNATURE = {
+    "role": "assistant",
+    "content": [{"type": "thinking", "thinking": "hm"}, {"type": "text", "text": "Hello."}],
+}
+ORPHAN_RESULT = {
+    "role": "user",
+    "content": [{"type": "tool_result", "tool_use_id": "toolu_nowhere", "content": "x"}],
+}
+THINKING_ON = {"type": "enabled", "budget_tokens": 2048}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "kind", "says"),
+    [
+        pytest.param(
+            messages_body("hi") | {"model": "claude-nonexistent-9"},
+            404,
+            "not_found_error",
+            "model: claude-nonexistent-9",
+            id="unknown-model",
+        ),
+        pytest.param(
+            messages_body("hi", thinking=THINKING_ON) | {"max_tokens": 2048},
+            400,
+            "invalid_request_error",
+            "`max_tokens` must be greater than `thinking.budget_tokens`",
+            id="max-tokens-not-above-budget",
+        ),
+        pytest.param(
+            messages_body("hi", thinking={"type": "enabled", "budget_tokens": 100}),
+            400,
+            "invalid_request_error",
+            "budget_tokens",
+            id="budget-under-minimum",
+        ),
+        pytest.param(
+            _with_history(ASKED, THOUGHT_WITHOUT_SIGNATURE),
+            400,
+            "invalid_request_error",
+            "messages.1.content.0.thinking.signature: Field required",
+            id="thinking-without-signature",
+        ),
+        pytest.param(
+            _with_history(ASKED, {"role": "assistant", "content": "ok"}, ORPHAN_RESULT),
+            400,
+            "invalid_request_error",
+            "toolu_nowhere",
+            id="tool-result-without-tool-use",
+        ),
+    ],
+)
+def test_what_the_real_api_refuses_is_refused_the_same_way_and_uses_no_script(
+    api: AnthropicTestServer, body: dict[str, Any], status: int, kind: str, says: str
+) -> None:
+    api.enqueue(text("a script that must stay unused"))
+    response = httpx.post(f"{api.base_url}/v1/messages", json=body)
+    assert response.status_code == status
+    assert response.json()["error"]["type"] == kind
+    assert says in response.json()["error"]["message"]
+    (record,) = api.main_requests()
+    assert (record.answered_by, record.outcome) == ("refused", f"error {status}")
+    served = httpx.post(f"{api.base_url}/v1/messages", json=messages_body("hi"))
+    assert streamed_text(sse_events(served.text)) == "a script that must stay unused"
+
+
+def test_a_model_a_test_adds_is_served(api: AnthropicTestServer) -> None:
+    body = messages_body("hi") | {"model": "claude-made-up-1"}
+    assert httpx.post(f"{api.base_url}/v1/messages", json=body).status_code == 404
+    api.add_model("claude-made-up-1")
+    assert httpx.post(f"{api.base_url}/v1/messages", json=body).is_success
+
+
+def test_cache_usage_and_stop_reasons_and_rate_limit_headers_are_scripted(
+    api: AnthropicTestServer,
+) -> None:
+    limited = {"retry-after": "7", "anthropic-ratelimit-requests-remaining": "0"}
+    api.enqueue(
+        reply(text("Cut off in the mid"), usage(10, 5, cache_read=300, cache_creation=40)),
+        reply(text("I can't help with that."), stop_reason="refusal"),
+        reply(text("Too long"), stop_reason="max_tokens"),
+        error(429, headers=limited),
+    )
+    with httpx.Client(base_url=api.base_url) as client:
+        cached, refused, cut_off = (
+            sse_events(client.post("/v1/messages", json=messages_body("x")).text) for _ in range(3)
+        )
+        busy = client.post("/v1/messages", json=messages_body("x"))
+    start = cached[0]["message"]["usage"]
+    assert (start["cache_read_input_tokens"], start["cache_creation_input_tokens"]) == (300, 40)
+    assert cached[-2]["usage"]["cache_read_input_tokens"] == 300
+    assert refused[-2]["delta"]["stop_reason"] == "refusal"
+    assert cut_off[-2]["delta"]["stop_reason"] == "max_tokens"
+    assert busy.status_code == 429
+    assert busy.json()["error"]["type"] == "rate_limit_error"
+    assert busy.headers["retry-after"] == "7"
+    assert busy.headers["anthropic-ratelimit-requests-remaining"] == "0"
 
 
 def test_unknown_paths_and_count_tokens_are_recorded(api: AnthropicTestServer) -> None:

@@ -15,19 +15,9 @@ from pydantic import BaseModel
 from blogchat import protocol as wire
 
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
-CLIENT = [wire.Subscribe, wire.Unsubscribe, wire.Chat, wire.Stop, wire.Ping]
-SERVER = [
-    wire.Subscribed,
-    wire.ChatCreated,
-    wire.UserMessage,
-    wire.Thinking,
-    wire.Token,
-    wire.ToolUse,
-    wire.ToolResult,
-    wire.Done,
-    wire.Error,
-    wire.Pong,
-]
+# Every message of the protocol's unions: a new message is checked without being listed.
+CLIENT: list[type[BaseModel]] = list(get_args(get_args(wire.ClientMessage)[0]))
+SERVER: list[type[BaseModel]] = list(get_args(get_args(wire.ServerMessage)[0]))
 SHAPES = [wire.ChatInfo, wire.MessageInfo, wire.ToolCallInfo, wire.Usage]
 
 

@@ -147,10 +147,13 @@ _client_adapter: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
 
 
 class Usage(WireModel):
-    """Tokens a turn consumed."""
+    """Tokens a turn consumed. Input tokens include the cached ones."""
 
     input_tokens: int
     output_tokens: int
+    # Extension: of the input tokens, those read from and written to the prompt cache.
+    cache_read_tokens: int | None = None
+    cache_creation_tokens: int | None = None
 
 
 class ChatInfo(WireModel):
@@ -204,6 +207,8 @@ class MessageInfo(WireModel):
     error: str | None = None
     seq_start: int | None = None
     seq_end: int | None = None
+    # Extension: the provider's reason for ending the answer (as in `done.stopReason`).
+    stop_reason: str | None = None
 
 
 # --- server -> client ----------------------------------------------------------------------
@@ -302,6 +307,9 @@ class Done(WireModel):
     warning: str | None = None
     # Extension: the finished answer rendered to sanitized HTML.
     html: str | None = None
+    # Extension: the provider's reason for ending the last response of the turn
+    # (end_turn, tool_use, max_tokens, refusal, ...), when there was one.
+    stop_reason: str | None = None
 
 
 class Error(WireModel):
@@ -314,6 +322,27 @@ class Error(WireModel):
     seq: int | None = None
     retryable: bool = False
     request_id: str | None = None
+
+
+StatusState = Literal["retrying", "waiting"]
+
+
+class Status(WireModel):
+    """Extension: what a turn is waiting for. Transient: it has no `seq`, is not logged
+    and is not replayed; any later event of the chat supersedes it."""
+
+    type: Literal["status"] = "status"
+    chat_id: str
+    state: StatusState
+    # The answer the turn is writing.
+    message_id: str | None = None
+    # retrying: the attempt about to start (2 for the first retry), of how many at most,
+    # and in how long.
+    attempt: int | None = None
+    max_attempts: int | None = None
+    retry_in_ms: int | None = None
+    # waiting: the place in line (1: next).
+    position: int | None = None
 
 
 class Pong(WireModel):
@@ -334,6 +363,7 @@ ServerMessage = Annotated[
     | ToolResult
     | Done
     | Error
+    | Status
     | Pong,
     Field(discriminator="type"),
 ]

@@ -21,6 +21,7 @@ from blogchat.engines.base import (
     AgentEngine,
     EngineEvent,
     ModelCall,
+    Retrying,
     TextDelta,
     ThinkingDelta,
     ToolFinished,
@@ -83,8 +84,27 @@ class _Outcome:
     model: str = ""
     input_tokens: int = 0
     output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_creation_tokens: int = 0
+    stop_reason: str | None = None
     warning: str | None = None
     failure: TurnFailed | None = None
+
+
+def usage_of(
+    input_tokens: int | None,
+    output_tokens: int | None,
+    cache_read_tokens: int | None = None,
+    cache_creation_tokens: int | None = None,
+) -> wire.Usage:
+    """Token counts as the protocol shows them (cache counts only when there are some)."""
+    cached = bool(cache_read_tokens or cache_creation_tokens)
+    return wire.Usage(
+        input_tokens=input_tokens or 0,
+        output_tokens=output_tokens or 0,
+        cache_read_tokens=(cache_read_tokens or 0) if cached else None,
+        cache_creation_tokens=(cache_creation_tokens or 0) if cached else None,
+    )
 
 
 Renderer = Callable[[str], str]
@@ -95,8 +115,11 @@ def message_info(record: MessageRecord, render: Renderer) -> wire.MessageInfo:
     finished = record.status != STREAMING
     usage = None
     if record.input_tokens is not None or record.output_tokens is not None:
-        usage = wire.Usage(
-            input_tokens=record.input_tokens or 0, output_tokens=record.output_tokens or 0
+        usage = usage_of(
+            record.input_tokens,
+            record.output_tokens,
+            record.cache_read_tokens,
+            record.cache_creation_tokens,
         )
     return wire.MessageInfo(
         id=record.id,
@@ -123,6 +146,7 @@ def message_info(record: MessageRecord, render: Renderer) -> wire.MessageInfo:
         error=record.error,
         seq_start=record.seq_start,
         seq_end=record.seq_end,
+        stop_reason=record.stop_reason,
     )
 
 
@@ -423,9 +447,24 @@ class ChatSession:
                 outcome.model = event.model or request.model_id
                 outcome.input_tokens = event.input_tokens
                 outcome.output_tokens = event.output_tokens
+                outcome.cache_read_tokens = event.cache_read_tokens
+                outcome.cache_creation_tokens = event.cache_creation_tokens
+                outcome.stop_reason = event.stop_reason
                 outcome.warning = event.warning
                 ended = True
                 break
+            if isinstance(event, Retrying):
+                self._announce(
+                    wire.Status(
+                        chat_id=self.chat.id,
+                        message_id=draft.id,
+                        state="retrying",
+                        attempt=event.attempt,
+                        max_attempts=event.max_attempts,
+                        retry_in_ms=round(event.delay * 1000),
+                    )
+                )
+                continue
             if isinstance(event, TurnFailed):
                 outcome.failure = event
                 continue
@@ -519,6 +558,9 @@ class ChatSession:
                 model=outcome.model,
                 input_tokens=outcome.input_tokens,
                 output_tokens=outcome.output_tokens,
+                cache_read_tokens=outcome.cache_read_tokens,
+                cache_creation_tokens=outcome.cache_creation_tokens,
+                stop_reason=outcome.stop_reason,
                 warning=outcome.warning,
                 tool_calls=list(draft.tool_calls),
             )
@@ -535,11 +577,15 @@ class ChatSession:
                 message_id=final.id,
                 reason=outcome.reason,
                 model=outcome.model,
-                usage=wire.Usage(
-                    input_tokens=outcome.input_tokens, output_tokens=outcome.output_tokens
+                usage=usage_of(
+                    outcome.input_tokens,
+                    outcome.output_tokens,
+                    outcome.cache_read_tokens,
+                    outcome.cache_creation_tokens,
                 ),
                 warning=outcome.warning,
                 html=self.render(final.text),
+                stop_reason=outcome.stop_reason,
             )
             self._publish(seq, done)
             # Keep the last finished turn (from its user message on) and everything after.
@@ -598,6 +644,10 @@ class ChatSession:
         self.log.append(seq, frame)
         self.fanout.publish(frame)
         self.last_activity = time.monotonic()
+
+    def _announce(self, status: wire.Status) -> None:
+        """Tell the chat's subscribers what the turn waits for: no seq, not logged."""
+        self.fanout.publish(status.to_json())
 
     def _ensure_open(self) -> None:
         if self.state is SessionState.CLOSED:

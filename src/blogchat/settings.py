@@ -4,15 +4,29 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 log = logging.getLogger(__name__)
+
+# The API's smallest thinking budget: smaller settings are raised to it.
+MIN_THINKING_BUDGET = 1024
+_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# A full model id: lowercase words, and at least one digit (a version); no "[...]" suffix.
+_MODEL_ID = re.compile(r"(?=[a-z0-9._@:/-]*[0-9])[a-z0-9][a-z0-9._@:/-]*")
 
 
 class SettingsError(Exception):
@@ -196,20 +210,45 @@ class Settings(BaseSettings):
         ge=0,
         le=10,
         validation_alias=_env("BLOGCHAT_PROVIDER_RETRIES"),
-        description="Retries of a turn whose model call failed before anything was streamed.",
+        description=(
+            "Retries of a model request that failed (overloaded, rate limited, server error), "
+            "and of a turn whose agent process failed before anything was streamed."
+        ),
     )
     provider_retry_delay: float = Field(
         default=1.0,
         ge=0,
         validation_alias=_env("BLOGCHAT_PROVIDER_RETRY_DELAY"),
-        description="Seconds before the first of those retries; each next one waits twice as long.",
+        description=(
+            "Seconds before retrying a turn whose agent process failed; each next retry "
+            "waits twice as long."
+        ),
     )
-    cli_max_retries: int = Field(
-        default=1,
-        ge=0,
-        le=10,
-        validation_alias=_env("BLOGCHAT_CLI_MAX_RETRIES"),
-        description="Retries the agent CLI itself makes of a failed model request.",
+    provider_retry_max_wait: float = Field(
+        default=30.0,
+        gt=0,
+        validation_alias=_env("BLOGCHAT_PROVIDER_RETRY_MAX_WAIT"),
+        description=(
+            "Longest wait before a retry, whatever the provider's retry-after asks; a longer "
+            "wait ends the turn with a retryable error instead."
+        ),
+    )
+    max_output_tokens: int = Field(
+        default=8192,
+        ge=1,
+        validation_alias=_env("BLOGCHAT_MAX_OUTPUT_TOKENS"),
+        description=(
+            "max_tokens of every model request; it must exceed the thinking budget when "
+            "thinking is on."
+        ),
+    )
+    agent_env_passthrough: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=_env("BLOGCHAT_AGENT_ENV_PASSTHROUGH"),
+        description=(
+            "Names of server environment variables (comma-separated, e.g. HTTPS_PROXY) that "
+            "the agent processes may see besides their own. Default: none."
+        ),
     )
 
     offline_tokens_per_second: float = Field(
@@ -272,6 +311,44 @@ class Settings(BaseSettings):
             if not origin.startswith(("http://", "https://")):
                 raise ValueError(f"origin {origin!r} must start with http:// or https://")
         return value
+
+    @field_validator("agent_env_passthrough", mode="before")
+    @classmethod
+    def _split_names(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("agent_env_passthrough")
+    @classmethod
+    def _check_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not _VARIABLE_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+        return value
+
+    @field_validator("model_haiku", "model_sonnet", "model_opus")
+    @classmethod
+    def _check_model_id(cls, value: str) -> str:
+        # The agent CLI sends a full model id as it is, but maps an alias ("opus", a word
+        # without a version) onto a model of its own choosing, and strips a "[1m]"-style
+        # suffix: the provider would not get the model the app reports.
+        if not _MODEL_ID.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a full model id (such as claude-opus-4-1): the agent "
+                "sends only full ids as they are; aliases and [suffixes] are mapped"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_output_tokens(self) -> Settings:
+        budget = self.thinking_budget and max(MIN_THINKING_BUDGET, self.thinking_budget)
+        if budget and self.max_output_tokens <= budget:
+            raise ValueError(
+                f"BLOGCHAT_MAX_OUTPUT_TOKENS ({self.max_output_tokens}) must be greater "
+                f"than the thinking budget ({budget})"
+            )
+        return self
 
     @field_validator("database_url")
     @classmethod
@@ -352,7 +429,11 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else "?"
+            if not error["loc"]:
+                # A rule across settings: its message names the variables.
+                problems.append(str(error["msg"]).removeprefix("Value error, "))
+                continue
+            field = str(error["loc"][0])
             name = Settings.env_name(field) if field in Settings.model_fields else field
             problems.append(f"{name}: {error['msg']}")
         raise SettingsError("invalid setting " + "; ".join(problems)) from None

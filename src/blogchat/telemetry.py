@@ -306,6 +306,9 @@ class BraintrustTurn(TurnTrace):
         elif isinstance(event, TurnEnded):
             self._engine_details = dict(event.metadata)
             self._engine_details["model"] = event.model
+            self._engine_details["provider_stop_reason"] = event.stop_reason
+            self._engine_details["cache_read_tokens"] = event.cache_read_tokens
+            self._engine_details["cache_creation_tokens"] = event.cache_creation_tokens
 
     def finish(
         self,
@@ -372,13 +375,17 @@ class BraintrustTurn(TurnTrace):
             metadata["warning"] = warning
         if abandoned:
             metadata["abandoned"] = True
-        for key in ("attempts", "num_turns", "terminal_reason"):
+        for key in ("attempts", "num_turns", "terminal_reason", "provider_stop_reason"):
             if details.get(key) is not None:
                 metadata[key] = details[key]
         metrics: dict[str, float] = {
             "prompt_tokens": input_tokens,
             "completion_tokens": output_tokens,
             "tokens": input_tokens + output_tokens,
+            **_cache_metrics(
+                _count(details.get("cache_read_tokens")),
+                _count(details.get("cache_creation_tokens")),
+            ),
         }
         if self._first_token_at is not None:
             metrics["time_to_first_token"] = self._first_token_at - self._started_at
@@ -435,6 +442,7 @@ class BraintrustTurn(TurnTrace):
             "prompt_tokens": call.input_tokens,
             "completion_tokens": call.output_tokens,
             "tokens": call.input_tokens + call.output_tokens,
+            **_cache_metrics(call.cache_read_tokens, call.cache_creation_tokens),
         }
         if call.first_token_at is not None:
             metrics["time_to_first_token"] = max(0.0, call.first_token_at - call.started_at)
@@ -468,3 +476,14 @@ class BraintrustTurn(TurnTrace):
             name=call.name, type=SpanTypeAttribute.TOOL, start_time=call.started_at, **event
         )
         span.end(end_time=call.ended_at or turn_ended_at)
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) else 0
+
+
+def _cache_metrics(read: int, creation: int) -> dict[str, float]:
+    """Braintrust's metrics for prompt caching; `prompt_tokens` already includes both."""
+    if not read and not creation:
+        return {}
+    return {"prompt_cached_tokens": read, "prompt_cache_creation_tokens": creation}

@@ -74,6 +74,7 @@ __all__ = [
     "cut",
     "error",
     "is_side_request",
+    "refusal_of",
     "reply",
     "stall",
     "text",
@@ -151,10 +152,16 @@ class Stall:
 
 @dataclass(frozen=True)
 class Usage:
-    """Token usage reported in ``message_start`` (input) and ``message_delta`` (output)."""
+    """Token usage reported in ``message_start`` (input) and ``message_delta`` (output).
+
+    As in the API, ``input_tokens`` counts only the uncached input; the tokens read from the
+    prompt cache and written to it are reported apart.
+    """
 
     input_tokens: int | None = None
     output_tokens: int | None = None
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
 
 
 Step: TypeAlias = Thinking | Text | ToolUse | ApiError | Cut | Stall | Usage
@@ -167,6 +174,8 @@ class Reply:
 
     steps: tuple[Step, ...]
     stop_reason: str | None = None
+    # The model named in the response (default: the request's model).
+    model: str | None = None
 
 
 ResponseSpec: TypeAlias = Reply | Step | tuple[Step, ...]
@@ -211,14 +220,21 @@ def stall(seconds: float) -> Stall:
     return Stall(seconds)
 
 
-def usage(input_tokens: int | None = None, output_tokens: int | None = None) -> Usage:
-    """Build a usage override for the reply."""
-    return Usage(input_tokens, output_tokens)
+def usage(
+    input_tokens: int | None = None,
+    output_tokens: int | None = None,
+    *,
+    cache_read: int = 0,
+    cache_creation: int = 0,
+) -> Usage:
+    """Build a usage override for the reply, with cache reads and writes if given."""
+    return Usage(input_tokens, output_tokens, cache_read, cache_creation)
 
 
-def reply(*steps: Step, stop_reason: str | None = None) -> Reply:
-    """Build one reply; ``stop_reason`` defaults to tool_use/end_turn from the steps."""
-    return Reply(tuple(steps), stop_reason)
+def reply(*steps: Step, stop_reason: str | None = None, model: str | None = None) -> Reply:
+    """Build one reply; ``stop_reason`` defaults to tool_use/end_turn from the steps, and
+    ``model`` (what ``message_start`` names) to the request's model."""
+    return Reply(tuple(steps), stop_reason, model)
 
 
 def as_reply(spec: ResponseSpec) -> Reply:
@@ -430,6 +446,87 @@ def _side_reply(request: RecordedRequest) -> Reply:
 
 
 # ---------------------------------------------------------------------------------------------
+# What the real API refuses
+# ---------------------------------------------------------------------------------------------
+
+# Model ids the API serves, as far as these tests are concerned; a test may add its own
+# (``AnthropicTestServer(models=...)``, ``add_model``).
+KNOWN_MODELS = frozenset(
+    {
+        "claude-haiku-4-5",
+        "claude-haiku-4-5-20251001",
+        "claude-sonnet-4-5",
+        "claude-sonnet-4-5-20250929",
+        "claude-sonnet-4-6",
+        "claude-opus-4-1",
+        "claude-opus-4-1-20250805",
+        "claude-opus-4-5",
+        "claude-opus-4-6",
+        "claude-opus-5-5",
+    }
+)
+MIN_THINKING_BUDGET = 1024
+
+
+def refusal_of(body: Any, models: frozenset[str] | set[str]) -> ApiError | None:
+    """The error the real Messages API answers this request body with, for the mistakes a
+    client of ours could make; None when it would be served.
+
+    Checked: an unknown model (404); ``max_tokens`` not above the thinking budget, or a
+    budget under the minimum; a thinking block in the history without its signature; a
+    ``tool_result`` whose ``tool_use`` is not in the message just before it (400).
+    """
+    if not isinstance(body, dict):
+        return _invalid("The request body is not a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        return _invalid("model: Field required")
+    if model not in models:
+        return ApiError(404, _error_payload(404, f"model: {model}"))
+    max_tokens = body.get("max_tokens")
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        return _invalid("max_tokens: Field required")
+    config = body.get("thinking")
+    if isinstance(config, dict) and config.get("type") == "enabled":
+        budget = config.get("budget_tokens")
+        if not isinstance(budget, int) or budget < MIN_THINKING_BUDGET:
+            return _invalid(
+                f"thinking.enabled.budget_tokens: must be at least {MIN_THINKING_BUDGET}"
+            )
+        if max_tokens <= budget:
+            return _invalid("`max_tokens` must be greater than `thinking.budget_tokens`.")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return _invalid("messages: at least one message is required")
+    previous_tool_uses: set[str] = set()
+    for index, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        blocks = [b for b in content if isinstance(b, dict)] if isinstance(content, list) else []
+        role = message.get("role") if isinstance(message, dict) else None
+        for number, block in enumerate(blocks):
+            where = f"messages.{index}.content.{number}"
+            kind = block.get("type")
+            if role == "assistant" and kind == "thinking":
+                signature = block.get("signature")
+                if not isinstance(signature, str) or not signature:
+                    return _invalid(f"{where}.thinking.signature: Field required")
+            if kind == "tool_result" and block.get("tool_use_id") not in previous_tool_uses:
+                return _invalid(
+                    f"{where}: unexpected `tool_use_id` found in `tool_result` blocks: "
+                    f"{block.get('tool_use_id')}. Each `tool_result` block must have a "
+                    "corresponding `tool_use` block in the previous message."
+                )
+        previous_tool_uses = {
+            str(b.get("id")) for b in blocks if role == "assistant" and b.get("type") == "tool_use"
+        }
+    return None
+
+
+def _invalid(message: str) -> ApiError:
+    return ApiError(400, _error_payload(400, message))
+
+
+# ---------------------------------------------------------------------------------------------
 # Responders and rules
 # ---------------------------------------------------------------------------------------------
 
@@ -584,10 +681,13 @@ def _plan(
         return _Plan(first, [], {}, cut=False, stall_seconds=delay)
     input_tokens = _estimate_tokens(request.raw_body)
     output_tokens: int | None = None
+    cache_read = cache_creation = 0
     for step in steps:
         if isinstance(step, Usage):
             input_tokens = step.input_tokens if step.input_tokens is not None else input_tokens
             output_tokens = step.output_tokens if step.output_tokens is not None else output_tokens
+            cache_read = step.cache_read_input_tokens
+            cache_creation = step.cache_creation_input_tokens
     offered = request.tool_names
     content: list[dict[str, Any]] = []
     actions: list[_Action] = []
@@ -598,7 +698,7 @@ def _plan(
     counted_output = 0
     started = False
     message_id = _new_id("msg_test_")
-    model = request.model or "claude-test"
+    model = spec.model or request.model or "claude-test"
 
     def emit(name: str, data: dict[str, Any]) -> None:
         nonlocal emitted
@@ -626,8 +726,8 @@ def _plan(
                     "stop_sequence": None,
                     "usage": {
                         "input_tokens": input_tokens,
-                        "cache_creation_input_tokens": 0,
-                        "cache_read_input_tokens": 0,
+                        "cache_creation_input_tokens": cache_creation,
+                        "cache_read_input_tokens": cache_read,
                         "output_tokens": 1,
                     },
                 },
@@ -723,8 +823,8 @@ def _plan(
     )
     final_usage = {
         "input_tokens": input_tokens,
-        "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": 0,
+        "cache_creation_input_tokens": cache_creation,
+        "cache_read_input_tokens": cache_read,
         "output_tokens": output_tokens if output_tokens is not None else max(1, counted_output),
     }
     emit(
@@ -886,8 +986,14 @@ class AnthropicTestServer:
         tokens_per_second: float | None = None,
         default: Responder | None = None,
         side_request_filter: Callable[[RecordedRequest], bool] = is_side_request,
+        models: Sequence[str] = (),
     ) -> None:
-        """Create a stopped server; ``tokens_per_second`` paces deltas without a ``delay``."""
+        """Create a stopped server; ``tokens_per_second`` paces deltas without a ``delay``.
+
+        Requests the real API would refuse (``refusal_of``) get its error instead of a
+        script; ``models`` adds model ids to the ones it serves.
+        """
+        self.models = set(KNOWN_MODELS) | set(models)
         self._lock = threading.Condition()
         self._requests: list[RecordedRequest] = []
         self._rules: list[Rule] = []
@@ -1170,8 +1276,18 @@ class AnthropicTestServer:
             responder = self._default
         return as_reply(responder(record))
 
+    def add_model(self, model: str) -> None:
+        """Serve one more model id."""
+        with self._lock:
+            self.models.add(model)
+
     async def _messages(self, request: Request) -> Response:
         record = await self._record(request, "main")
+        with self._lock:
+            refused = refusal_of(record.body, self.models)
+        if refused is not None:
+            record.answered_by = "refused"
+            return self._error_response(record, refused)
         spec = self._choose(record)
         plan = _plan(spec, record, self._delta_delay, self.problems)
         closing = self._closing

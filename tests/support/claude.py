@@ -22,12 +22,12 @@ from tests.support.anthropic_server import AnthropicTestServer
 from tests.support.client import Reader
 from tests.support.server import LiveServer
 
-# Opus gets an id of its own, so a test can tell it reached the provider as configured.
-OPUS_ID = "claude-opus-test-configured"
+# Opus gets an id of its own, one the agent CLI would map onto a newer model unless told
+# not to, so a test can tell it reached the provider exactly as configured.
+OPUS_ID = "claude-opus-4-1"
 
 # Fast failure handling: tests must not wait out real backoffs or watchdogs.
 TEST_OVERRIDES: dict[str, Any] = {
-    "cli_max_retries": 0,
     "provider_retries": 2,
     "provider_retry_delay": 0.05,
     "stall_seconds": 3.0,

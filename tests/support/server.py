@@ -75,7 +75,12 @@ class LiveServer:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.port = free_port()
+        # Bound here and handed to uvicorn: a port picked first and bound later could be
+        # taken in between by another test process.
+        self._socket = socket.socket()
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind(("127.0.0.1", 0))
+        self.port: int = self._socket.getsockname()[1]
         self.app = create_app(settings)
         config = uvicorn_config(self.app, settings, host="127.0.0.1", port=self.port)
         config.log_level = "warning"
@@ -103,7 +108,7 @@ class LiveServer:
         loop = self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         try:
-            loop.run_until_complete(self.server.serve())
+            loop.run_until_complete(self.server.serve(sockets=[self._socket]))
         except BaseException as exc:  # surfaced by start()
             self._error = exc
         finally:
@@ -111,6 +116,7 @@ class LiveServer:
             loop.run_until_complete(loop.shutdown_default_executor())
             asyncio.set_event_loop(None)
             loop.close()
+            self._socket.close()
 
     def start(self) -> LiveServer:
         """Start and wait until the server accepts requests."""
@@ -174,8 +180,20 @@ class ServerProcess:
         return f"ws://127.0.0.1:{self.port}/ws"
 
     def start(self, log_path: Path) -> ServerProcess:
-        """Start and wait for /healthz."""
+        """Start and wait for /healthz; whatever goes wrong, no process is left running.
+
+        A port picked free can be taken by another test process before the server binds
+        it: then the server is started again on another port.
+        """
         self.log_path = log_path
+        for _ in range(5):
+            if self._start_once(log_path):
+                return self
+            self.port = free_port()
+        raise RuntimeError(f"no free port to start on: {log_path.read_text()[-3000:]}")
+
+    def _start_once(self, log_path: Path) -> bool:
+        offset = log_path.stat().st_size if log_path.exists() else 0
         with log_path.open("ab") as log:
             # The child keeps its own copy of the file descriptor.
             self.process = subprocess.Popen(
@@ -185,17 +203,24 @@ class ServerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"server did not start: {log_path.read_text()[-3000:]}")
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    output = log_path.read_bytes()[offset:].decode(errors="replace")
+                    if "address already in use" in output:
+                        return False
+                    raise RuntimeError(f"server exited: {output[-3000:]}")
+                try:
+                    if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                        return True
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.05)
+            raise RuntimeError(f"server did not start: {log_path.read_text()[-3000:]}")
+        except BaseException:
+            self.stop()
+            raise
 
     def kill(self) -> None:
         """SIGKILL: no shutdown, no flush; exactly what a crash looks like."""

@@ -74,8 +74,25 @@ class TurnFailed:
 
 
 @dataclass(frozen=True)
+class Retrying:
+    """The provider failed and the turn will try again: for the readers' `status` only.
+
+    `attempt` is the attempt about to start (2 for the first retry), of `max_attempts`.
+    """
+
+    attempt: int
+    max_attempts: int
+    delay: float
+
+
+@dataclass(frozen=True)
 class TurnEnded:
-    """The turn is over; always the last event."""
+    """The turn is over; always the last event.
+
+    `model` is the model that answered, as the provider named it; `stop_reason` is the
+    provider's reason for the last response of the turn, when there was one. Input tokens
+    include the cached ones, which are also counted apart.
+    """
 
     reason: DoneReason
     model: str
@@ -83,6 +100,9 @@ class TurnEnded:
     output_tokens: int = 0
     warning: str | None = None
     metadata: dict[str, object] = field(default_factory=dict)
+    stop_reason: str | None = None
+    cache_read_tokens: int = 0
+    cache_creation_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -99,8 +119,11 @@ class ModelCall:
     input: object = None
     # What the model answered: {"role": "assistant", "content": [blocks]}, if anything.
     output: object = None
+    # Input tokens include the cached ones (read from or written to the cache).
     input_tokens: int = 0
     output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_creation_tokens: int = 0
     first_token_at: float | None = None
     stop_reason: str | None = None
     # The provider's error (or why the response was cut short); None when it succeeded.
@@ -109,7 +132,14 @@ class ModelCall:
 
 
 EngineEvent = (
-    ThinkingDelta | TextDelta | ToolStarted | ToolFinished | ModelCall | TurnFailed | TurnEnded
+    ThinkingDelta
+    | TextDelta
+    | ToolStarted
+    | ToolFinished
+    | ModelCall
+    | Retrying
+    | TurnFailed
+    | TurnEnded
 )
 
 

@@ -68,6 +68,11 @@ class MessageRecord:
     model: str | None = None
     input_tokens: int | None = None
     output_tokens: int | None = None
+    # Of the input tokens, those read from and written to the prompt cache.
+    cache_read_tokens: int | None = None
+    cache_creation_tokens: int | None = None
+    # The provider's reason for ending the answer (end_turn, max_tokens, refusal, ...).
+    stop_reason: str | None = None
     client_message_id: str | None = None
     reply_to: str | None = None
     warning: str | None = None
@@ -106,6 +111,9 @@ def _message_record(row: Message) -> MessageRecord:
         model=row.model,
         input_tokens=row.input_tokens,
         output_tokens=row.output_tokens,
+        cache_read_tokens=row.cache_read_tokens,
+        cache_creation_tokens=row.cache_creation_tokens,
+        stop_reason=row.stop_reason,
         client_message_id=row.client_message_id,
         reply_to=row.reply_to,
         warning=row.warning,
@@ -136,6 +144,9 @@ def _columns(record: MessageRecord) -> dict[str, Any]:
         "model": record.model,
         "input_tokens": record.input_tokens,
         "output_tokens": record.output_tokens,
+        "cache_read_tokens": record.cache_read_tokens,
+        "cache_creation_tokens": record.cache_creation_tokens,
+        "stop_reason": record.stop_reason,
         "reply_to": record.reply_to,
         "seq_start": record.seq_start,
         "seq_end": record.seq_end,

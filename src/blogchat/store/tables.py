@@ -132,8 +132,13 @@ class Message(Base):
     # or still running).
     status: Mapped[str] = mapped_column(String(16), default="complete")
     model: Mapped[str | None] = mapped_column(String(100))
+    # Input tokens include the cached ones, also counted apart.
     input_tokens: Mapped[int | None] = mapped_column(Integer)
     output_tokens: Mapped[int | None] = mapped_column(Integer)
+    cache_read_tokens: Mapped[int | None] = mapped_column(Integer)
+    cache_creation_tokens: Mapped[int | None] = mapped_column(Integer)
+    # The provider's reason for ending the answer.
+    stop_reason: Mapped[str | None] = mapped_column(String(32))
     client_message_id: Mapped[str | None] = mapped_column(String(64))
     # On an answer: the user message it answers. Queued user messages are accepted (and
     # get their seq) while an earlier answer still streams, so seq order alone does not

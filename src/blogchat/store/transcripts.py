@@ -178,3 +178,29 @@ class TranscriptStore(SessionStore):
                 )
             )
             return bool(found)
+
+    @runs_to_completion
+    async def mark(self, project_key: str, session_id: str) -> int:
+        """Where a session's stored transcript ends now (0 when there is none)."""
+        async with self.db.session() as session:
+            last = await session.scalar(
+                select(func.max(AgentTranscriptEntry.id)).where(
+                    AgentTranscriptEntry.project_key == project_key,
+                    AgentTranscriptEntry.session_id == session_id,
+                )
+            )
+            return int(last or 0)
+
+    @runs_to_completion
+    async def truncate(self, project_key: str, session_id: str, *, after: int) -> int:
+        """Drop what a session's transcript gained after `mark` said `after`; returns how
+        many entries went."""
+        async with self.db.session() as session:
+            result = await session.execute(
+                delete(AgentTranscriptEntry).where(
+                    AgentTranscriptEntry.project_key == project_key,
+                    AgentTranscriptEntry.session_id == session_id,
+                    AgentTranscriptEntry.id > after,
+                )
+            )
+            return int(getattr(result, "rowcount", 0) or 0)

@@ -34,29 +34,37 @@ from blogchat.content import Post
 from blogchat.engines.base import (
     AgentEngine,
     EngineEvent,
+    Retrying,
     ToolFinished,
     TurnEnded,
     TurnFailed,
     TurnRequest,
 )
 from blogchat.engines.claude import failures
+from blogchat.engines.claude.confinement import AgentDirs, agent_environment
 from blogchat.engines.claude.failures import ProviderFailure
 from blogchat.engines.claude.pool import ProcessPool, StartFailed
 from blogchat.engines.claude.process import WAKE, AgentProcess, AgentSpec, Launch
 from blogchat.engines.claude.turn import DRAIN, SERVER, TOOL_PREFIX, Attempt, Outcome, Tally
 from blogchat.personas import Persona
-from blogchat.settings import Settings
+from blogchat.settings import MIN_THINKING_BUDGET, Settings
 from blogchat.store.transcripts import TranscriptStore
 from blogchat.tools import BlogTools
 
 log = logging.getLogger(__name__)
 
-# The API's smallest thinking budget.
-MIN_THINKING_BUDGET = 1024
 # The earlier conversation handed to a chat that has no stored transcript, at most.
 MAX_CONTEXT_CHARS = 40_000
 STOPPED_TOOL = "Stopped before the tool finished."
 CUT_TOOL = "The turn ended before the tool finished."
+# What the reader is told when the model's answer ended early (done.warning).
+CUT_SHORT_WARNINGS = {
+    "refusal": "Claude declined to go on with this answer, so it ends here.",
+    "max_tokens": (
+        "This answer reached the length limit for one reply and was cut off. "
+        "Ask the assistant to go on if you need more."
+    ),
+}
 
 
 def post_context(post: Post, tools: tuple[str, ...]) -> str:
@@ -92,12 +100,11 @@ class ClaudeEngine(AgentEngine):
         # Spares are started for new chats of this persona, on the model it gives anonymous
         # readers (a registered reader's chat fits them too when it uses that model).
         self._spare_persona = spare_persona
-        agent_dir = (settings.agent_dir or settings.data_dir / "agent").resolve()
+        self.dirs = AgentDirs((settings.agent_dir or settings.data_dir / "agent").resolve())
+        self.dirs.create()
         # A stable working directory: the transcripts' project key derives from it.
-        self.workdir = agent_dir / "workdir"
-        self.config_dir = agent_dir / "config"
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_dir.mkdir(parents=True, exist_ok=True)
+        self.workdir = self.dirs.workdir
+        self.config_dir = self.dirs.config
         self.project_key = project_key_for_directory(self.workdir)
         self.pool = ProcessPool(
             self._new_process,
@@ -115,7 +122,9 @@ class ClaudeEngine(AgentEngine):
     async def run_turn(
         self, request: TurnRequest, stop: asyncio.Event
     ) -> AsyncIterator[EngineEvent]:
-        """Stream one turn; retried unseen when the provider fails before anything streamed."""
+        """Stream one turn. A failed model request is retried by the CLI; a turn whose agent
+        process failed before anything streamed is retried here, from the conversation as
+        it was before the failed attempt."""
         spec = self._spec(request)
         tally = Tally()
         retries = self.settings.provider_retries
@@ -123,6 +132,8 @@ class ClaudeEngine(AgentEngine):
         outcome = Outcome.FAILED
         failure: ProviderFailure | None = None
         while True:
+            # Where the stored conversation ends before this attempt: a retry goes back here.
+            mark = await self.transcripts.mark(self.project_key, request.chat_id)
             try:
                 process = await self._acquire(spec, stop)
             except StartFailed as exc:
@@ -137,6 +148,7 @@ class ClaudeEngine(AgentEngine):
                     stop,
                     tally,
                     stall_seconds=self.settings.stall_seconds,
+                    retry_max_wait=self.settings.provider_retry_max_wait,
                 )
                 async with contextlib.aclosing(self._attempt(attempt)) as events:
                     async for event in events:
@@ -145,12 +157,18 @@ class ClaudeEngine(AgentEngine):
             if (
                 outcome is not Outcome.FAILED
                 or failure is None
-                or not failure.retryable
+                or not failure.engine_retries
                 or tally.forwarded
                 or retries <= 0
             ):
                 break
             log.info("chat %s: retrying in %.1f s after %s", request.chat_id, delay, failure.detail)
+            yield Retrying(
+                attempt=tally.attempts + 1,
+                max_attempts=tally.attempts + retries,
+                delay=delay,
+            )
+            await self._rewind(request.chat_id, mark)
             if await _stopped_within(stop, delay):
                 outcome, failure = Outcome.STOPPED, None
                 break
@@ -250,6 +268,19 @@ class ClaudeEngine(AgentEngine):
             return None
         return process
 
+    async def _rewind(self, chat_id: str, mark: int) -> None:
+        """Before a retry: close the chat's process and cut its stored conversation back to
+        `mark`, so the next attempt's process resumes it as it was before the failed one
+        (the CLI keeps a failed prompt in its conversation: resent into the same process,
+        the question would appear twice)."""
+        process = self.pool.get(chat_id)
+        if process is not None:
+            await self.pool.discard(process)
+        await self.pool.gone(chat_id)
+        await self.transcripts.truncate(self.project_key, chat_id, after=mark)
+        # What was cut is gone: the transcript is sound again.
+        self._start_over.discard(chat_id)
+
     def _give_back(self, acquiring: asyncio.Future[AgentProcess]) -> None:
         if not acquiring.cancelled() and acquiring.exception() is None:
             self.pool.recover(acquiring.result(), DRAIN)
@@ -280,6 +311,8 @@ class ClaudeEngine(AgentEngine):
                 f"The assistant reached its limit of {self.settings.max_turns} steps for one "
                 "message, so this answer may be incomplete. Ask it to go on if you need more."
             )
+        elif outcome is Outcome.COMPLETE and tally.stop_reason is not None:
+            warning = CUT_SHORT_WARNINGS.get(tally.stop_reason)
         metadata: dict[str, object] = {"engine": self.name, "attempts": tally.attempts}
         if tally.result is not None:
             metadata.update(
@@ -295,11 +328,15 @@ class ClaudeEngine(AgentEngine):
         }[outcome]
         return TurnEnded(
             reason=reason,  # type: ignore[arg-type]
-            model=request.model_id,
+            # The model that answered, as the provider says in message_start.
+            model=tally.model or request.model_id,
             input_tokens=tally.input_tokens,
             output_tokens=tally.output_tokens,
             warning=warning,
             metadata=metadata,
+            stop_reason=tally.stop_reason if outcome is not Outcome.STOPPED else None,
+            cache_read_tokens=tally.cache_read_tokens,
+            cache_creation_tokens=tally.cache_creation_tokens,
         )
 
     # --- processes ----------------------------------------------------------------------
@@ -325,19 +362,26 @@ class ClaudeEngine(AgentEngine):
     def _options(self, process: AgentProcess, *, resumed: bool) -> ClaudeAgentOptions:
         spec = process.spec
         settings = self.settings
-        key = settings.anthropic_api_key
-        env = {
-            "ANTHROPIC_API_KEY": key.get_secret_value() if key else "",
-            "CLAUDE_CONFIG_DIR": str(self.config_dir),
+        # Each of these was checked against the bundled CLI (docs/claude.md, "Exactly what
+        # the app decided"); tests/test_claude_exactness.py keeps checking it.
+        flags = {
             # No update checks, telemetry or session-title requests: only the agent loop.
             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
             # Otherwise the CLI hides MCP tools behind its own ToolSearch tool.
             "ENABLE_TOOL_SEARCH": "false",
-            # The CLI's own retries back off for up to minutes; the engine retries instead.
-            "CLAUDE_CODE_MAX_RETRIES": str(settings.cli_max_retries),
+            # The CLI retries a failed model request itself, honouring retry-after.
+            "CLAUDE_CODE_MAX_RETRIES": str(settings.provider_retries),
+            # Send the configured model id as it is: not mapped onto a newer model, and no
+            # other model after a refusal.
+            "CLAUDE_CODE_DISABLE_LEGACY_MODEL_REMAP": "1",
+            "CLAUDE_CODE_DISABLE_REFUSAL_FALLBACK": "1",
+            # After a refusal the turn ends with it: no second request of the CLI's own.
+            "CLAUDE_CODE_DISABLE_REFUSAL_RETRY": "1",
+            # max_tokens from our settings, and the thinking budget below, not the CLI's
+            # defaults for the model.
+            "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(settings.max_output_tokens),
+            "CLAUDE_CODE_DISABLE_ADAPTIVE_THINKING": "1",
         }
-        if settings.anthropic_base_url:
-            env["ANTHROPIC_BASE_URL"] = settings.anthropic_base_url
         thinking: ThinkingConfig = {"type": "disabled"}
         if settings.thinking_budget:
             thinking = {
@@ -356,7 +400,17 @@ class ClaudeEngine(AgentEngine):
             strict_mcp_config=True,
             setting_sources=[],
             cwd=str(self.workdir),
-            env=env,
+            # Started through our launcher, with nothing of the server's environment.
+            cli_path=self.dirs.launcher,
+            env=agent_environment(settings, self.dirs, flags),
+            # A reader's text is delivered as written: no slash command, no @file.
+            verbatim_prompts=True,
+            extra_args={
+                # And no command or skill exists to dispatch to, should that ever change.
+                "disable-slash-commands": None,
+                # No environment section (working directory, OS, shell) in the prompt.
+                "bare": None,
+            },
             model=spec.model_id,
             include_partial_messages=True,
             max_turns=settings.max_turns,

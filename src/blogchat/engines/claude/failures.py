@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 
@@ -13,12 +13,16 @@ class ProviderFailure:
     message: str
     retryable: bool
     code: Literal["model_error", "internal"] = "model_error"
+    # Whether the engine tries the turn again itself. A failed model request was already
+    # retried by the agent CLI (which honours the provider's retry-after); what the CLI
+    # cannot retry is its own crash, a start that failed, or a stream that stalled.
+    engine_retries: bool = False
     # For the logs only.
     detail: str = ""
 
     def because(self, detail: str) -> ProviderFailure:
         """The same failure with what was observed, for the logs."""
-        return ProviderFailure(self.message, self.retryable, self.code, detail)
+        return replace(self, detail=detail)
 
 
 OVERLOADED = ProviderFailure("Claude is overloaded right now. Try again in a moment.", True)
@@ -34,7 +38,9 @@ CUT_OFF = ProviderFailure(
     "try again to get the rest.",
     True,
 )
-STALLED = ProviderFailure("Claude stopped responding. Try again in a moment.", True)
+STALLED = ProviderFailure(
+    "Claude stopped responding. Try again in a moment.", True, engine_retries=True
+)
 NOT_CONFIGURED = ProviderFailure(
     "The assistant is not set up correctly: the Anthropic API key was refused. "
     "The site's owner needs to fix this.",
@@ -52,9 +58,14 @@ TOO_LONG = ProviderFailure(
     "This conversation has grown too long for Claude. Start a new chat to go on.", False
 )
 BAD_REQUEST = ProviderFailure("Claude could not process this request.", False)
-CRASHED = ProviderFailure("The assistant stopped unexpectedly. Try again.", True, "internal")
+CRASHED = ProviderFailure(
+    "The assistant stopped unexpectedly. Try again.", True, "internal", engine_retries=True
+)
 NOT_STARTED = ProviderFailure(
-    "The assistant could not be started. Try again in a moment.", True, "internal"
+    "The assistant could not be started. Try again in a moment.",
+    True,
+    "internal",
+    engine_retries=True,
 )
 
 _BY_STATUS = {

@@ -216,6 +216,13 @@ class ProcessPool:
                 on_lost(process)
             await self.discard(process)
 
+    async def gone(self, chat_id: str) -> None:
+        """Wait until the chat has no process at all, not even one still closing."""
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: chat_id not in self._by_chat and not self._closing_for(chat_id)
+            )
+
     async def forget(self, chat_id: str) -> None:
         """The chat's session closed: close its process (after its turn, if one runs)."""
         async with self._changed:

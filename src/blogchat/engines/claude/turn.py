@@ -11,7 +11,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from claude_agent_sdk import (
@@ -30,6 +30,7 @@ from claude_agent_sdk import (
 from blogchat.engines.base import (
     EngineEvent,
     ModelCall,
+    Retrying,
     TextDelta,
     ThinkingDelta,
     ToolFinished,
@@ -51,6 +52,9 @@ DRAIN = 0.5
 # The in-process MCP server with the blog tools, and the prefix the CLI gives their names.
 SERVER = "blog"
 TOOL_PREFIX = f"mcp__{SERVER}__"
+
+# Stop reasons that end the turn, whatever the CLI would do next (see Attempt._cut_short).
+CUT_SHORT = frozenset({"refusal", "max_tokens"})
 
 # Where a sentence (or a line) ends inside streamed text: a graceful stop cuts there.
 _SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]*_]*(?=\s|$)|\n")
@@ -76,35 +80,65 @@ class Outcome(enum.Enum):
     FAILED = "failed"
 
 
+@dataclass(frozen=True)
+class CallUsage:
+    """Tokens of one model call, as the provider reports them. `input` includes the cached
+    tokens (read from the cache or written to it), which are also counted apart."""
+
+    input: int = 0
+    output: int = 0
+    cache_read: int = 0
+    cache_creation: int = 0
+
+    @classmethod
+    def of(cls, usage: dict[str, Any] | None, output: int | None = None) -> CallUsage:
+        """From the API's `usage` object (`message_start`, an AssistantMessage)."""
+        usage = usage or {}
+        read = int(usage.get("cache_read_input_tokens") or 0)
+        creation = int(usage.get("cache_creation_input_tokens") or 0)
+        return cls(
+            input=int(usage.get("input_tokens") or 0) + read + creation,
+            output=int(usage.get("output_tokens") or 0) if output is None else output,
+            cache_read=read,
+            cache_creation=creation,
+        )
+
+
 @dataclass
 class Tally:
     """What a whole turn produced, across its attempts."""
 
     # Whether anything reached the reader (then a failure can no longer be retried unseen).
     forwarded: bool = False
-    # Tokens per model call (message id): input (cached included) and output.
-    usage: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Tokens per model call, by message id.
+    usage: dict[str, CallUsage] = field(default_factory=dict)
     # Tool calls announced to the reader that have not returned, by tool_use_id.
     open_tools: dict[str, str] = field(default_factory=dict)
     result: ResultMessage | None = None
     attempts: int = 0
+    # The model that answered (from the last `message_start`) and why it stopped.
+    model: str | None = None
+    stop_reason: str | None = None
 
     @property
     def input_tokens(self) -> int:
-        """Input tokens over the turn's model calls."""
-        return sum(tokens for tokens, _ in self.usage.values())
+        """Input tokens over the turn's model calls (cached ones included)."""
+        return sum(call.input for call in self.usage.values())
 
     @property
     def output_tokens(self) -> int:
         """Output tokens over the turn's model calls."""
-        return sum(tokens for _, tokens in self.usage.values())
+        return sum(call.output for call in self.usage.values())
 
+    @property
+    def cache_read_tokens(self) -> int:
+        """Input tokens read from the prompt cache."""
+        return sum(call.cache_read for call in self.usage.values())
 
-def _input_tokens(usage: dict[str, Any]) -> int:
-    return sum(
-        int(usage.get(key) or 0)
-        for key in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
-    )
+    @property
+    def cache_creation_tokens(self) -> int:
+        """Input tokens written to the prompt cache."""
+        return sum(call.cache_creation for call in self.usage.values())
 
 
 def _tool_output(block: ToolResultBlock) -> str:
@@ -127,8 +161,7 @@ class _OpenCall:
     started_at: float
     input: object
     message_id: str | None = None
-    input_tokens: int = 0
-    output_tokens: int = 0
+    usage: CallUsage = field(default_factory=CallUsage)
     first_token_at: float | None = None
     stop_reason: str | None = None
     content: list[dict[str, Any]] = field(default_factory=list)
@@ -146,8 +179,10 @@ class _OpenCall:
             ended_at=time.time(),
             input=self.input,
             output={"role": "assistant", "content": self.content} if self.content else None,
-            input_tokens=self.input_tokens,
-            output_tokens=self.output_tokens,
+            input_tokens=self.usage.input,
+            output_tokens=self.usage.output,
+            cache_read_tokens=self.usage.cache_read,
+            cache_creation_tokens=self.usage.cache_creation,
             first_token_at=self.first_token_at,
             stop_reason=self.stop_reason or stop_reason,
             error=error,
@@ -240,14 +275,14 @@ class ModelCalls:
             body = event.get("message") or {}
             call.message_id = str(body.get("id") or "") or None
             call.model = str(body.get("model") or call.model)
-            call.input_tokens = _input_tokens(body.get("usage") or {})
+            call.usage = CallUsage.of(body.get("usage"), output=0)
             return ended
         if kind == "message_delta" and self._call is not None:
             stop = (event.get("delta") or {}).get("stop_reason")
             self._call.stop_reason = stop or self._call.stop_reason
             output = (event.get("usage") or {}).get("output_tokens")
             if output is not None:
-                self._call.output_tokens = int(output)
+                self._call.usage = replace(self._call.usage, output=int(output))
             return []
         if kind == "message_stop" and self._call is not None:
             if self._call.stop_reason is not None:
@@ -274,9 +309,7 @@ class ModelCalls:
             ended = []
         if call.message_id is None:
             call.message_id = message.message_id
-            usage = message.usage or {}
-            call.input_tokens = _input_tokens(usage)
-            call.output_tokens = int(usage.get("output_tokens") or 0)
+            call.usage = CallUsage.of(message.usage)
             call.stop_reason = message.stop_reason
         call.partial = []
         for block in message.content:
@@ -321,14 +354,18 @@ class Attempt:
         tally: Tally,
         *,
         stall_seconds: float,
+        retry_max_wait: float,
     ) -> None:
         self.process = process
         self.prompt = prompt
         self.stop = stop
         self.tally = tally
         self.stall_seconds = stall_seconds
+        self.retry_max_wait = retry_max_wait
         self.outcome = Outcome.FAILED
         self.failure: ProviderFailure | None = None
+        # The model ended its answer for a reason that ends the turn too (see CUT_SHORT).
+        self.cut_reason: str | None = None
         # Whether the process read this attempt's result and can take the next prompt.
         self.settled = False
         self._error_kind: str | None = None
@@ -371,7 +408,8 @@ class Attempt:
             for call in self.calls.observe(item):
                 yield call
             for event in self._handle(item):
-                self.tally.forwarded = True
+                if not isinstance(event, Retrying):
+                    self.tally.forwarded = True
                 if isinstance(event, (TextDelta, ThinkingDelta)):
                     self._forwarded_in_message = True
                 yield event
@@ -461,8 +499,7 @@ class Attempt:
             self._conclude(item)
             return []
         if isinstance(item, SystemMessage):
-            self._on_system(item)
-            return []
+            return self._on_system(item)
         if isinstance(item, RateLimitEvent):
             log.info("chat %s: rate limit status %s", self.chat_id, item.rate_limit_info)
             return []
@@ -487,8 +524,9 @@ class Attempt:
             self._forwarded_in_message = False
             self._message_ended_well = False
             self._streamed.add(self._open_message)
-            usage = body.get("usage") or {}
-            self.tally.usage[self._open_message] = (_input_tokens(usage), 0)
+            self.tally.usage[self._open_message] = CallUsage.of(body.get("usage"), output=0)
+            if not self._quiet:
+                self.tally.model = str(body.get("model") or "") or self.tally.model
             return []
         if kind == "content_block_start":
             self._block = (event.get("content_block") or {}).get("type")
@@ -504,8 +542,13 @@ class Attempt:
             self._message_ended_well = True
             output = (event.get("usage") or {}).get("output_tokens")
             if self._open_message is not None and output is not None:
-                tokens, _ = self.tally.usage.get(self._open_message, (0, 0))
-                self.tally.usage[self._open_message] = (tokens, int(output))
+                usage = self.tally.usage.get(self._open_message, CallUsage())
+                self.tally.usage[self._open_message] = replace(usage, output=int(output))
+            stop_reason = (event.get("delta") or {}).get("stop_reason")
+            if stop_reason and not self._quiet:
+                self.tally.stop_reason = str(stop_reason)
+                if stop_reason in CUT_SHORT:
+                    self._cut_short(str(stop_reason))
             return []
         if kind == "message_stop":
             if not self._message_ended_well and self._forwarded_in_message:
@@ -548,6 +591,8 @@ class Attempt:
         if message.error is not None:
             # The CLI reports a provider failure as an assistant message ("API Error: ...").
             # That text is not an answer: keep it out of the transcript.
+            if self.cut_reason is not None:
+                return []  # The CLI's word on an answer that already ended the turn.
             self._error_kind = message.error
             text = " ".join(b.text for b in message.content if isinstance(b, TextBlock))
             self.failure = self.failure or failures.classify(None, message.error, text)
@@ -559,11 +604,7 @@ class Attempt:
             if self._open_message is not None and self._forwarded_in_message:
                 self._fail(failures.CUT_OFF.because("unstreamed reply after streamed deltas"))
                 return []
-            usage = message.usage or {}
-            self.tally.usage[message.message_id] = (
-                _input_tokens(usage),
-                int(usage.get("output_tokens") or 0),
-            )
+            self.tally.usage[message.message_id] = CallUsage.of(message.usage)
         events: list[EngineEvent] = []
         for block in message.content:
             if isinstance(block, ToolUseBlock):
@@ -596,27 +637,81 @@ class Attempt:
             self._interrupt(for_stop=True)
         return events
 
-    def _on_system(self, message: SystemMessage) -> None:
+    def _on_system(self, message: SystemMessage) -> list[EngineEvent]:
         data = message.data
         if message.subtype == "api_retry":
-            log.info(
-                "chat %s: the CLI retries a model call (attempt %s of %s, status %s)",
-                self.chat_id,
-                data.get("attempt"),
-                data.get("max_retries"),
-                data.get("error_status"),
-            )
-        elif message.subtype == "mirror_error":
+            return self._on_retry(data)
+        if message.subtype == "model_refusal_no_fallback" and not self._quiet:
+            # The CLI's word that the model refused (before its message_delta says so).
+            self.tally.stop_reason = "refusal"
+            self._cut_short("refusal")
+            return []
+        if message.subtype == "mirror_error":
             log.warning("chat %s: transcript not saved: %s", self.chat_id, data.get("error"))
         elif message.subtype not in ("init", "status", "thinking_tokens"):
             log.debug("chat %s: system message %s", self.chat_id, message.subtype)
+        return []
+
+    def _on_retry(self, data: dict[str, Any]) -> list[EngineEvent]:
+        """The CLI will send a failed model request again after a delay (the provider's
+        retry-after when it gave one): tell the readers, unless the wait is too long."""
+        attempt = int(data.get("attempt") or 1)
+        retries = int(data.get("max_retries") or attempt)
+        delay = int(data.get("retry_delay_ms") or 0) / 1000
+        status = data.get("error_status")
+        log.info(
+            "chat %s: the CLI retries a model call in %.1f s (retry %d of %d, status %s)",
+            self.chat_id,
+            delay,
+            attempt,
+            retries,
+            status,
+        )
+        if self._quiet:
+            return []
+        if self.tally.forwarded:
+            # Part of the answer reached the reader: a new request would start it over.
+            self._fail(failures.CUT_OFF.because(f"the CLI would retry after status {status}"))
+            return []
+        failure = failures.classify(
+            status if isinstance(status, int) else None,
+            str(data.get("error") or "") or None,
+            f"the CLI would retry in {delay:.1f} s",
+        )
+        if not failure.retryable:
+            # A refused key, a missing model, a bad request: trying again cannot help.
+            self._fail(failure)
+            return []
+        if delay > self.retry_max_wait:
+            self._fail(failure.because(f"retry in {delay:.0f} s is beyond the limit"))
+            return []
+        return [Retrying(attempt=attempt + 1, max_attempts=retries + 1, delay=delay)]
+
+    def _cut_short(self, reason: str) -> None:
+        """The model ended its answer on a refusal or at the output limit. The turn ends
+        here, with what the model said, and nothing after it reaches the reader.
+
+        After a refusal the CLI ends the turn itself (CLAUDE_CODE_DISABLE_REFUSAL_RETRY);
+        at the output limit it would ask the model to go on, so it is interrupted."""
+        log.info("chat %s: the model's answer ended with stop reason %s", self.chat_id, reason)
+        self.cut_reason = reason
+        if reason == "refusal":
+            self._quiet = True
+        else:
+            self._interrupt(for_stop=False)
 
     # --- the end ------------------------------------------------------------------------
 
     def _conclude(self, result: ResultMessage | None) -> None:
         self._done = True
+        if result is not None and self.cut_reason is None and result.stop_reason in CUT_SHORT:
+            # (The CLI reports a refusal as an error result: the answer still stands.)
+            self.cut_reason = self.tally.stop_reason = result.stop_reason
         if self._interrupted_for_stop or (self._stop_at is not None and self.failure is None):
             self.outcome = Outcome.STOPPED
+        elif self.cut_reason is not None:
+            self.failure = None
+            self.outcome = Outcome.COMPLETE
         elif self.failure is not None:
             if result is not None and result.api_error_status is not None:
                 self.failure = failures.classify(
