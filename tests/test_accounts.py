@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -383,13 +382,6 @@ async def test_logout_of_an_anonymous_visitor_starts_a_new_anonymous_visitor(
 
 
 # --- throttling --------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def clock() -> Iterator[time_machine.Traveller]:
-    """The wall clock, stopped now for the test and the server; `clock.shift(s)` moves it."""
-    with time_machine.travel(time.time(), tick=False) as traveller:
-        yield traveller
 
 
 def from_address(address: str) -> dict[str, str]:
