@@ -148,6 +148,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await engine.aclose()
             # After the sessions, so that the spans of turns cut short are sent too.
             await telemetry.aclose()
+            visitors.close()
             await limiter.aclose()
             await store.close()
 

@@ -9,9 +9,10 @@ import re
 import secrets
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -22,6 +23,7 @@ from blogchat.ratelimit import Decision, Rate, RateLimiter
 from blogchat.store import Account, EmailTaken, Store
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 COOKIE_NAME = "blogchat_session"
 # Browsers cap cookie lifetimes at 400 days; an anonymous visitor keeps its chats that long.
@@ -108,6 +110,10 @@ class Visitors:
         self._serializer = URLSafeTimedSerializer(secret, salt="blogchat.visitor")
         self._hasher = PasswordHasher()
         self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
+        # argon2 is tens of milliseconds of CPU on several threads of its own (its lanes),
+        # with the GIL released. It runs off the event loop, in one thread, so a burst of
+        # sign-ins queues there instead of taking every core from the loop.
+        self._hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="argon2")
 
     # --- cookies ---------------------------------------------------------------------
 
@@ -162,8 +168,7 @@ class Visitors:
                 retry_after=signup,
             )
         account_id = str(uuid.uuid4())
-        # argon2 takes tens of milliseconds of CPU; off the event loop, so nothing else waits.
-        password_hash = await asyncio.to_thread(self._hasher.hash, password)
+        password_hash = await self._off_loop(self._hasher.hash, password)
         try:
             await self.store.accounts.create_account(account_id, email, password_hash)
         except EmailTaken:
@@ -189,7 +194,7 @@ class Visitors:
         # The owner proved the password: guesses before it no longer hold the account back.
         await self.limiter.clear(self.limits.login_failures_per_account, email)
         if self._hasher.check_needs_rehash(account.password_hash):
-            password_hash = await asyncio.to_thread(self._hasher.hash, password)
+            password_hash = await self._off_loop(self._hasher.hash, password)
             await self.store.accounts.set_password_hash(account.id, password_hash)
         return await self._sign_in(current, account.id, account.email)
 
@@ -232,9 +237,16 @@ class Visitors:
 
     async def _verify(self, account: Account, password: str) -> bool:
         try:
-            return await asyncio.to_thread(self._hasher.verify, account.password_hash, password)
+            return await self._off_loop(self._hasher.verify, account.password_hash, password)
         except (VerificationError, InvalidHashError):
             return False
+
+    async def _off_loop(self, function: Callable[..., _T], *args: str) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._hashing, function, *args)
+
+    def close(self) -> None:
+        """Stop the hashing thread (at shutdown)."""
+        self._hashing.shutdown(wait=False, cancel_futures=True)
 
 
 def _too_many_sign_ins(refusal: Decision) -> AuthError:
