@@ -23,12 +23,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-import redis.asyncio
 from limits import RateLimitItemPerSecond
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
+
+if TYPE_CHECKING:
+    import redis.asyncio
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,9 @@ class RateLimiter:
         if scheme == "memory":
             storage = storage_from_string("async+memory://")
         elif scheme in ("redis", "rediss", "redis+unix"):
+            # Imported only here: the client costs about 20 MB that one instance never needs.
+            import redis.asyncio
+
             # Our own pool, so that closing the limiter closes its connections.
             self._pool = redis.asyncio.ConnectionPool.from_url(
                 storage_uri.replace("redis+unix", "unix")
