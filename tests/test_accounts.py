@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 import time_machine
+from argon2 import PasswordHasher
 from itsdangerous import URLSafeTimedSerializer
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -379,6 +381,38 @@ async def test_logout_of_an_anonymous_visitor_starts_a_new_anonymous_visitor(
     after = await reader.me()
     assert after["anonymous"] is True
     assert after["id"] != before["id"]
+
+
+# --- password hashing ---------------------------------------------------------------------------
+
+
+async def test_passwords_are_hashed_and_checked_off_the_event_loop(
+    server: LiveServer, reader: Reader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # argon2 is tens of milliseconds of CPU: on the event loop it would stall every other
+    # request and stream. A spy on the library records which thread does the work.
+    threads: list[tuple[str, str]] = []
+
+    def spy(name: str) -> Any:
+        original = getattr(PasswordHasher, name)
+
+        def recorded(self: PasswordHasher, *args: Any, **kwargs: Any) -> Any:
+            threads.append((name, threading.current_thread().name))
+            return original(self, *args, **kwargs)
+
+        return recorded
+
+    for name in ("hash", "verify"):
+        monkeypatch.setattr(PasswordHasher, name, spy(name))
+    email = fresh_email()
+    await reader.register(email)
+    await post(reader, "/api/auth/logout", {})
+    assert (await sign_in(reader, email, "wrong password")).status_code == 401
+    assert (await sign_in(reader, fresh_email(), PASSWORD)).status_code == 401
+    assert (await sign_in(reader, email, PASSWORD)).status_code == 200
+    assert [name for name, _ in threads] == ["hash", "verify", "verify", "verify"]
+    loop_thread = server._thread.name
+    assert all(thread != loop_thread for _, thread in threads), threads
 
 
 # --- throttling --------------------------------------------------------------------------------
