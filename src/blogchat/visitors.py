@@ -206,12 +206,12 @@ class Visitors:
         # its place, so an address's limit counts its sign-in attempts.
         per_account = self.limits.login_failures_per_account
         per_address = self.limits.login_failures_per_address
-        for refusal in (
+        for decision in (
             await self.limiter.test(per_account, email),
             await self.limiter.test(per_address, address),
         ):
-            if not refusal.allowed:
-                raise _too_many_sign_ins(refusal)
+            if not decision.allowed:
+                raise _too_many_sign_ins(decision)
         for rate, key in ((per_account, email), (per_address, address)):
             claimed = await self.limiter.hit(rate, key)
             if not claimed.allowed:
