@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.support import Row, info_row, machine, markdown_table, print_rows
 
-BENCHMARKS = ("relay", "concurrency", "claude", "resume", "search")
+BENCHMARKS = ("relay", "concurrency", "claude", "resume", "search", "ratelimit")
 
 
 def relay(quick: bool) -> list[Row]:
@@ -66,12 +66,20 @@ def search(quick: bool) -> list[Row]:
     return bench_search_tool.main(["--queries", "100" if quick else "300"])
 
 
+def ratelimit(quick: bool) -> list[Row]:
+    """6. A rate limit check, in memory and on Redis."""
+    from bench import bench_ratelimit
+
+    return bench_ratelimit.main(["--hits", "4000" if quick else "20000"])
+
+
 RUNNERS: dict[str, Callable[[bool], list[Row]]] = {
     "relay": relay,
     "concurrency": concurrency,
     "claude": claude,
     "resume": resume,
     "search": search,
+    "ratelimit": ratelimit,
 }
 
 

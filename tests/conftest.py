@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
@@ -12,6 +13,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import time_machine
 
 from blogchat.settings import Settings
 from tests.support.client import Reader
@@ -123,3 +125,12 @@ async def other_reader(server: LiveServer) -> AsyncIterator[Reader]:
     """A second, unrelated visitor."""
     async with Reader(server.url) as visitor:
         yield visitor
+
+
+@pytest.fixture
+def clock() -> Iterator[time_machine.Traveller]:
+    """The wall clock, stopped now for the test and its in-process servers (not the event
+    loops' monotonic clock); `clock.shift(seconds)` moves it. Rate limit windows, cookies
+    and stored timestamps all read this clock (see `blogchat.ratelimit`)."""
+    with time_machine.travel(time.time(), tick=False) as traveller:
+        yield traveller

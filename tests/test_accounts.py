@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
+import time_machine
+from argon2 import PasswordHasher
 from itsdangerous import URLSafeTimedSerializer
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -205,6 +209,10 @@ async def test_register_with_a_taken_email_is_a_conflict(
         ("aaaaaaaaaaaaaaa", "too easy to guess"),
         ("abababababab", "too easy to guess"),
         ("x" * 2000, "password"),
+        ("password12", "This is a very common password."),
+        ("qwertyuiop", "This is a top-100 common password."),
+        ("Password2024!", "too easy to guess"),
+        ("zxcvbnmasdf", "too easy to guess"),
     ],
 )
 async def test_register_refuses_a_weak_password_with_a_clear_message(
@@ -220,9 +228,37 @@ async def test_register_refuses_a_weak_password_with_a_clear_message(
 
 async def test_register_refuses_a_password_that_is_the_email(reader: Reader) -> None:
     email = fresh_email()
-    response = await post(reader, "/api/auth/register", {"email": email, "password": email})
+    for password in (email, email.split("@")[0], email.split("@")[0] + "2026"):
+        response = await post(reader, "/api/auth/register", {"email": email, "password": password})
+        assert response.status_code == 422
+        assert "too easy to guess" in response.json()["detail"]
+
+
+async def test_a_weak_password_is_refused_with_advice_on_a_better_one(reader: Reader) -> None:
+    response = await post(
+        reader, "/api/auth/register", {"email": fresh_email(), "password": "password12"}
+    )
     assert response.status_code == 422
-    assert "too easy to guess" in response.json()["detail"]
+    assert response.json()["detail"] == (
+        "That password is too easy to guess. This is a very common password. "
+        "Add another word or two. Uncommon words are better."
+    )
+
+
+@pytest.mark.parametrize(
+    "password",
+    [
+        "correct horse battery",
+        "plum tractor velvet",
+        "k7#Rm2!qXv9$",
+        "plum tractor velvet lantern " * 4,
+    ],
+)
+async def test_register_accepts_a_strong_password(reader: Reader, password: str) -> None:
+    response = await post(
+        reader, "/api/auth/register", {"email": fresh_email(), "password": password}
+    )
+    assert response.status_code == 201, response.text
 
 
 @pytest.mark.parametrize(
@@ -345,6 +381,193 @@ async def test_logout_of_an_anonymous_visitor_starts_a_new_anonymous_visitor(
     after = await reader.me()
     assert after["anonymous"] is True
     assert after["id"] != before["id"]
+
+
+# --- password hashing ---------------------------------------------------------------------------
+
+
+async def test_passwords_are_hashed_and_checked_off_the_event_loop(
+    server: LiveServer, reader: Reader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # argon2 is tens of milliseconds of CPU: on the event loop it would stall every other
+    # request and stream. A spy on the library records which thread does the work.
+    threads: list[tuple[str, str]] = []
+
+    def spy(name: str) -> Any:
+        original = getattr(PasswordHasher, name)
+
+        def recorded(self: PasswordHasher, *args: Any, **kwargs: Any) -> Any:
+            threads.append((name, threading.current_thread().name))
+            return original(self, *args, **kwargs)
+
+        return recorded
+
+    for name in ("hash", "verify"):
+        monkeypatch.setattr(PasswordHasher, name, spy(name))
+    email = fresh_email()
+    await reader.register(email)
+    await post(reader, "/api/auth/logout", {})
+    assert (await sign_in(reader, email, "wrong password")).status_code == 401
+    assert (await sign_in(reader, fresh_email(), PASSWORD)).status_code == 401
+    assert (await sign_in(reader, email, PASSWORD)).status_code == 200
+    assert [name for name, _ in threads] == ["hash", "verify", "verify", "verify"]
+    loop_thread = server._thread.name
+    assert all(thread != loop_thread for _, thread in threads), threads
+
+
+# --- throttling --------------------------------------------------------------------------------
+
+
+def from_address(address: str) -> dict[str, str]:
+    """Headers of a request relayed by a proxy on loopback (trusted by default) for `address`."""
+    return {"X-Forwarded-For": address}
+
+
+async def sign_in(
+    reader: Reader, email: str, password: str, address: str = "203.0.113.1"
+) -> httpx.Response:
+    return await post(
+        reader, "/api/auth/login", {"email": email, "password": password}, **from_address(address)
+    )
+
+
+def assert_throttled(response: httpx.Response, detail: str) -> None:
+    """A 429 with Retry-After, in the API's error style."""
+    assert response.status_code == 429, response.text
+    body = response.json()
+    assert body["code"] == "rate_limited"
+    assert detail in body["detail"]
+    assert body["retryAfter"] == int(response.headers["Retry-After"]) > 0
+    assert session_cookie_header(response) is None
+
+
+async def test_after_ten_failed_sign_ins_the_account_refuses_even_the_right_password(
+    reader: Reader, other_reader: Reader, clock: time_machine.Traveller
+) -> None:
+    email = fresh_email()
+    account = await other_reader.register(email)
+    for attempt in range(10):
+        # From ten addresses: the account's own limit is what holds.
+        wrong = await sign_in(reader, email, "wrong password", f"203.0.113.{attempt + 1}")
+        assert wrong.status_code == 401, (attempt, wrong.text)
+    for address in ("203.0.113.1", "198.51.100.99"):
+        refused = await sign_in(reader, email, PASSWORD, address)
+        assert_throttled(refused, "Too many failed sign-ins. Try again in 15 minutes.")
+        assert int(refused.headers["Retry-After"]) == 900
+    assert (await reader.me())["anonymous"] is True
+    # Another account is not held back.
+    other = fresh_email()
+    await Reader.register(other_reader, other)
+    assert (await sign_in(reader, other, PASSWORD, "198.51.100.7")).status_code == 200
+    assert (await other_reader.me())["id"] != account["id"]
+
+
+async def test_a_throttled_account_signs_in_again_once_the_window_moves(
+    reader: Reader, other_reader: Reader, clock: time_machine.Traveller
+) -> None:
+    email = fresh_email()
+    await other_reader.register(email)
+    for attempt in range(10):
+        await sign_in(reader, email, "wrong password", f"203.0.113.{attempt + 1}")
+    clock.shift(14 * 60)
+    refused = await sign_in(reader, email, PASSWORD, "198.51.100.1")
+    assert_throttled(refused, "Try again in a minute.")
+    assert refused.headers["Retry-After"] == "60"
+    clock.shift(61)
+    accepted = await sign_in(reader, email, PASSWORD, "198.51.100.1")
+    assert accepted.status_code == 200, accepted.text
+    assert (await reader.me())["email"] == email
+
+
+async def test_after_ten_failed_sign_ins_from_one_address_it_may_try_no_account(
+    reader: Reader, other_reader: Reader
+) -> None:
+    email = fresh_email()
+    await other_reader.register(email)
+    for _ in range(10):
+        wrong = await sign_in(reader, fresh_email(), PASSWORD, "203.0.113.50")
+        assert wrong.status_code == 401
+    assert_throttled(await sign_in(reader, email, PASSWORD, "203.0.113.50"), "Too many")
+    # The same account from another address is fine: the address was throttled, not it.
+    assert (await sign_in(reader, email, PASSWORD, "203.0.113.51")).status_code == 200
+
+
+async def test_parallel_guesses_cannot_get_past_the_limit(
+    reader: Reader, other_reader: Reader
+) -> None:
+    email = fresh_email()
+    await other_reader.register(email)
+    guesses = [
+        sign_in(reader, email, f"wrong password {n}", f"203.0.113.{n + 1}") for n in range(40)
+    ]
+    statuses = sorted(response.status_code for response in await asyncio.gather(*guesses))
+    assert statuses == [401] * 10 + [429] * 30
+    assert (await sign_in(reader, email, PASSWORD, "198.51.100.1")).status_code == 429
+
+
+async def test_a_successful_sign_in_gives_the_account_its_failures_back(
+    reader: Reader, other_reader: Reader
+) -> None:
+    email = fresh_email()
+    await other_reader.register(email)
+    for attempt in range(9):
+        await sign_in(reader, email, "wrong password", f"203.0.113.{attempt + 1}")
+    assert (await sign_in(reader, email, PASSWORD, "198.51.100.1")).status_code == 200
+    for attempt in range(10):
+        wrong = await sign_in(reader, email, "wrong password", f"192.0.2.{attempt + 1}")
+        assert wrong.status_code == 401, attempt
+    assert (await sign_in(reader, email, PASSWORD, "198.51.100.2")).status_code == 429
+
+
+async def test_x_forwarded_for_from_an_untrusted_peer_does_not_change_the_address(
+    make_settings: Callable[..., Settings],
+) -> None:
+    # Only 192.0.2.1 is a trusted proxy here: the test client on 127.0.0.1 is not, so the
+    # addresses it claims are ignored and every attempt counts against 127.0.0.1.
+    with running(make_settings(forwarded_allow_ips="192.0.2.1")) as server:
+        async with Reader(server.url) as reader:
+            for n in range(10):
+                wrong = await sign_in(reader, fresh_email(), PASSWORD, f"203.0.113.{n + 1}")
+                assert wrong.status_code == 401
+            assert_throttled(await sign_in(reader, fresh_email(), PASSWORD, "198.51.100.1"), "")
+
+
+async def test_ten_registrations_per_address_per_hour_and_then_the_window_moves(
+    reader: Reader, clock: time_machine.Traveller
+) -> None:
+    def register(address: str) -> Any:
+        body = {"email": fresh_email(), "password": PASSWORD}
+        return post(reader, "/api/auth/register", body, **from_address(address))
+
+    for _ in range(10):
+        assert (await register("203.0.113.9")).status_code == 201
+    refused = await register("203.0.113.9")
+    assert_throttled(refused, "Too many accounts were created from your network.")
+    assert refused.headers["Retry-After"] == "3600"
+    assert (await register("203.0.113.10")).status_code == 201
+    clock.shift(3601)
+    assert (await register("203.0.113.9")).status_code == 201
+
+
+async def test_an_email_already_taken_counts_as_a_registration(reader: Reader) -> None:
+    # Otherwise "already exists" would tell an address which emails have accounts, unbounded.
+    email = fresh_email()
+    await reader.register(email)
+    for _ in range(9):
+        body = {"email": email, "password": PASSWORD}
+        taken = await post(reader, "/api/auth/register", body)
+        assert taken.status_code == 409
+    again = await post(reader, "/api/auth/register", {"email": email, "password": PASSWORD})
+    assert again.status_code == 429
+
+
+async def test_malformed_registrations_do_not_use_up_the_addresss_allowance(
+    reader: Reader,
+) -> None:
+    for _ in range(20):
+        weak = {"email": fresh_email(), "password": "password12"}
+        assert (await post(reader, "/api/auth/register", weak)).status_code == 422
+    await reader.register()
 
 
 # --- anonymous chats move to the account ----------------------------------------------------

@@ -126,6 +126,7 @@ def test_a_command_is_required(tmp_path: Path) -> None:
         ("BLOGCHAT_MAX_FRAME_BYTES", "abc"),
         ("BLOGCHAT_ALLOWED_ORIGINS", "ftp://x"),
         ("DATABASE_URL", "mysql://root@localhost/blog"),
+        ("BLOGCHAT_SECRET_KEY", "k"),
     ],
 )
 def test_a_broken_setting_exits_2_naming_the_variable(

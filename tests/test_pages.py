@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import time_machine
 
 from blogchat.content import Blog
 from blogchat.rendering import render_markdown
@@ -356,6 +357,27 @@ async def test_a_wrong_password_re_renders_the_form_with_an_error_and_the_email(
         assert form.find("input", name="password").attrs["aria-invalid"] == "true"
         assert_labelled_fields(form)
         assert stranger.cookie == before, "a failed sign-in changes nothing"
+        assert (await stranger.me())["anonymous"] is True
+
+
+async def test_a_throttled_sign_in_form_says_when_to_try_again(
+    server: LiveServer, clock: time_machine.Traveller
+) -> None:
+    email = f"reader-{uuid.uuid4().hex[:10]}@example.com"
+    async with Reader(server.url) as owner:
+        await owner.register(email)
+    async with Reader(server.url) as stranger:
+        form = {"email": email, "password": "not the password", "next": "/"}
+        for _ in range(10):
+            assert (await stranger.http.post("/login", data=form)).status_code == 401
+        form["password"] = "correct horse battery"
+        response = await stranger.http.post("/login", data=form)
+        assert response.status_code == 429
+        assert response.headers["Retry-After"] == "900"
+        page = parse(response.text)
+        alert = page.find(role="alert")
+        assert alert.text == "Too many failed sign-ins. Try again in 15 minutes."
+        assert page.find("input", name="email").attrs["value"] == email
         assert (await stranger.me())["anonymous"] is True
 
 

@@ -48,6 +48,26 @@ Tool calls outside the persona's tools:
   Task, Agent, NotebookEdit), another MCP server's tool and a blog tool outside its persona,
   at once, reads, writes, runs and fetches nothing.
 
+Password guessing and mass sign-ups:
+- test_accounts.py: test_after_ten_failed_sign_ins_the_account_refuses_even_the_right_password,
+  test_parallel_guesses_cannot_get_past_the_limit, test_after_ten_failed_sign_ins_from_one_
+  address_it_may_try_no_account, test_ten_registrations_per_address_per_hour_and_then_the_
+  window_moves, test_x_forwarded_for_from_an_untrusted_peer_does_not_change_the_address,
+  test_register_refuses_a_weak_password_with_a_clear_message (zxcvbn)
+- test_settings.py, test_cli.py: a signing key under 32 characters is refused.
+
+Resource exhaustion over HTTP (big bodies, slow bodies, slowloris):
+- test_bodies.py: test_a_declared_body_over_the_cap_is_refused_before_it_is_read (every
+  route), test_a_streamed_body_is_refused_as_it_passes_the_cap, test_a_body_that_trickles_
+  in_too_slowly_gets_408_and_the_connection_closes
+- test_connections.py: test_a_client_that_sends_half_a_header_line_is_answered_408_and_
+  disconnected, test_many_slow_clients_are_all_dropped_and_others_are_served_meanwhile
+
+Framing, sniffing and injected script (security headers):
+- test_headers.py: the CSP on every response, no inline script or style in any template or
+  script, the pages and a chat under the CSP in Chromium with no violation, no other site
+  can frame a page, and the API docs load nothing from another origin.
+
 XSS through blog content and model output:
 - test_rendering.py: test_raw_html_and_dangerous_urls_come_out_inert (every renderer)
 - test_pages.py: test_raw_html_in_a_post_is_shown_as_text_never_run

@@ -74,6 +74,17 @@ def test_every_setting_has_its_own_variable_and_a_description() -> None:
         ("BLOGCHAT_THINKING_BUDGET", "-1"),
         ("BLOGCHAT_OFFLINE_TOKENS_PER_SECOND", "fast"),
         ("BLOGCHAT_SEND_QUEUE_LIMIT", "1.5"),
+        ("BLOGCHAT_SECRET_KEY", "k"),
+        ("BLOGCHAT_SECRET_KEY", "x" * 31),
+        ("BLOGCHAT_LOGIN_FAILURE_LIMIT", "0"),
+        ("BLOGCHAT_LOGIN_FAILURE_WINDOW", "0"),
+        ("BLOGCHAT_REGISTRATION_LIMIT", "none"),
+        ("BLOGCHAT_MAX_BODY_BYTES", "100"),
+        ("BLOGCHAT_BODY_TIMEOUT", "0"),
+        ("BLOGCHAT_HEADER_TIMEOUT", "-1"),
+        ("FORWARDED_ALLOW_IPS", "proxy.internal"),
+        ("FORWARDED_ALLOW_IPS", "10.0.0.1, 10.0.0.0/33"),
+        ("BLOGCHAT_API_DOCS", "maybe"),
     ],
 )
 def test_a_bad_value_is_a_settings_error_naming_the_variable(
@@ -85,7 +96,8 @@ def test_a_bad_value_is_a_settings_error_naming_the_variable(
     message = str(failure.value)
     assert name in message
     # Only the broken variable is blamed.
-    assert set(re.findall(r"\b(?:BLOGCHAT_[A-Z0-9_]+|DATABASE_URL)\b", message)) == {name}
+    named = r"\b(?:BLOGCHAT_[A-Z0-9_]+|DATABASE_URL|FORWARDED_ALLOW_IPS)\b"
+    assert set(re.findall(named, message)) == {name}
 
 
 def test_every_bad_variable_is_named_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -213,6 +225,53 @@ def test_a_configured_secret_key_is_used_and_nothing_is_written(
     assert settings.signing_key() == "a-configured-secret-key-of-decent-length"
     assert not (tmp_path / "data").exists()
     assert "a-configured-secret-key" not in repr(settings)
+
+
+def test_a_short_secret_key_is_refused_with_how_to_make_a_good_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("BLOGCHAT_SECRET_KEY", "k")
+    with pytest.raises(SettingsError) as failure:
+        load_settings(_env_file=None)
+    message = str(failure.value)
+    assert "BLOGCHAT_SECRET_KEY" in message
+    assert "at least 32 characters" in message
+    assert "secrets.token_urlsafe" in message
+    assert "'k'" not in message, "the rejected key is not repeated in the message"
+
+
+def test_a_secret_key_of_32_characters_is_enough(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BLOGCHAT_SECRET_KEY", "k" * 32)
+    assert load_settings(_env_file=None).signing_key() == "k" * 32
+
+
+def test_an_empty_secret_key_means_a_generated_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("BLOGCHAT_SECRET_KEY", "")
+    settings = load_settings(_env_file=None, data_dir=tmp_path / "data")
+    assert settings.signing_key() == (tmp_path / "data" / "secret_key").read_text().strip()
+
+
+def test_the_limits_have_the_documented_defaults() -> None:
+    settings = load_settings(_env_file=None)
+    assert (settings.login_failure_limit, settings.login_failure_window) == (10, 900)
+    assert (settings.registration_limit, settings.registration_window) == (10, 3600)
+    assert settings.max_body_bytes == 1024 * 1024
+    assert settings.body_timeout == settings.header_timeout == 10
+    assert settings.forwarded_allow_ips == ["127.0.0.1", "::1"]
+    assert settings.api_docs is False
+
+
+def test_trusted_proxies_are_addresses_or_networks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", " 10.0.0.1 ,192.168.0.0/16,, fd00::/8")
+    assert load_settings(_env_file=None).forwarded_allow_ips == [
+        "10.0.0.1",
+        "192.168.0.0/16",
+        "fd00::/8",
+    ]
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", "*")
+    assert load_settings(_env_file=None).forwarded_allow_ips == ["*"]
 
 
 def test_servers_starting_together_agree_on_one_generated_secret_key(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from blogchat.engines.offline import OfflineEngine
 from blogchat.hub import Hub
 from blogchat.origins import origin_allowed
 from blogchat.personas import Personas, load_personas
+from blogchat.ratelimit import RateLimiter
 from blogchat.rendering import render_answer
 from blogchat.search import SearchIndex
 from blogchat.session import ChatSessions
@@ -29,8 +30,10 @@ from blogchat.settings import Settings, load_settings
 from blogchat.store import Store
 from blogchat.telemetry import telemetry_for
 from blogchat.tools import BlogTools
-from blogchat.visitors import Visitors
+from blogchat.visitors import AccountLimits, Visitors
 from blogchat.web import api, pages, realtime
+from blogchat.web.bodies import BodyLimit
+from blogchat.web.headers import SecurityHeaders
 from blogchat.web.identity import VisitorMiddleware
 
 log = logging.getLogger(__name__)
@@ -100,7 +103,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             idle_seconds=settings.session_idle_seconds,
             telemetry=telemetry,
         )
-        visitors = Visitors(store, settings.signing_key(), on_chats_moved=sessions.chats_moved)
+        # Counters in memory: one instance. Several instances would share them on Redis.
+        limiter = RateLimiter()
+        visitors = Visitors(
+            store,
+            settings.signing_key(),
+            limiter=limiter,
+            limits=AccountLimits.of(
+                settings.login_failure_limit,
+                settings.login_failure_window,
+                settings.registration_limit,
+                settings.registration_window,
+            ),
+            on_chats_moved=sessions.chats_moved,
+        )
         hub = Hub(
             settings=settings,
             store=store,
@@ -116,6 +132,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.tools = content.tools
         state.personas = content.personas
         state.store = store
+        state.limiter = limiter
         state.engine = engine
         state.telemetry = telemetry
         state.sessions = sessions
@@ -131,20 +148,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await engine.aclose()
             # After the sessions, so that the spans of turns cut short are sent too.
             await telemetry.aclose()
+            visitors.close()
+            await limiter.aclose()
             await store.close()
 
     app = FastAPI(
         title="blogchat",
         summary="A blog with an assistant readers can chat with.",
         lifespan=lifespan,
-        docs_url="/api/docs",
+        # FastAPI's own docs pages load Swagger UI from a CDN with an inline script; ours
+        # (below) serve it from a pinned package, and only when turned on.
+        docs_url=None,
         redoc_url=None,
         openapi_url="/api/openapi.json",
     )
     app.state.settings = settings
     app.add_middleware(OriginGuard, settings=settings)
     app.add_middleware(VisitorMiddleware)
+    # Outermost: an oversize body is refused before anything else runs, and every
+    # response, refusals included, carries the security headers.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
+    app.add_middleware(SecurityHeaders)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    if settings.api_docs:
+        app.mount(
+            "/api/docs/assets",
+            StaticFiles(packages=[("fastapi_offline", "static")]),
+            name="api-docs-assets",
+        )
+        app.add_api_route("/api/docs", _api_docs, include_in_schema=False)
     app.include_router(api.router)
     app.include_router(realtime.router)
     app.include_router(pages.router)
@@ -177,6 +209,17 @@ class OriginGuard:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+async def _api_docs(request: Request) -> Response:
+    return pages.TEMPLATES.TemplateResponse(
+        request,
+        "api_docs.html",
+        {
+            "site_title": request.app.state.settings.site_title,
+            "openapi_url": request.app.openapi_url,
+        },
+    )
 
 
 def _wants_json(request: Request) -> bool:

@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from blogchat.content import ContentError
 from blogchat.personas import PersonaError
 from blogchat.settings import Settings, SettingsError, load_settings
+from blogchat.web.connections import HeaderDeadlineProtocol
 
 log = logging.getLogger("blogchat")
 
@@ -30,7 +31,11 @@ def uvicorn_config(app: FastAPI, settings: Settings, *, host: str, port: int) ->
         ws_max_size=max(4 * settings.max_frame_bytes, 1 << 20),
         ws_ping_interval=settings.ws_ping_interval,
         ws_ping_timeout=settings.ws_ping_interval,
+        http=HeaderDeadlineProtocol.with_header_timeout(settings.header_timeout),
+        # X-Forwarded-For and -Proto are believed only from these peers (uvicorn's own
+        # default is FORWARDED_ALLOW_IPS too, read behind our back; here it is a setting).
         proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=5,
         lifespan="on",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -27,6 +28,8 @@ MIN_THINKING_BUDGET = 1024
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # A full model id: lowercase words, and at least one digit (a version); no "[...]" suffix.
 _MODEL_ID = re.compile(r"(?=[a-z0-9._@:/-]*[0-9])[a-z0-9][a-z0-9._@:/-]*")
+# A cookie-signing key shorter than this can be guessed offline from one signed cookie.
+MIN_SECRET_KEY_LENGTH = 32
 
 
 class SettingsError(Exception):
@@ -105,6 +108,60 @@ class Settings(BaseSettings):
         ge=1,
         validation_alias=_env("BLOGCHAT_MAX_MESSAGE_CHARS"),
         description="Longest chat message a reader may send, in characters.",
+    )
+
+    # Abuse: accounts, requests and where they come from.
+    login_failure_limit: int = Field(
+        default=10,
+        ge=1,
+        validation_alias=_env("BLOGCHAT_LOGIN_FAILURE_LIMIT"),
+        description="Failed sign-ins allowed per account and per client address in the window.",
+    )
+    login_failure_window: int = Field(
+        default=900,
+        ge=1,
+        validation_alias=_env("BLOGCHAT_LOGIN_FAILURE_WINDOW"),
+        description="The window of BLOGCHAT_LOGIN_FAILURE_LIMIT, in seconds.",
+    )
+    registration_limit: int = Field(
+        default=10,
+        ge=1,
+        validation_alias=_env("BLOGCHAT_REGISTRATION_LIMIT"),
+        description="Account registrations allowed per client address in the window.",
+    )
+    registration_window: int = Field(
+        default=3600,
+        ge=1,
+        validation_alias=_env("BLOGCHAT_REGISTRATION_WINDOW"),
+        description="The window of BLOGCHAT_REGISTRATION_LIMIT, in seconds.",
+    )
+    max_body_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        validation_alias=_env("BLOGCHAT_MAX_BODY_BYTES"),
+        description="Largest request body accepted on any route, in bytes (larger: 413).",
+    )
+    body_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        validation_alias=_env("BLOGCHAT_BODY_TIMEOUT"),
+        description="Seconds a request body may take to arrive (slower: 408).",
+    )
+    header_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        validation_alias=_env("BLOGCHAT_HEADER_TIMEOUT"),
+        description="Seconds a request's headers may take to arrive before the connection closes.",
+    )
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.1", "::1"],
+        validation_alias=_env("FORWARDED_ALLOW_IPS"),
+        description="Proxies (addresses or networks, comma-separated) trusted for X-Forwarded-*.",
+    )
+    api_docs: bool = Field(
+        default=False,
+        validation_alias=_env("BLOGCHAT_API_DOCS"),
+        description="Serve the interactive API docs at /api/docs (from local assets).",
     )
 
     # Realtime.
@@ -310,6 +367,38 @@ class Settings(BaseSettings):
         for origin in value:
             if not origin.startswith(("http://", "https://")):
                 raise ValueError(f"origin {origin!r} must start with http:// or https://")
+        return value
+
+    @field_validator("secret_key")
+    @classmethod
+    def _check_secret_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty value means "not set": the generated key is used.
+        if value is not None and 0 < len(value.get_secret_value()) < MIN_SECRET_KEY_LENGTH:
+            raise ValueError(
+                f"must be at least {MIN_SECRET_KEY_LENGTH} characters of random text "
+                "(python -c 'import secrets; print(secrets.token_urlsafe(48))')"
+            )
+        return value
+
+    @field_validator("forwarded_allow_ips", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _check_proxies(cls, value: list[str]) -> list[str]:
+        for proxy in value:
+            if proxy == "*":
+                continue
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{proxy!r} is not an IP address, a network (10.0.0.0/8) or *"
+                ) from None
         return value
 
     @field_validator("agent_env_passthrough", mode="before")

@@ -2,28 +2,40 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import re
 import secrets
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from itsdangerous import BadSignature, URLSafeTimedSerializer
+from zxcvbn import zxcvbn
 
+from blogchat.ratelimit import Decision, Rate, RateLimiter
 from blogchat.store import Account, EmailTaken, Store
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 COOKIE_NAME = "blogchat_session"
 # Browsers cap cookie lifetimes at 400 days; an anonymous visitor keeps its chats that long.
 COOKIE_MAX_AGE = 400 * 24 * 3600
 LOGIN_TTL = timedelta(days=30)
 MIN_PASSWORD_LENGTH = 10
+MAX_PASSWORD_LENGTH = 1024
+# zxcvbn's score: 3 is "safely unguessable" (about 10^10 guesses), enough against an
+# offline attack on a slow hash. It reads at most this many characters (its cost grows
+# fast with length); a longer password is judged on its beginning.
+MIN_PASSWORD_SCORE = 3
+ZXCVBN_MAX_LENGTH = 72
 
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
 
@@ -42,11 +54,40 @@ class Visitor:
 class AuthError(Exception):
     """A registration or login that cannot go through; the message is for the visitor."""
 
-    def __init__(self, message: str, *, status: int, field: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        field: str | None = None,
+        retry_after: Decision | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.field = field
+        # Set on a 429: when the visitor may try again.
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class AccountLimits:
+    """How often an address or an account may fail to sign in, and an address sign up."""
+
+    login_failures_per_account: Rate
+    login_failures_per_address: Rate
+    registrations_per_address: Rate
+
+    @classmethod
+    def of(
+        cls, failures: int, failure_window: int, signups: int, signup_window: int
+    ) -> AccountLimits:
+        """The three rates from the settings' numbers."""
+        return cls(
+            Rate("login-failures-account", failures, failure_window),
+            Rate("login-failures-address", failures, failure_window),
+            Rate("registrations-address", signups, signup_window),
+        )
 
 
 class Visitors:
@@ -57,14 +98,22 @@ class Visitors:
         store: Store,
         secret: str,
         *,
+        limiter: RateLimiter,
+        limits: AccountLimits,
         on_chats_moved: Callable[[str, str], None] | None = None,
     ) -> None:
         self.store = store
+        self.limiter = limiter
+        self.limits = limits
         # Live chat sessions cache their chat's owner; they must hear when chats move.
         self._on_chats_moved = on_chats_moved
         self._serializer = URLSafeTimedSerializer(secret, salt="blogchat.visitor")
         self._hasher = PasswordHasher()
         self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
+        # argon2 is tens of milliseconds of CPU on several threads of its own (its lanes),
+        # with the GIL released. It runs off the event loop, in one thread, so a burst of
+        # sign-ins queues there instead of taking every core from the loop.
+        self._hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="argon2")
 
     # --- cookies ---------------------------------------------------------------------
 
@@ -102,13 +151,26 @@ class Visitors:
 
     # --- accounts --------------------------------------------------------------------
 
-    async def register(self, current: Visitor, email: str, password: str) -> Visitor:
+    async def register(
+        self, current: Visitor, email: str, password: str, *, address: str
+    ) -> Visitor:
         """Create an account, sign this browser in, and bring its anonymous chats along."""
         email = _check_email(email)
         _check_password(password, email)
+        # Counted once the request is well-formed, and before the database answers, so the
+        # limit also bounds how many emails an address can probe with "already exists".
+        signup = await self.limiter.hit(self.limits.registrations_per_address, address)
+        if not signup.allowed:
+            raise AuthError(
+                "Too many accounts were created from your network. "
+                f"Try again {_in_time(signup.retry_after)}.",
+                status=429,
+                retry_after=signup,
+            )
         account_id = str(uuid.uuid4())
+        password_hash = await self._off_loop(self._hasher.hash, password)
         try:
-            await self.store.accounts.create_account(account_id, email, self._hasher.hash(password))
+            await self.store.accounts.create_account(account_id, email, password_hash)
         except EmailTaken:
             raise AuthError(
                 "An account with this email already exists. Sign in instead.",
@@ -117,20 +179,43 @@ class Visitors:
             ) from None
         return await self._sign_in(current, account_id, email)
 
-    async def login(self, current: Visitor, email: str, password: str) -> Visitor:
+    async def login(self, current: Visitor, email: str, password: str, *, address: str) -> Visitor:
         """Check a password and sign this browser in, bringing its anonymous chats along."""
         email = email.strip().lower()
+        await self._claim_login_attempt(email, address)
         account = await self.store.accounts.find_account(email)
         if account is None:
             # Spend the same time as a real check, so timing does not tell which emails
             # have accounts.
-            self._verify(Account("", email, self._dummy_hash), password)
+            await self._verify(Account("", email, self._dummy_hash), password)
             raise AuthError("Wrong email or password.", status=401)
-        if not self._verify(account, password):
+        if not await self._verify(account, password):
             raise AuthError("Wrong email or password.", status=401)
+        # The owner proved the password: guesses before it no longer hold the account back.
+        await self.limiter.clear(self.limits.login_failures_per_account, email)
         if self._hasher.check_needs_rehash(account.password_hash):
-            await self.store.accounts.set_password_hash(account.id, self._hasher.hash(password))
+            password_hash = await self._off_loop(self._hasher.hash, password)
+            await self.store.accounts.set_password_hash(account.id, password_hash)
         return await self._sign_in(current, account.id, account.email)
+
+    async def _claim_login_attempt(self, email: str, address: str) -> None:
+        # An attempt takes its place in both windows *before* the password is checked, so
+        # that parallel guesses cannot all pass a check made before any of them failed, and
+        # a throttled account cannot be signed into even with the right password. A
+        # successful sign-in gives the account's places back (above); the address keeps
+        # its place, so an address's limit counts its sign-in attempts.
+        per_account = self.limits.login_failures_per_account
+        per_address = self.limits.login_failures_per_address
+        for decision in (
+            await self.limiter.test(per_account, email),
+            await self.limiter.test(per_address, address),
+        ):
+            if not decision.allowed:
+                raise _too_many_sign_ins(decision)
+        for rate, key in ((per_account, email), (per_address, address)):
+            claimed = await self.limiter.hit(rate, key)
+            if not claimed.allowed:
+                raise _too_many_sign_ins(claimed)
 
     async def logout(self, current: Visitor) -> Visitor:
         """Revoke this browser's login; it becomes a new anonymous visitor."""
@@ -150,11 +235,32 @@ class Visitors:
         token = await self.store.accounts.start_login(account_id, LOGIN_TTL)
         return Visitor(id=account_id, anonymous=False, email=email, login_token=token)
 
-    def _verify(self, account: Account, password: str) -> bool:
+    async def _verify(self, account: Account, password: str) -> bool:
         try:
-            return self._hasher.verify(account.password_hash, password)
+            return await self._off_loop(self._hasher.verify, account.password_hash, password)
         except (VerificationError, InvalidHashError):
             return False
+
+    async def _off_loop(self, function: Callable[..., _T], *args: str) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._hashing, function, *args)
+
+    def close(self) -> None:
+        """Stop the hashing thread (at shutdown)."""
+        self._hashing.shutdown(wait=False, cancel_futures=True)
+
+
+def _too_many_sign_ins(refusal: Decision) -> AuthError:
+    return AuthError(
+        f"Too many failed sign-ins. Try again {_in_time(refusal.retry_after)}.",
+        status=429,
+        retry_after=refusal,
+    )
+
+
+def _in_time(seconds: float) -> str:
+    if seconds <= 60:
+        return "in a minute"
+    return f"in {math.ceil(seconds / 60)} minutes"
 
 
 def _check_email(email: str) -> str:
@@ -171,11 +277,16 @@ def _check_password(password: str, email: str) -> None:
             status=422,
             field="password",
         )
-    if len(password) > 1024:
+    if len(password) > MAX_PASSWORD_LENGTH:
         raise AuthError("That password is too long.", status=422, field="password")
-    if len(set(password)) < 4 or password.lower() in email:
+    strength = zxcvbn(
+        password[:ZXCVBN_MAX_LENGTH], user_inputs=[email, email.split("@")[0], "blogchat"]
+    )
+    if strength["score"] < MIN_PASSWORD_SCORE:
+        feedback = strength["feedback"]
+        advice = " ".join([feedback["warning"], *feedback["suggestions"]]).strip()
         raise AuthError(
-            "That password is too easy to guess. Mix in more different characters.",
+            "That password is too easy to guess." + (f" {advice}" if advice else ""),
             status=422,
             field="password",
         )

@@ -14,6 +14,7 @@ from blogchat import protocol as wire
 from blogchat.session import chat_info, message_info
 from blogchat.store import ChatRecord
 from blogchat.visitors import AuthError, Visitor
+from blogchat.web.addresses import client_address
 from blogchat.web.deps import (
     ChatIdPath,
     CurrentVisitor,
@@ -87,6 +88,15 @@ class ChatDetail(_Body):
     messages: list[wire.MessageInfo]
 
 
+def _refused(exc: AuthError) -> JSONResponse:
+    body: dict[str, Any] = {"detail": exc.message}
+    headers = {}
+    if exc.retry_after is not None:
+        body |= {"code": "rate_limited", "retryAfter": int(exc.retry_after.retry_after_header)}
+        headers["Retry-After"] = exc.retry_after.retry_after_header
+    return JSONResponse(body, status_code=exc.status, headers=headers)
+
+
 def _me(visitor: Visitor) -> Me:
     return Me(id=visitor.id, anonymous=visitor.anonymous, email=visitor.email)
 
@@ -109,30 +119,43 @@ async def me(visitor: CurrentVisitor) -> Me:
     "/auth/register",
     status_code=status.HTTP_201_CREATED,
     response_model=Me,
-    responses={409: {"description": "Email taken"}, 422: {"description": "Weak password"}},
+    responses={
+        409: {"description": "Email taken"},
+        422: {"description": "Weak password"},
+        429: {"description": "Too many registrations from this address (Retry-After)"},
+    },
 )
 async def register(
     body: Credentials, request: Request, visitor: CurrentVisitor, visitors: VisitorsDep
 ) -> JSONResponse:
     """Create an account and sign this browser in; its anonymous chats come along."""
     try:
-        account = await visitors.register(visitor, body.email, body.password)
+        account = await visitors.register(
+            visitor, body.email, body.password, address=client_address(request.scope)
+        )
     except AuthError as exc:
-        raise HTTPException(exc.status, exc.message) from None
+        return _refused(exc)
     return _signed_in(request, visitors, account, status.HTTP_201_CREATED)
 
 
 @router.post(
-    "/auth/login", response_model=Me, responses={401: {"description": "Wrong email or password"}}
+    "/auth/login",
+    response_model=Me,
+    responses={
+        401: {"description": "Wrong email or password"},
+        429: {"description": "Too many failed sign-ins (Retry-After)"},
+    },
 )
 async def login(
     body: Credentials, request: Request, visitor: CurrentVisitor, visitors: VisitorsDep
 ) -> JSONResponse:
     """Sign this browser in; its anonymous chats move to the account."""
     try:
-        account = await visitors.login(visitor, body.email, body.password)
+        account = await visitors.login(
+            visitor, body.email, body.password, address=client_address(request.scope)
+        )
     except AuthError as exc:
-        raise HTTPException(exc.status, exc.message) from None
+        return _refused(exc)
     return _signed_in(request, visitors, account, status.HTTP_200_OK)
 
 

@@ -20,6 +20,7 @@ from blogchat.content import Blog, Post
 from blogchat.protocol import no_nul
 from blogchat.rendering import render_markdown
 from blogchat.visitors import MIN_PASSWORD_LENGTH, AuthError
+from blogchat.web.addresses import client_address
 from blogchat.web.deps import (
     BlogDep,
     ChatIdPath,
@@ -301,15 +302,16 @@ async def _auth_form(
     next_url: str,
 ) -> Response:
     target = _safe_next(next_url)
+    address = client_address(request.scope)
     try:
         if not email.strip() or not password:
             raise AuthError("Enter your email and a password.", status=422)
         if mode == "login":
-            account = await visitors.login(visitor, email, password)
+            account = await visitors.login(visitor, email, password, address=address)
         else:
-            account = await visitors.register(visitor, email, password)
+            account = await visitors.register(visitor, email, password, address=address)
     except AuthError as exc:
-        return render(
+        page = render(
             request,
             "auth.html",
             status_code=exc.status,
@@ -319,6 +321,9 @@ async def _auth_form(
             error_field=exc.field,
             email=email,
         )
+        if exc.retry_after is not None:
+            page.headers["Retry-After"] = exc.retry_after.retry_after_header
+        return page
     response = RedirectResponse(target, status_code=status.HTTP_303_SEE_OTHER)
     set_visitor_cookie(response, request, visitors, account)
     return response

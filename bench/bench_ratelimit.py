@@ -1,0 +1,88 @@
+"""Rate limits: what one check costs (goal: p50 < 0.2 ms in memory), and on a real Redis.
+
+Run with `uv run python bench/bench_ratelimit.py`. It times `RateLimiter.hit` (a moving
+window of the `limits` library) for many keys, as a chat message or a sign-in would call
+it, in memory and on the Redis at 127.0.0.1:6379 (skipped if none answers), and a refused
+hit, which also works out `retry_after`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.support import Row, goal_row, info_row, print_rows, summarize
+from blogchat.ratelimit import Rate, RateLimiter
+
+BENCH = "6. rate limits"
+GOAL_P50_MS = 0.2
+RATE = Rate("bench", 20, 3600)
+
+
+async def time_hits(limiter: RateLimiter, hits: int, keys: int) -> tuple[list[float], list[float]]:
+    """Seconds per allowed hit (spread over `keys` keys) and per refused hit."""
+    allowed: list[float] = []
+    refused: list[float] = []
+    for n in range(hits):
+        key = f"visitor-{n % keys}"
+        started = time.perf_counter()
+        decision = await limiter.hit(RATE, key)
+        (allowed if decision.allowed else refused).append(time.perf_counter() - started)
+    return allowed, refused
+
+
+async def measure(hits: int, keys: int, redis_url: str) -> list[Row]:
+    rows: list[Row] = []
+    memory = RateLimiter()
+    await time_hits(memory, 1000, 50)  # warm-up
+    allowed, refused = await time_hits(memory, hits, keys)
+    done = summarize(allowed)
+    rows.append(
+        goal_row(
+            BENCH,
+            f"hit in memory, p50 ({keys:,} keys)",
+            measured=done.p50 * 1000,
+            goal=GOAL_P50_MS,
+            unit="ms",
+            shown=f"{done.p50 * 1000:.3f} ms (p99 {done.p99 * 1000:.3f}, n={done.n})",
+        )
+    )
+    if refused:
+        rows.append(info_row(BENCH, "refused hit in memory (with retry_after)", _ms(refused)))
+    redis = RateLimiter(redis_url, prefix=f"bench-{uuid.uuid4().hex}")
+    try:
+        await time_hits(redis, 200, 50)
+        allowed, _ = await time_hits(redis, hits // 4, keys)
+        rows.append(info_row(BENCH, "hit on Redis (loopback)", _ms(allowed)))
+    except OSError as exc:
+        rows.append(info_row(BENCH, "hit on Redis", f"not measured: {exc}"))
+    finally:
+        await redis.aclose()
+    return rows
+
+
+def _ms(samples: list[float]) -> str:
+    done = summarize(samples)
+    return f"p50 {done.p50 * 1000:.3f} ms, p99 {done.p99 * 1000:.3f} ms (n={done.n})"
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    """Parse arguments, run, print; returns the rows for the runner."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--hits", type=int, default=20000)
+    parser.add_argument("--keys", type=int, default=2000)
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    args = parser.parse_args(argv)
+    rows = asyncio.run(measure(args.hits, args.keys, args.redis))
+    print_rows("Rate limits", rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
