@@ -68,7 +68,7 @@ def test_the_documented_error_codes_are_exactly_the_modules() -> None:
 def test_the_documented_close_codes_and_settings_exist() -> None:
     for code in ("1001", "1009", "4008", "4401", "4403"):
         assert code in DOC
-    from blogchat.hub import CLOSE_FORBIDDEN_ORIGIN, CLOSE_SLOW_CONSUMER, CLOSE_UNAUTHORIZED
+    from blogchat.connection import CLOSE_FORBIDDEN_ORIGIN, CLOSE_SLOW_CONSUMER, CLOSE_UNAUTHORIZED
 
     assert {CLOSE_UNAUTHORIZED, CLOSE_FORBIDDEN_ORIGIN, CLOSE_SLOW_CONSUMER} == {4401, 4403, 4008}
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from playwright.async_api import BrowserContext, Page, expect
 
-from blogchat.hub import CLOSE_GOING_AWAY
+from blogchat.connection import CLOSE_GOING_AWAY
 from blogchat.settings import Settings
 from tests.support.anthropic_server import AnthropicTestServer, error, reply, text
 from tests.support.server import LiveServer, running

@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from blogchat.chats import Chats
 from blogchat.content import Blog
 from blogchat.engines.base import AgentEngine
 from blogchat.engines.offline import OfflineEngine
@@ -117,14 +118,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ),
             on_chats_moved=sessions.chats_moved,
         )
-        hub = Hub(
+        chats = Chats(
             settings=settings,
             store=store,
-            visitors=visitors,
             sessions=sessions,
+            engine=engine,
             personas=content.personas,
             blog=content.blog,
         )
+        hub = Hub(settings=settings, visitors=visitors, chats=chats, sessions=sessions)
         state = app.state
         state.settings = settings
         state.blog = content.blog
@@ -137,9 +139,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.telemetry = telemetry
         state.sessions = sessions
         state.visitors = visitors
+        state.chats = chats
         state.hub = hub
         sessions.start()
         engine.start()
+        waiting = await chats.answer_waiting()
+        if waiting:
+            log.warning("answering %d message(s) left waiting when the server stopped", waiting)
         try:
             yield
         finally:

@@ -49,6 +49,12 @@ class Fanout(Protocol):
     def publish(self, frame: str) -> None:
         """Deliver a frame to every subscriber."""
 
+    def clear(self) -> None:
+        """Stop delivering to anyone."""
+
+    def __contains__(self, subscriber: object) -> bool:
+        """Whether a subscriber gets the frames."""
+
     def __len__(self) -> int:
         """How many subscribers there are."""
 
@@ -113,6 +119,10 @@ class MemoryFanout:
         """Deliver to everyone; a subscriber may unsubscribe while we iterate."""
         for subscriber in list(self._subscribers):
             subscriber.deliver(frame)
+
+    def clear(self) -> None:
+        """Stop delivering to anyone."""
+        self._subscribers.clear()
 
     def __contains__(self, subscriber: object) -> bool:
         return subscriber in self._subscribers

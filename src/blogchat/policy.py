@@ -17,10 +17,6 @@ LABELS: Final[dict[ModelAlias, str]] = {"haiku": "Haiku", "sonnet": "Sonnet", "o
 Engine = Literal["claude", "offline"]
 
 
-class ModelNotAllowed(Exception):
-    """An anonymous visitor asked for a model other than haiku."""
-
-
 @dataclass(frozen=True)
 class ModelChoice:
     """A model as listed to a visitor by `GET /api/models`."""
@@ -51,12 +47,6 @@ def default_for(persona: Persona, *, anonymous: bool) -> ModelAlias:
     if chosen is not None and allowed(chosen, anonymous=anonymous):  # type: ignore[arg-type]
         return chosen  # type: ignore[return-value]
     return DEFAULT_MODEL
-
-
-def check(alias: ModelAlias, *, anonymous: bool) -> None:
-    """Raise ModelNotAllowed when the visitor may not use the model."""
-    if not allowed(alias, anonymous=anonymous):
-        raise ModelNotAllowed(alias)
 
 
 def choices(settings: Settings, *, anonymous: bool) -> list[ModelChoice]:

@@ -1,5 +1,8 @@
 """ChatSession: one per chat in use. It queues user messages, runs one turn at a time, and
 turns engine events into numbered transcript events that it logs, saves and fans out.
+
+Its parts live beside it: seqs come from `seqs.SeqCounter`, the answer being written is a
+`drafts.Draft`, and the wire views of records are in `views.py`.
 """
 
 from __future__ import annotations
@@ -12,15 +15,17 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from blogchat import protocol as wire
 from blogchat.content import Blog
+from blogchat.drafts import Draft, new_answer
 from blogchat.engines.base import (
     AgentEngine,
     EngineEvent,
     ModelCall,
+    PastMessage,
     Retrying,
     TextDelta,
     ThinkingDelta,
@@ -32,22 +37,16 @@ from blogchat.engines.base import (
 )
 from blogchat.eventlog import EventLog, Fanout, MemoryEventLog, MemoryFanout, Subscriber
 from blogchat.personas import Persona, Personas
-from blogchat.store import (
-    STREAMING,
-    ChatRecord,
-    MessageRecord,
-    Store,
-    ToolCallRecord,
-)
+from blogchat.seqs import SeqCounter, SeqsExhausted
+from blogchat.store import ChatRecord, MessageRecord, Store
 from blogchat.store.chats import conversation_order
-from blogchat.store.tables import utcnow
 from blogchat.telemetry import NO_TRACE, Telemetry, TurnStart, TurnTrace
+from blogchat.views import Renderer, chat_info, message_info, usage_of, user_message_event
 
 log = logging.getLogger(__name__)
 
-# Seqs are reserved in the database this many at a time, so that handing one out rarely
-# costs a write, and a crash never lets a seq be used twice.
-SEQ_BLOCK = 1000
+NOT_SAVED = "The answer could not be saved. Try again in a moment."
+NO_SEQS = "The chat could not be saved. Try again in a moment."
 
 
 class SessionState(enum.Enum):
@@ -70,8 +69,10 @@ class SessionTimings:
     stop_grace: float = 1.6
 
 
-@dataclass
-class _PendingTurn:
+@dataclass(frozen=True)
+class PendingTurn:
+    """A saved user message waiting for its answer, and the model it asked for."""
+
     user: MessageRecord
     model_alias: wire.ModelAlias
     model_id: str
@@ -89,78 +90,6 @@ class _Outcome:
     stop_reason: str | None = None
     warning: str | None = None
     failure: TurnFailed | None = None
-
-
-def usage_of(
-    input_tokens: int | None,
-    output_tokens: int | None,
-    cache_read_tokens: int | None = None,
-    cache_creation_tokens: int | None = None,
-) -> wire.Usage:
-    """Token counts as the protocol shows them (cache counts only when there are some)."""
-    cached = bool(cache_read_tokens or cache_creation_tokens)
-    return wire.Usage(
-        input_tokens=input_tokens or 0,
-        output_tokens=output_tokens or 0,
-        cache_read_tokens=(cache_read_tokens or 0) if cached else None,
-        cache_creation_tokens=(cache_creation_tokens or 0) if cached else None,
-    )
-
-
-Renderer = Callable[[str], str]
-
-
-def message_info(record: MessageRecord, render: Renderer) -> wire.MessageInfo:
-    """A stored message as the protocol shows it in histories."""
-    finished = record.status != STREAMING
-    usage = None
-    if record.input_tokens is not None or record.output_tokens is not None:
-        usage = usage_of(
-            record.input_tokens,
-            record.output_tokens,
-            record.cache_read_tokens,
-            record.cache_creation_tokens,
-        )
-    return wire.MessageInfo(
-        id=record.id,
-        role="user" if record.role == "user" else "assistant",
-        text=record.text,
-        thinking=record.thinking or None,
-        tool_calls=[
-            wire.ToolCallInfo(
-                tool_use_id=call.tool_use_id,
-                name=call.name,
-                input=call.input,
-                output=call.output,
-                is_error=call.is_error,
-            )
-            for call in record.tool_calls
-        ],
-        status="incomplete" if record.status == STREAMING else record.status,
-        model=record.model,
-        usage=usage,
-        created_at=record.created_at,
-        client_message_id=record.client_message_id,
-        html=render(record.text) if record.role == "assistant" and finished else None,
-        warning=record.warning,
-        error=record.error,
-        seq_start=record.seq_start,
-        seq_end=record.seq_end,
-        stop_reason=record.stop_reason,
-    )
-
-
-def chat_info(chat: ChatRecord) -> wire.ChatInfo:
-    """A chat's row as the protocol shows it."""
-    return wire.ChatInfo(
-        id=chat.id,
-        title=chat.title,
-        model=chat.model,
-        persona=chat.persona,
-        created_at=chat.created_at,
-        updated_at=chat.updated_at,
-        post=chat.post_slug,
-    )
 
 
 class ChatSession:
@@ -191,14 +120,12 @@ class ChatSession:
         self.state = SessionState.IDLE
         # The seq of the last event published: what subscribers and histories see.
         self.last_seq = chat.last_seq
-        # The last seq handed out; it runs ahead of last_seq while an event is being saved.
-        self._allocated = chat.last_seq
+        self.seqs = SeqCounter(chat.last_seq, self._reserve)
         self.log: EventLog = MemoryEventLog(chat.last_seq)
         self.fanout: Fanout = MemoryFanout()
-        self.draft: MessageRecord | None = None
+        self.draft: Draft | None = None
         self.last_activity = time.monotonic()
-        self._reserved = chat.last_seq
-        self._queue: deque[_PendingTurn] = deque()
+        self._queue: deque[PendingTurn] = deque()
         # Held while a seq is handed out and until its event is published, so that events
         # reach the log and subscribers in seq order even when saving one takes a while.
         self._lock = asyncio.Lock()
@@ -231,8 +158,8 @@ class ChatSession:
     def messages(self) -> list[MessageRecord]:
         """The transcript as published so far, including the running answer."""
         records = list(self.history)
-        if self.draft is not None and self.draft.seq_start:
-            records.append(self.draft)
+        if self.draft is not None and self.draft.started:
+            records.append(self.draft.record)
         return conversation_order(records)
 
     def message_infos(self) -> list[wire.MessageInfo]:
@@ -278,6 +205,16 @@ class ChatSession:
         self.fanout.discard(subscriber)
         self.last_activity = time.monotonic()
 
+    def watched_by(self, subscriber: Subscriber) -> bool:
+        """Whether this subscriber gets the chat's events."""
+        return subscriber in self.fanout
+
+    def deleted(self) -> None:
+        """The chat was deleted: tell its subscribers, and stop sending them anything."""
+        gone = wire.Error(code="not_found", message="This chat was deleted.", chat_id=self.chat.id)
+        self.fanout.publish(gone.to_json())
+        self.fanout.clear()
+
     # --- commands ---------------------------------------------------------------------
 
     async def accept(
@@ -292,7 +229,7 @@ class ChatSession:
         """Save a user message, announce it, and queue its turn."""
         self._ensure_open()
         async with self._lock:
-            seq = await self._next_seq()
+            seq = await self.seqs.next()
             record = MessageRecord(
                 id=str(uuid.uuid4()),
                 chat_id=self.chat.id,
@@ -305,16 +242,22 @@ class ChatSession:
             try:
                 await self.store.chats.add_message(record)
             except BaseException:
-                # Nothing was published with this seq: give it back so seqs stay dense.
-                self._allocated = seq - 1
+                # Nothing was published with this seq: the next event takes it.
+                self.seqs.give_back(seq)
                 raise
             self.history.append(record)
             self._publish(seq, user_message_event(record))
-        self._queue.append(_PendingTurn(record, model_alias, model_id, anonymous))
-        self.last_activity = time.monotonic()
-        if self._runner is None or self._runner.done():
-            self._runner = asyncio.create_task(self._run_queue(), name=f"chat-{self.chat.id}")
+        self.enqueue(PendingTurn(record, model_alias, model_id, anonymous))
         return record
+
+    def enqueue(self, *turns: PendingTurn) -> None:
+        """Queue saved user messages for their answers, in order (new ones, or those left
+        waiting when the server stopped)."""
+        self._ensure_open()
+        self._queue.extend(turns)
+        self.last_activity = time.monotonic()
+        if self._queue and (self._runner is None or self._runner.done()):
+            self._runner = asyncio.create_task(self._run_queue(), name=f"chat-{self.chat.id}")
 
     def stop(self) -> None:
         """Stop the running turn gracefully; a no-op when nothing runs."""
@@ -330,7 +273,10 @@ class ChatSession:
         self.chat = chat
 
     async def close(self) -> None:
-        """Stop whatever runs, free the engine's resources and settle the seq counter."""
+        """Stop whatever runs, free the engine's resources and settle the seq counter.
+
+        Messages still waiting stay saved without an answer: the next start runs them.
+        """
         if self.state is SessionState.CLOSED:
             return
         self._queue.clear()
@@ -345,11 +291,12 @@ class ChatSession:
                 runner.cancel()
                 with contextlib.suppress(BaseException):
                     await runner
-        with contextlib.suppress(Exception):
+        try:
             await self.engine.release(self.chat.id)
-        # Nothing beyond last_seq was published: drop the unused reservation.
-        with contextlib.suppress(Exception):
-            await self.store.chats.update_chat(self.chat.id, last_seq=self.last_seq)
+        except Exception:
+            log.exception("chat %s: the engine could not release it", self.chat.id)
+        # Nothing beyond last_seq was published: the unused reservation goes back.
+        await self.seqs.settle(self.last_seq, self._settle)
 
     # --- the turn loop ----------------------------------------------------------------
 
@@ -368,17 +315,10 @@ class ChatSession:
                     self.state = SessionState.IDLE
                 self.last_activity = time.monotonic()
 
-    async def _run_turn(self, pending: _PendingTurn) -> None:
+    async def _run_turn(self, pending: PendingTurn) -> None:
         persona = self.persona
-        draft = MessageRecord(
-            id=str(uuid.uuid4()),
-            chat_id=self.chat.id,
-            role="assistant",
-            seq_start=0,
-            seq_end=0,
-            status=STREAMING,
-            model=pending.model_id,
-            reply_to=pending.user.id,
+        draft = Draft(
+            new_answer(str(uuid.uuid4()), self.chat.id, pending.user.id, pending.model_id)
         )
         self.draft = draft
         self._stop.clear()
@@ -389,7 +329,7 @@ class ChatSession:
             persona=persona,
             model_alias=pending.model_alias,
             model_id=pending.model_id,
-            history=_before(conversation_order(self.history), pending.user),
+            history=_past(conversation_order(self.history), pending.user),
             anonymous=pending.anonymous,
             post=self.blog.post(self.chat.post_slug) if self.chat.post_slug else None,
         )
@@ -434,41 +374,48 @@ class ChatSession:
         await self._finish(draft, pending, outcome, trace)
 
     async def _consume(
-        self, request: TurnRequest, draft: MessageRecord, trace: TurnTrace = NO_TRACE
+        self, request: TurnRequest, draft: Draft, trace: TurnTrace = NO_TRACE
     ) -> _Outcome:
         outcome = _Outcome(model=request.model_id)
         ended = False
-        async for event in self.engine.run_turn(request, self._stop):
-            trace.observe(event)
-            if isinstance(event, ModelCall):
-                continue  # For telemetry only: readers never see it.
-            if isinstance(event, TurnEnded):
-                outcome.reason = event.reason
-                outcome.model = event.model or request.model_id
-                outcome.input_tokens = event.input_tokens
-                outcome.output_tokens = event.output_tokens
-                outcome.cache_read_tokens = event.cache_read_tokens
-                outcome.cache_creation_tokens = event.cache_creation_tokens
-                outcome.stop_reason = event.stop_reason
-                outcome.warning = event.warning
-                ended = True
-                break
-            if isinstance(event, Retrying):
-                self._announce(
-                    wire.Status(
-                        chat_id=self.chat.id,
-                        message_id=draft.id,
-                        state="retrying",
-                        attempt=event.attempt,
-                        max_attempts=event.max_attempts,
-                        retry_in_ms=round(event.delay * 1000),
-                    )
-                )
-                continue
-            if isinstance(event, TurnFailed):
-                outcome.failure = event
-                continue
-            await self._apply(draft, event)
+        async with contextlib.aclosing(self.engine.run_turn(request, self._stop)) as events:
+            async for event in events:
+                trace.observe(event)
+                match event:
+                    case ModelCall():
+                        continue  # For telemetry only: readers never see it.
+                    case TurnEnded():
+                        outcome.reason = event.reason
+                        outcome.model = event.model or request.model_id
+                        outcome.input_tokens = event.input_tokens
+                        outcome.output_tokens = event.output_tokens
+                        outcome.cache_read_tokens = event.cache_read_tokens
+                        outcome.cache_creation_tokens = event.cache_creation_tokens
+                        outcome.stop_reason = event.stop_reason
+                        outcome.warning = event.warning
+                        ended = True
+                        break
+                    case Retrying():
+                        self._announce(
+                            wire.Status(
+                                chat_id=self.chat.id,
+                                message_id=draft.record.id,
+                                state="retrying",
+                                attempt=event.attempt,
+                                max_attempts=event.max_attempts,
+                                retry_in_ms=round(event.delay * 1000),
+                            )
+                        )
+                    case TurnFailed():
+                        outcome.failure = event
+                    case TextDelta() | ThinkingDelta() | ToolStarted() | ToolFinished():
+                        try:
+                            await self._publish_event(draft, event)
+                        except SeqsExhausted:
+                            # The database refuses to reserve seqs: streaming on could
+                            # reuse one after a crash. The turn ends here.
+                            outcome.failure = TurnFailed(NO_SEQS, code="internal")
+                            break
         if not ended:
             outcome.reason = "error"
             outcome.failure = outcome.failure or TurnFailed(
@@ -485,109 +432,61 @@ class ChatSession:
             self._aborted = True
             self._consumer.cancel()
 
-    async def _apply(self, draft: MessageRecord, event: EngineEvent) -> None:
+    async def _publish_event(self, draft: Draft, event: EngineEvent) -> None:
         async with self._lock:
-            seq = await self._next_seq()
-            if not draft.seq_start:
-                draft.seq_start = seq
-            draft.seq_end = seq
-            base = {"chat_id": self.chat.id, "seq": seq, "message_id": draft.id}
+            seq = await self.seqs.next()
+            base = {"chat_id": self.chat.id, "seq": seq, "message_id": draft.record.id}
             frame: wire.TranscriptEvent
-            if isinstance(event, TextDelta):
-                draft.text += event.text
-                frame = wire.Token(text=event.text, **base)
-            elif isinstance(event, ThinkingDelta):
-                draft.thinking = (draft.thinking or "") + event.text
-                frame = wire.Thinking(text=event.text, **base)
-            elif isinstance(event, ToolStarted):
-                draft.tool_calls.append(
-                    ToolCallRecord(event.tool_use_id, event.name, dict(event.input))
-                )
-                frame = wire.ToolUse(
-                    tool_use_id=event.tool_use_id, name=event.name, input=event.input, **base
-                )
-            elif isinstance(event, ToolFinished):
-                for call in reversed(draft.tool_calls):
-                    if call.tool_use_id == event.tool_use_id:
-                        call.output = event.output
-                        call.is_error = event.is_error
-                        call.finished_at = utcnow()
-                        break
-                frame = wire.ToolResult(
-                    tool_use_id=event.tool_use_id,
-                    output=event.output,
-                    is_error=event.is_error,
-                    **base,
-                )
-            else:  # pragma: no cover - TurnEnded/TurnFailed never reach here
-                raise TypeError(event)
+            match event:
+                case TextDelta(text=text):
+                    frame = wire.Token(text=text, **base)
+                case ThinkingDelta(text=text):
+                    frame = wire.Thinking(text=text, **base)
+                case ToolStarted(tool_use_id=tool_use_id, name=name, input=tool_input):
+                    frame = wire.ToolUse(
+                        tool_use_id=tool_use_id, name=name, input=tool_input, **base
+                    )
+                case ToolFinished(tool_use_id=tool_use_id, output=output, is_error=is_error):
+                    frame = wire.ToolResult(
+                        tool_use_id=tool_use_id, output=output, is_error=is_error, **base
+                    )
+                case _:  # pragma: no cover - only answer events are published
+                    raise TypeError(event)
+            draft.apply(frame)
             self._publish(seq, frame)
 
     async def _finish(
         self,
-        draft: MessageRecord,
-        pending: _PendingTurn,
+        draft: Draft,
+        pending: PendingTurn,
         outcome: _Outcome,
         trace: TurnTrace = NO_TRACE,
     ) -> None:
+        """End the turn: its `error` if it failed, the final save, then `done`. `done` is
+        only ever sent for an answer that is saved; when the save fails, the readers get a
+        retryable `error` and a `done` with reason `error` instead."""
         async with self._lock:
-            failure = outcome.failure
-            if failure is not None:
-                seq = await self._next_seq()
-                if not draft.seq_start:
-                    draft.seq_start = seq
-                draft.seq_end = seq
-                draft.error = failure.message
-                self._publish(
-                    seq,
-                    wire.Error(
-                        code=failure.code,
-                        message=failure.message,
-                        chat_id=self.chat.id,
-                        seq=seq,
-                        retryable=failure.retryable,
-                    ),
-                )
-            seq = await self._next_seq()
-            # Until `done` is published, histories keep showing the draft as running.
-            final = dataclasses.replace(
-                draft,
-                seq_start=draft.seq_start or seq,
-                seq_end=seq,
-                status=outcome.reason,
-                model=outcome.model,
-                input_tokens=outcome.input_tokens,
-                output_tokens=outcome.output_tokens,
-                cache_read_tokens=outcome.cache_read_tokens,
-                cache_creation_tokens=outcome.cache_creation_tokens,
-                stop_reason=outcome.stop_reason,
-                warning=outcome.warning,
-                tool_calls=list(draft.tool_calls),
-            )
             try:
-                await self.store.chats.save_message(final)
-            except Exception:
-                # The reader still gets their answer; the periodic save has most of it.
-                log.exception("chat %s: could not save the final answer", self.chat.id)
-            self.history.append(final)
-            self.draft = None
-            done = wire.Done(
-                chat_id=self.chat.id,
-                seq=seq,
-                message_id=final.id,
-                reason=outcome.reason,
-                model=outcome.model,
-                usage=usage_of(
-                    outcome.input_tokens,
-                    outcome.output_tokens,
-                    outcome.cache_read_tokens,
-                    outcome.cache_creation_tokens,
-                ),
-                warning=outcome.warning,
-                html=self.render(final.text),
-                stop_reason=outcome.stop_reason,
-            )
-            self._publish(seq, done)
+                if outcome.failure is not None:
+                    failure = outcome.failure
+                    self._end_with(draft, self._error(failure, await self._ending_seq()))
+                done = self._done(draft, outcome, await self._ending_seq())
+                final = draft.apply(done)
+                try:
+                    await self.store.chats.save_message(draft.snapshot())
+                except Exception:
+                    log.exception("chat %s: could not save the final answer", self.chat.id)
+                    not_saved = TurnFailed(NOT_SAVED, code="internal")
+                    done = await self._not_saved(draft, done, not_saved)
+                    outcome = dataclasses.replace(outcome, reason="error", failure=not_saved)
+                    final = draft.record
+                self.history.append(final)
+                self._publish(done.seq, done)
+            except SeqsExhausted:
+                final = draft.record
+                self._end_without_seqs(draft, outcome)
+            finally:
+                self.draft = None
             # Keep the last finished turn (from its user message on) and everything after.
             if self._last_turn_start is not None:
                 self.log.trim(self._last_turn_start)
@@ -604,7 +503,62 @@ class ChatSession:
             failure=outcome.failure,
         )
 
-    async def _save_periodically(self, draft: MessageRecord, finished: asyncio.Event) -> None:
+    async def _not_saved(self, draft: Draft, done: wire.Done, failure: TurnFailed) -> wire.Done:
+        """The final save failed: the `done` that was ready becomes an `error` (same seq),
+        and a `done` with reason `error` follows; the answer is saved as such if it can be."""
+        self._end_with(draft, self._error(failure, done.seq))
+        failed = done.model_copy(update={"seq": await self._ending_seq(), "reason": "error"})
+        draft.apply(failed)
+        try:
+            await self.store.chats.save_message(draft.snapshot())
+        except Exception:
+            log.exception("chat %s: could not save the failed answer either", self.chat.id)
+        return failed
+
+    def _end_with(self, draft: Draft, error: wire.Error) -> None:
+        assert error.seq is not None
+        draft.apply(error)
+        self._publish(error.seq, error)
+
+    def _end_without_seqs(self, draft: Draft, outcome: _Outcome) -> None:
+        """Not even the end of the turn can get a seq (the database refused every
+        reservation): the readers are told without one, and the answer stays unsaved."""
+        log.error("chat %s: no seq left to end the turn", self.chat.id)
+        draft.record.status = "error"
+        self.history.append(draft.record)
+        failure = wire.Error(code="internal", message=NO_SEQS, chat_id=self.chat.id, retryable=True)
+        self.fanout.publish(failure.to_json())
+        outcome.reason = "error"
+
+    def _error(self, failure: TurnFailed, seq: int) -> wire.Error:
+        return wire.Error(
+            code=failure.code,
+            message=failure.message,
+            chat_id=self.chat.id,
+            seq=seq,
+            retryable=failure.retryable,
+        )
+
+    def _done(self, draft: Draft, outcome: _Outcome, seq: int) -> wire.Done:
+        text = draft.record.text
+        return wire.Done(
+            chat_id=self.chat.id,
+            seq=seq,
+            message_id=draft.record.id,
+            reason=outcome.reason,
+            model=outcome.model,
+            usage=usage_of(
+                outcome.input_tokens,
+                outcome.output_tokens,
+                outcome.cache_read_tokens,
+                outcome.cache_creation_tokens,
+            ),
+            warning=outcome.warning,
+            html=self.render(text),
+            stop_reason=outcome.stop_reason,
+        )
+
+    async def _save_periodically(self, draft: Draft, finished: asyncio.Event) -> None:
         """Save the partial answer every `save_interval` until the turn is `finished`."""
         saved_seq = -1
         while True:
@@ -612,11 +566,9 @@ class ChatSession:
                 await asyncio.wait_for(finished.wait(), self.timings.save_interval)
             if finished.is_set():
                 return
-            if not draft.seq_start or draft.seq_end == saved_seq:
+            if not draft.started or draft.record.seq_end == saved_seq:
                 continue
-            snapshot = dataclasses.replace(
-                draft, tool_calls=[dataclasses.replace(call) for call in draft.tool_calls]
-            )
+            snapshot = draft.snapshot()
             try:
                 await self.store.chats.save_message(snapshot)
                 saved_seq = snapshot.seq_end
@@ -625,18 +577,14 @@ class ChatSession:
 
     # --- seq and publishing -----------------------------------------------------------
 
-    async def _next_seq(self) -> int:
-        seq = self._allocated + 1
-        if seq > self._reserved:
-            try:
-                await self.store.chats.reserve_seq(self.chat.id, seq + SEQ_BLOCK - 1)
-            except Exception:
-                # Keep streaming: a database outage must not cut the reader off. Only a
-                # crash during the outage could then reuse these seqs.
-                log.exception("chat %s: could not reserve seqs", self.chat.id)
-            self._reserved = seq + SEQ_BLOCK - 1
-        self._allocated = seq
-        return seq
+    async def _ending_seq(self) -> int:
+        return await self.seqs.next(ending=True)
+
+    async def _reserve(self, upto: int) -> None:
+        await self.store.chats.reserve_seq(self.chat.id, upto)
+
+    async def _settle(self, reserved: int, published: int) -> bool:
+        return await self.store.chats.settle_seq(self.chat.id, reserved, published)
 
     def _publish(self, seq: int, event: wire.TranscriptEvent) -> None:
         frame = event.to_json()
@@ -654,24 +602,14 @@ class ChatSession:
             raise SessionClosed(self.chat.id)
 
 
-def _before(messages: list[MessageRecord], user: MessageRecord) -> list[MessageRecord]:
-    """The conversation up to (not including) a user message."""
-    for index, message in enumerate(messages):
+def _past(messages: list[MessageRecord], user: MessageRecord) -> Sequence[PastMessage]:
+    """The conversation up to (not including) a user message, as the engine takes it."""
+    past: list[PastMessage] = []
+    for message in messages:
         if message is user:
-            return messages[:index]
-    return messages
-
-
-def user_message_event(record: MessageRecord) -> wire.UserMessage:
-    """The `user_message` event of a saved user message (also re-sent on a repeat)."""
-    return wire.UserMessage(
-        chat_id=record.chat_id,
-        seq=record.seq_start,
-        message_id=record.id,
-        client_message_id=record.client_message_id or "",
-        text=record.text,
-        created_at=record.created_at,
-    )
+            break
+        past.append(PastMessage(message.role, message.text))
+    return past
 
 
 class ChatSessions:

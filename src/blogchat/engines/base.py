@@ -5,14 +5,21 @@ from __future__ import annotations
 import asyncio
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from blogchat.content import Post
 from blogchat.personas import Persona
 from blogchat.protocol import DoneReason
-from blogchat.store import MessageRecord
+
+
+@dataclass(frozen=True)
+class PastMessage:
+    """An earlier message of the chat, as an engine needs it to rebuild a conversation."""
+
+    role: Literal["user", "assistant"]
+    text: str
 
 
 @dataclass(frozen=True)
@@ -26,7 +33,7 @@ class TurnRequest:
     model_id: str
     # The chat's earlier messages, oldest first (engines that keep their own context
     # may ignore them, except to rebuild it).
-    history: Sequence[MessageRecord] = ()
+    history: Sequence[PastMessage] = ()
     anonymous: bool = True
     # The post the chat was started from, if any: the agent should know the reader's context.
     post: Post | None = None
@@ -149,7 +156,9 @@ class AgentEngine(ABC):
     name: str
 
     @abstractmethod
-    def run_turn(self, request: TurnRequest, stop: asyncio.Event) -> AsyncIterator[EngineEvent]:
+    def run_turn(
+        self, request: TurnRequest, stop: asyncio.Event
+    ) -> AsyncGenerator[EngineEvent, None]:
         """Stream one turn's events, ending with TurnEnded.
 
         When `stop` is set, finish the current sentence or tool call, then end with

@@ -11,7 +11,7 @@ import asyncio
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,7 +63,7 @@ class OfflineEngine(AgentEngine):
 
     async def run_turn(
         self, request: TurnRequest, stop: asyncio.Event
-    ) -> AsyncIterator[EngineEvent]:
+    ) -> AsyncGenerator[EngineEvent, None]:
         """Plan tool calls from the question, run them, then stream an assembled answer."""
         allowed = request.persona.allowed_tools
         calls = plan(request.text, self.tools.blog, allowed, post=request.post)

@@ -4,23 +4,44 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, cast
 
-from sqlalchemy import case, delete, insert, select, update
+from sqlalchemy import case, delete, exists, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import aliased, selectinload
 
+from blogchat.protocol import MessageStatus, ModelAlias
 from blogchat.store.accounts import ensure_user
 from blogchat.store.database import Database, runs_to_completion
-from blogchat.store.tables import AgentTranscriptEntry, Chat, Message, ToolCall, utcnow
+from blogchat.store.tables import AgentTranscriptEntry, Chat, Message, ToolCall, User, utcnow
 
 # A running answer is kept as "streaming"; after a crash nothing is streaming any more, so
 # start-up turns those rows into "incomplete" (see mark_interrupted_turns).
-STREAMING = "streaming"
+STREAMING: Literal["streaming"] = "streaming"
+
+Role = Literal["user", "assistant"]
+# How a message stands: what the protocol shows, or still streaming.
+Status = MessageStatus | Literal["streaming"]
+
+
+# The unique index that makes a clientMessageId usable once per chat.
+DUPLICATE_CLIENT_MESSAGE = "uq_messages_chat_client_id"
 
 
 class DuplicateClientMessage(Exception):
     """This chat already holds a message with that clientMessageId."""
+
+
+def _violates(error: IntegrityError, constraint: str) -> bool:
+    """Whether an integrity error is this constraint's (not, say, a foreign key's)."""
+    cause = error.orig
+    # asyncpg names the constraint; SQLite names the columns of a unique index.
+    name = getattr(getattr(cause, "__cause__", None), "constraint_name", None) or getattr(
+        cause, "constraint_name", None
+    )
+    if name is not None:
+        return bool(name == constraint)
+    return "UNIQUE constraint failed: messages.chat_id, messages.client_message_id" in str(cause)
 
 
 @dataclass(frozen=True)
@@ -31,11 +52,10 @@ class ChatRecord:
     owner_id: str
     title: str
     persona: str
-    model: str
+    model: ModelAlias
     last_seq: int = 0
     created_by: str | None = None
     post_slug: str | None = None
-    agent_session_id: str | None = None
     created_at: datetime = field(default_factory=utcnow)
     updated_at: datetime = field(default_factory=utcnow)
 
@@ -59,11 +79,11 @@ class MessageRecord:
 
     id: str
     chat_id: str
-    role: str
+    role: Role
     seq_start: int
     seq_end: int
     text: str = ""
-    status: str = "complete"
+    status: Status = "complete"
     thinking: str | None = None
     model: str | None = None
     input_tokens: int | None = None
@@ -82,17 +102,25 @@ class MessageRecord:
     tool_calls: list[ToolCallRecord] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Waiting:
+    """A user message that has no answer yet, and whether its chat's owner is signed up."""
+
+    message: MessageRecord
+    registered: bool
+
+
 def _chat_record(row: Chat) -> ChatRecord:
     return ChatRecord(
         id=row.id,
         owner_id=row.owner_id,
         title=row.title,
         persona=row.persona,
-        model=row.model,
+        # Written only from validated aliases.
+        model=cast(ModelAlias, row.model),
         last_seq=row.last_seq,
         created_by=row.created_by,
         post_slug=row.post_slug,
-        agent_session_id=row.agent_session_id,
         created_at=row.created_at,
         updated_at=row.updated_at,
     )
@@ -102,11 +130,11 @@ def _message_record(row: Message) -> MessageRecord:
     return MessageRecord(
         id=row.id,
         chat_id=row.chat_id,
-        role=row.role,
+        role=cast(Role, row.role),
         seq_start=row.seq_start,
         seq_end=row.seq_end,
         text=row.text,
-        status=row.status,
+        status=cast(Status, row.status),
         thinking=row.thinking,
         model=row.model,
         input_tokens=row.input_tokens,
@@ -217,7 +245,6 @@ class ChatStore:
                     last_seq=chat.last_seq,
                     created_by=chat.created_by,
                     post_slug=chat.post_slug,
-                    agent_session_id=chat.agent_session_id,
                     created_at=chat.created_at,
                     updated_at=chat.updated_at,
                 )
@@ -254,7 +281,7 @@ class ChatStore:
 
     @runs_to_completion
     async def update_chat(self, chat_id: str, **values: Any) -> None:
-        """Change some of a chat's columns (model, title, agent_session_id, ...)."""
+        """Change some of a chat's columns (model, title, ...)."""
         async with self.db.session() as session:
             await session.execute(update(Chat).where(Chat.id == chat_id).values(**values))
 
@@ -267,6 +294,18 @@ class ChatStore:
                 .where(Chat.id == chat_id)
                 .values(last_seq=case((Chat.last_seq < upto, upto), else_=Chat.last_seq))
             )
+
+    @runs_to_completion
+    async def settle_seq(self, chat_id: str, reserved: int, published: int) -> bool:
+        """Give back a reservation's unused seqs: `last_seq` goes back to `published`, but
+        only if it is still `reserved` (nobody reserved more since). Returns whether it did."""
+        async with self.db.session() as session:
+            result = await session.execute(
+                update(Chat)
+                .where(Chat.id == chat_id, Chat.last_seq == reserved)
+                .values(last_seq=published)
+            )
+            return bool(getattr(result, "rowcount", 0))
 
     @runs_to_completion
     async def find_client_message(
@@ -292,8 +331,8 @@ class ChatStore:
             return None if row is None else _message_record(row)
 
     @runs_to_completion
-    async def add_message(self, record: MessageRecord, *, last_seq: int | None = None) -> None:
-        """Insert a new message; optionally also move the chat's seq high-water mark."""
+    async def add_message(self, record: MessageRecord) -> None:
+        """Insert a new message."""
         columns = _columns(record) | {
             "id": record.id,
             "chat_id": record.chat_id,
@@ -311,12 +350,14 @@ class ChatStore:
                         insert(ToolCall),
                         [{"message_id": record.id, **call} for call in _tool_call_columns(record)],
                     )
-                await self._touch(session, record.chat_id, last_seq)
-        except IntegrityError:
-            raise DuplicateClientMessage(record.client_message_id) from None
+                await self._touch(session, record.chat_id)
+        except IntegrityError as exc:
+            if _violates(exc, DUPLICATE_CLIENT_MESSAGE):
+                raise DuplicateClientMessage(record.client_message_id) from None
+            raise
 
     @runs_to_completion
-    async def save_message(self, record: MessageRecord, *, last_seq: int | None = None) -> None:
+    async def save_message(self, record: MessageRecord) -> None:
         """Insert or update a message with its tool calls (partial or final answers)."""
         async with self.db.session() as session:
             row = await session.get(Message, record.id, options=[selectinload(Message.tool_calls)])
@@ -330,7 +371,7 @@ class ChatStore:
                 )
                 session.add(row)
             _apply(row, record)
-            await self._touch(session, record.chat_id, last_seq)
+            await self._touch(session, record.chat_id)
 
     @runs_to_completion
     async def get_messages(self, chat_id: str) -> list[MessageRecord]:
@@ -355,9 +396,25 @@ class ChatStore:
             )
         return int(result.rowcount)  # type: ignore[attr-defined]
 
+    @runs_to_completion
+    async def unanswered(self) -> list[Waiting]:
+        """User messages with no answer at all (not even a stopped or cut one): those that
+        were waiting in a chat's queue when the server stopped. By chat, in order."""
+        answer = aliased(Message)
+        async with self.db.session() as session:
+            rows = await session.execute(
+                select(Message, User.email.is_not(None))
+                .join(Chat, Chat.id == Message.chat_id)
+                .join(User, User.id == Chat.owner_id)
+                .where(
+                    Message.role == "user",
+                    ~exists().where(answer.reply_to == Message.id),
+                )
+                .order_by(Message.chat_id, Message.seq_start)
+                .options(selectinload(Message.tool_calls))
+            )
+            return [Waiting(_message_record(row), bool(registered)) for row, registered in rows]
+
     @staticmethod
-    async def _touch(session: Any, chat_id: str, last_seq: int | None) -> None:
-        values: dict[str, Any] = {"updated_at": utcnow()}
-        if last_seq is not None:
-            values["last_seq"] = case((Chat.last_seq < last_seq, last_seq), else_=Chat.last_seq)
-        await session.execute(update(Chat).where(Chat.id == chat_id).values(**values))
+    async def _touch(session: Any, chat_id: str) -> None:
+        await session.execute(update(Chat).where(Chat.id == chat_id).values(updated_at=utcnow()))

@@ -123,8 +123,13 @@ class Database:
                 await connection.run_sync(_ensure_schema, self.schema)
             await connection.run_sync(_upgrade)
 
-    async def dispose(self) -> None:
-        """Close every pooled connection."""
+    async def dispose(self, *, drain: float = 10.0) -> None:
+        """Close every pooled connection, once the writes that must complete have (those
+        whose callers were cancelled: see `runs_to_completion`), for `drain` seconds."""
+        if _finishing:
+            _, late = await asyncio.wait(list(_finishing), timeout=drain)
+            if late:
+                log.error("%d store operation(s) did not finish before shutdown", len(late))
         await self.engine.dispose()
 
 

@@ -103,8 +103,6 @@ class Chat(Base):
     created_by: Mapped[str | None] = mapped_column(String(64))
     # The post a chat was started from ("Ask about this post"), by slug.
     post_slug: Mapped[str | None] = mapped_column(String(200))
-    # The agent engine's own conversation id, to resume its context later.
-    agent_session_id: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

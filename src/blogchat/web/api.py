@@ -11,18 +11,15 @@ from pydantic.alias_generators import to_camel
 
 from blogchat import policy
 from blogchat import protocol as wire
-from blogchat.session import chat_info, message_info
-from blogchat.store import ChatRecord
+from blogchat.chats import ChatError
 from blogchat.visitors import AuthError, Visitor
 from blogchat.web.addresses import client_address
 from blogchat.web.deps import (
     ChatIdPath,
+    ChatsDep,
     CurrentVisitor,
-    HubDep,
     PersonasDep,
-    SessionsDep,
     SettingsDep,
-    StoreDep,
     VisitorsDep,
 )
 from blogchat.web.identity import set_visitor_cookie
@@ -190,74 +187,47 @@ async def personas(all_personas: PersonasDep) -> list[PersonaOut]:
     ]
 
 
-async def _own_chat(store: StoreDep, visitor: Visitor, chat_id: str) -> ChatRecord:
-    chat = await store.chats.get_chat(chat_id)
-    if chat is None or chat.owner_id != visitor.id:
-        # The same answer whether the chat exists or belongs to someone else.
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "There is no such chat.")
-    return chat
+def _not_found(exc: ChatError) -> HTTPException:
+    # Another visitor's chat is answered exactly like one that does not exist.
+    return HTTPException(status.HTTP_404_NOT_FOUND, exc.message)
 
 
 @router.get("/chats", response_model=list[wire.ChatInfo], response_model_by_alias=True)
-async def chats(visitor: CurrentVisitor, store: StoreDep) -> list[wire.ChatInfo]:
+async def chats(visitor: CurrentVisitor, service: ChatsDep) -> list[wire.ChatInfo]:
     """This visitor's chats, most recently active first."""
-    return [chat_info(chat) for chat in await store.chats.list_chats(visitor.id)]
+    return await service.list(visitor)
 
 
 @router.get("/chats/{chat_id}", response_model=ChatDetail, response_model_exclude_none=True)
-async def chat(
-    chat_id: ChatIdPath, visitor: CurrentVisitor, store: StoreDep, sessions: SessionsDep
-) -> ChatDetail:
+async def chat(chat_id: ChatIdPath, visitor: CurrentVisitor, service: ChatsDep) -> ChatDetail:
     """A chat and its transcript, including a running answer so far."""
-    record = await _own_chat(store, visitor, chat_id)
-    session = sessions.get(chat_id)
-    if session is not None:
-        return ChatDetail(
-            chat=chat_info(session.chat),
-            last_seq=session.last_seq,
-            busy=session.busy,
-            messages=session.message_infos(),
-        )
-    messages = await store.chats.get_messages(chat_id)
+    try:
+        detail = await service.detail(visitor, chat_id)
+    except ChatError as exc:
+        raise _not_found(exc) from None
     return ChatDetail(
-        chat=chat_info(record),
-        last_seq=record.last_seq,
-        messages=[message_info(message, sessions.render) for message in messages],
+        chat=detail.chat, last_seq=detail.last_seq, busy=detail.busy, messages=detail.messages
     )
 
 
 @router.patch("/chats/{chat_id}", response_model=wire.ChatInfo)
 async def rename_chat(
-    chat_id: ChatIdPath,
-    body: ChatPatch,
-    visitor: CurrentVisitor,
-    store: StoreDep,
-    sessions: SessionsDep,
+    chat_id: ChatIdPath, body: ChatPatch, visitor: CurrentVisitor, service: ChatsDep
 ) -> wire.ChatInfo:
     """Extension: rename a chat."""
-    await _own_chat(store, visitor, chat_id)
-    await store.chats.update_chat(chat_id, title=body.title)
-    updated = await store.chats.get_chat(chat_id)
-    assert updated is not None
-    session = sessions.get(chat_id)
-    if session is not None:
-        session.set_chat(updated)
-    return chat_info(updated)
+    try:
+        return await service.rename(visitor, chat_id, body.title)
+    except ChatError as exc:
+        raise _not_found(exc) from None
 
 
 @router.delete("/chats/{chat_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_chat(
-    chat_id: ChatIdPath,
-    visitor: CurrentVisitor,
-    store: StoreDep,
-    sessions: SessionsDep,
-    hub: HubDep,
-) -> Response:
+async def delete_chat(chat_id: ChatIdPath, visitor: CurrentVisitor, service: ChatsDep) -> Response:
     """Delete a chat and its transcript (a running turn is stopped first)."""
-    await _own_chat(store, visitor, chat_id)
-    await sessions.close(chat_id)
-    await store.chats.delete_chat(chat_id)
-    hub.chat_deleted(chat_id)
+    try:
+        await service.delete(visitor, chat_id)
+    except ChatError as exc:
+        raise _not_found(exc) from None
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

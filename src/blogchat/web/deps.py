@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Path, Request
 from pydantic import AfterValidator
 
+from blogchat.chats import Chats
 from blogchat.content import Blog
 from blogchat.hub import Hub
 from blogchat.personas import Personas
@@ -40,5 +41,6 @@ PersonasDep = Annotated[Personas, Depends(_state("personas"))]
 SessionsDep = Annotated[ChatSessions, Depends(_state("sessions"))]
 VisitorsDep = Annotated[Visitors, Depends(_state("visitors"))]
 HubDep = Annotated[Hub, Depends(_state("hub"))]
+ChatsDep = Annotated[Chats, Depends(_state("chats"))]
 # A chat id in a URL: any string (unknown ones are simply not found) but NUL.
 ChatIdPath = Annotated[str, Path(), AfterValidator(no_nul)]

@@ -16,18 +16,20 @@ from markupsafe import Markup
 from pydantic import AfterValidator
 from sqlalchemy import text
 
+from blogchat.chats import ChatError
 from blogchat.content import Blog, Post
 from blogchat.protocol import no_nul
 from blogchat.rendering import render_markdown
+from blogchat.store import ChatRecord
 from blogchat.visitors import MIN_PASSWORD_LENGTH, AuthError
 from blogchat.web.addresses import client_address
 from blogchat.web.deps import (
     BlogDep,
     ChatIdPath,
+    ChatsDep,
     CurrentVisitor,
     SearchDep,
     SettingsDep,
-    StoreDep,
     VisitorsDep,
 )
 from blogchat.web.identity import set_visitor_cookie
@@ -233,13 +235,14 @@ async def chat_page_for(
     request: Request,
     chat_id: ChatIdPath,
     blog: BlogDep,
-    store: StoreDep,
+    chats: ChatsDep,
     settings: SettingsDep,
     visitor: CurrentVisitor,
 ) -> Response:
     """The chat page, opened on one chat (its title and post, if it is this visitor's)."""
-    chat = await store.chats.get_chat(chat_id)
-    if chat is not None and chat.owner_id != visitor.id:
+    try:
+        chat: ChatRecord | None = await chats.own(visitor, chat_id)
+    except ChatError:
         chat = None  # someone else's chat reveals nothing; the socket says "not found"
     return render(
         request,

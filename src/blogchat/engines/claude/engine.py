@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -121,7 +121,7 @@ class ClaudeEngine(AgentEngine):
 
     async def run_turn(
         self, request: TurnRequest, stop: asyncio.Event
-    ) -> AsyncIterator[EngineEvent]:
+    ) -> AsyncGenerator[EngineEvent, None]:
         """Stream one turn. A failed model request is retried by the CLI; a turn whose agent
         process failed before anything streamed is retried here, from the conversation as
         it was before the failed attempt."""

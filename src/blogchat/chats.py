@@ -1,0 +1,380 @@
+"""The chat rules, for every transport: who owns which chat, how a message creates a chat
+or joins one, idempotent sends, the model policy, personas, titles, rename and delete.
+
+The WebSocket hub and the REST API both ask this service; neither touches the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from dataclasses import dataclass, replace
+
+from blogchat import policy
+from blogchat import protocol as wire
+from blogchat.content import Blog
+from blogchat.engines.base import AgentEngine
+from blogchat.eventlog import Subscriber
+from blogchat.personas import Persona, Personas
+from blogchat.session import ChatSession, ChatSessions, PendingTurn, SessionClosed
+from blogchat.settings import Settings
+from blogchat.store import ChatRecord, DuplicateClientMessage, MessageRecord, Store
+from blogchat.store.chats import Waiting
+from blogchat.views import chat_info, message_info, user_message_event
+from blogchat.visitors import Visitor
+
+NO_SUCH_CHAT = "There is no such chat."
+
+
+class ChatError(Exception):
+    """A request about a chat that cannot be carried out; the message is for the reader."""
+
+    def __init__(
+        self,
+        code: wire.ErrorCode,
+        message: str,
+        chat_id: str | None = None,
+        *,
+        retryable: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.code: wire.ErrorCode = code
+        self.message = message
+        self.chat_id = chat_id
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class ChatDetail:
+    """A chat with its whole transcript, a running answer included."""
+
+    chat: wire.ChatInfo
+    last_seq: int
+    busy: bool
+    messages: list[wire.MessageInfo]
+
+
+class Chats:
+    """The application's chat service."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: Store,
+        sessions: ChatSessions,
+        engine: AgentEngine,
+        personas: Personas,
+        blog: Blog,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.sessions = sessions
+        self.engine = engine
+        self.personas = personas
+        self.blog = blog
+        # One lock per visitor serializes the idempotency check of its messages, so a
+        # message resent on two connections at once still starts only one turn.
+        self._visitor_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+
+    # --- reading ----------------------------------------------------------------------
+
+    async def own(self, visitor: Visitor, chat_id: str) -> ChatRecord:
+        """The chat, if this visitor owns it; otherwise not_found, revealing nothing."""
+        session = self.sessions.get(chat_id)
+        chat = session.chat if session is not None else await self.store.chats.get_chat(chat_id)
+        if chat is None or chat.owner_id != visitor.id:
+            raise ChatError("not_found", NO_SUCH_CHAT, chat_id)
+        return chat
+
+    async def list(self, visitor: Visitor) -> list[wire.ChatInfo]:
+        """The visitor's chats, most recently active first."""
+        return [chat_info(chat) for chat in await self.store.chats.list_chats(visitor.id)]
+
+    async def detail(self, visitor: Visitor, chat_id: str) -> ChatDetail:
+        """A chat and its transcript, including a running answer so far."""
+        chat = await self.own(visitor, chat_id)
+        session = self.sessions.get(chat_id)
+        if session is not None:
+            return ChatDetail(
+                chat=chat_info(session.chat),
+                last_seq=session.last_seq,
+                busy=session.busy,
+                messages=session.message_infos(),
+            )
+        messages = await self.store.chats.get_messages(chat_id)
+        return ChatDetail(
+            chat=chat_info(chat),
+            last_seq=chat.last_seq,
+            busy=False,
+            messages=[message_info(message, self.sessions.render) for message in messages],
+        )
+
+    # --- watching ---------------------------------------------------------------------
+
+    async def subscribe(
+        self,
+        visitor: Visitor,
+        chat_id: str,
+        subscriber: Subscriber,
+        *,
+        after_seq: int | None,
+        request_id: str | None,
+    ) -> None:
+        """Send the chat's history (or a replay) to a subscriber, then its live events."""
+        session = await self._session(visitor, chat_id)
+        try:
+            session.subscribe(subscriber, after_seq=after_seq, request_id=request_id)
+        except SessionClosed:
+            raise ChatError("not_found", "This chat no longer exists.", chat_id) from None
+        # The reader may ask next: the engine gets ready, if that costs no one.
+        model = self.model_for(session.chat, visitor)
+        session.prepare(policy.model_id(self.settings, model))
+
+    async def unsubscribe(self, visitor: Visitor, chat_id: str, subscriber: Subscriber) -> None:
+        """Stop sending the chat's events to a subscriber."""
+        await self.own(visitor, chat_id)
+        session = self.sessions.get(chat_id)
+        if session is not None:
+            session.unsubscribe(subscriber)
+
+    async def stop(self, visitor: Visitor, chat_id: str) -> None:
+        """Stop the chat's running turn gracefully (nothing when none runs)."""
+        await self.own(visitor, chat_id)
+        session = self.sessions.get(chat_id)
+        if session is not None:
+            session.stop()
+
+    # --- sending ----------------------------------------------------------------------
+
+    async def send(self, visitor: Visitor, message: wire.Chat, sender: Subscriber) -> str | None:
+        """Carry out a `chat` message: create the chat or join it, save the user message and
+        queue its turn; a repeated clientMessageId re-sends the original answers instead.
+
+        The sender hears about its message: it is subscribed to the chat (the id returned)
+        before the message is announced.
+        """
+        text = message.text.strip()
+        if not text:
+            raise ChatError("bad_request", "The message is empty.", message.chat_id)
+        if len(text) > self.settings.max_message_chars:
+            raise ChatError(
+                "too_large",
+                f"Messages are limited to {self.settings.max_message_chars} characters.",
+                message.chat_id,
+            )
+        if message.model is not None and not policy.allowed(
+            message.model, anonymous=visitor.anonymous
+        ):
+            raise ChatError(
+                "model_not_allowed",
+                f"Sign in to use {policy.LABELS[message.model]}. Anonymous chats use Haiku.",
+                message.chat_id,
+            )
+        lock = self._visitor_locks.setdefault(visitor.id, asyncio.Lock())
+        async with lock:
+            previous = await self.store.chats.find_client_message(
+                visitor.id, message.client_message_id
+            )
+            if previous is not None:
+                return await self._resend(message, previous, sender)
+            if message.chat_id is None:
+                session = await self._new_chat(visitor, message, text, sender)
+            else:
+                session = await self._join(visitor, message, sender)
+            await self._accept(session, message, text, visitor)
+            return session.chat.id
+
+    async def _new_chat(
+        self, visitor: Visitor, message: wire.Chat, text: str, sender: Subscriber
+    ) -> ChatSession:
+        persona = self._persona(message.persona)
+        if message.post is not None and self.blog.post(message.post) is None:
+            raise ChatError("bad_request", f"There is no post {message.post!r}.")
+        model = message.model or policy.default_for(persona, anonymous=visitor.anonymous)
+        # The engine may have an agent process started ahead for such a chat: its id.
+        chat_id = self.engine.new_chat_id(persona, policy.model_id(self.settings, model))
+        try:
+            chat = await self.store.chats.create_chat(
+                ChatRecord(
+                    id=chat_id,
+                    owner_id=visitor.id,
+                    title=title_for(text),
+                    persona=persona.id,
+                    model=model,
+                    created_by=message.client_message_id,
+                    post_slug=message.post,
+                )
+            )
+        except BaseException:
+            # The chat does not exist: nothing the engine prepared for it may linger.
+            await self.engine.release(chat_id)
+            raise
+        session = await self.sessions.open(chat)
+        sender.deliver(
+            wire.ChatCreated(
+                chat_id=chat.id,
+                client_message_id=message.client_message_id,
+                model=model,
+                persona=persona.id,
+                request_id=message.request_id,
+            ).to_json()
+        )
+        session.subscribe(sender, after_seq=session.last_seq, request_id=None, announce=False)
+        return session
+
+    async def _join(self, visitor: Visitor, message: wire.Chat, sender: Subscriber) -> ChatSession:
+        assert message.chat_id is not None
+        session = await self._session(visitor, message.chat_id)
+        chat = session.chat
+        if message.persona is not None and message.persona != chat.persona:
+            raise ChatError(
+                "persona_locked",
+                "A chat keeps the persona it started with. Start a new chat to switch.",
+                chat.id,
+            )
+        if message.post is not None and message.post != chat.post_slug:
+            raise ChatError(
+                "bad_request", "A chat's post is set when the chat is created.", chat.id
+            )
+        model = message.model or self.model_for(chat, visitor)
+        if model != chat.model:
+            await self.store.chats.update_chat(chat.id, model=model)
+            session.set_chat(replace(chat, model=model))
+        if not session.watched_by(sender):
+            # The sender always hears about its own message, as with a new chat.
+            session.subscribe(sender, after_seq=session.last_seq, request_id=None, announce=False)
+        return session
+
+    async def _accept(
+        self, session: ChatSession, message: wire.Chat, text: str, visitor: Visitor
+    ) -> None:
+        model = message.model or self.model_for(session.chat, visitor)
+        try:
+            await session.accept(
+                client_message_id=message.client_message_id,
+                text=text,
+                model_alias=model,
+                model_id=policy.model_id(self.settings, model),
+                anonymous=visitor.anonymous,
+            )
+        except DuplicateClientMessage:
+            raise ChatError(
+                "bad_request", "This clientMessageId was already used.", session.chat.id
+            ) from None
+        except SessionClosed:
+            raise ChatError("not_found", "This chat no longer exists.", session.chat.id) from None
+
+    async def _resend(
+        self, message: wire.Chat, previous: MessageRecord, sender: Subscriber
+    ) -> str | None:
+        """A repeated clientMessageId: re-send the original answers, start nothing."""
+        chat = await self.store.chats.get_chat(previous.chat_id)
+        if chat is None:
+            raise ChatError("not_found", "This chat no longer exists.", previous.chat_id)
+        if message.chat_id is not None and message.chat_id != chat.id:
+            raise ChatError(
+                "bad_request",
+                "This clientMessageId was already used in another chat.",
+                message.chat_id,
+            )
+        if chat.created_by == message.client_message_id:
+            sender.deliver(
+                wire.ChatCreated(
+                    chat_id=chat.id,
+                    client_message_id=message.client_message_id,
+                    model=chat.model,
+                    persona=chat.persona,
+                    request_id=message.request_id,
+                ).to_json()
+            )
+            session = await self.sessions.open(chat)
+            if not session.watched_by(sender):
+                # Replayed from the user message on: the sender missed everything since.
+                session.subscribe(
+                    sender, after_seq=previous.seq_start - 1, request_id=None, announce=False
+                )
+                return chat.id
+        sender.deliver(user_message_event(previous).to_json())
+        return None
+
+    async def answer_waiting(self) -> int:
+        """At start-up: the messages that were acknowledged but still waiting for their turn
+        when the server stopped (a crash, a restart) are answered now, in order. Returns how
+        many."""
+        waiting = await self.store.chats.unanswered()
+        by_chat: dict[str, list[Waiting]] = {}
+        for item in waiting:
+            by_chat.setdefault(item.message.chat_id, []).append(item)
+        for chat_id, items in by_chat.items():
+            chat = await self.store.chats.get_chat(chat_id)
+            if chat is None:
+                continue
+            session = await self.sessions.open(chat)
+            model = chat.model
+            session.enqueue(
+                *(
+                    PendingTurn(
+                        item.message,
+                        model,
+                        policy.model_id(self.settings, model),
+                        anonymous=not item.registered,
+                    )
+                    for item in items
+                )
+            )
+        return len(waiting)
+
+    # --- changing ---------------------------------------------------------------------
+
+    async def rename(self, visitor: Visitor, chat_id: str, title: str) -> wire.ChatInfo:
+        """Give a chat a new title."""
+        await self.own(visitor, chat_id)
+        await self.store.chats.update_chat(chat_id, title=title)
+        updated = await self.store.chats.get_chat(chat_id)
+        if updated is None:
+            raise ChatError("not_found", NO_SUCH_CHAT, chat_id)
+        session = self.sessions.get(chat_id)
+        if session is not None:
+            session.set_chat(updated)
+        return chat_info(updated)
+
+    async def delete(self, visitor: Visitor, chat_id: str) -> None:
+        """Delete a chat and its transcript; a running turn is stopped first, and the
+        chat's subscribers are told."""
+        await self.own(visitor, chat_id)
+        session = self.sessions.get(chat_id)
+        await self.sessions.close(chat_id)
+        await self.store.chats.delete_chat(chat_id)
+        if session is not None:
+            session.deleted()
+
+    # --- rules ------------------------------------------------------------------------
+
+    def model_for(self, chat: ChatRecord, visitor: Visitor) -> wire.ModelAlias:
+        """The chat's model, if its visitor may use it (a chat that was on another model
+        while its owner was signed in goes on with the default)."""
+        if not policy.allowed(chat.model, anonymous=visitor.anonymous):
+            return policy.DEFAULT_MODEL
+        return chat.model
+
+    def _persona(self, persona_id: str | None) -> Persona:
+        if persona_id is None:
+            return self.personas.default
+        if persona_id not in self.personas:
+            raise ChatError("persona_unknown", f"There is no persona {persona_id!r}.")
+        return self.personas[persona_id]
+
+    async def _session(self, visitor: Visitor, chat_id: str) -> ChatSession:
+        return await self.sessions.open(await self.own(visitor, chat_id))
+
+
+def title_for(text: str, limit: int = 60) -> str:
+    """A chat title from its first message: the first line, cut at a word."""
+    line = " ".join(text.split())
+    if len(line) <= limit:
+        return line
+    cut = line[:limit].rsplit(" ", 1)[0] or line[:limit]
+    return cut.rstrip(",.;:!?") + "…"
