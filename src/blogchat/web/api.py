@@ -11,6 +11,7 @@ from pydantic.alias_generators import to_camel
 
 from blogchat import policy
 from blogchat import protocol as wire
+from blogchat.rendering import MAX_HIGHLIGHT_CHARS, highlight
 from blogchat.session import chat_info, message_info
 from blogchat.store import ChatRecord
 from blogchat.visitors import AuthError, Visitor
@@ -67,6 +68,20 @@ class ModelOut(_Body):
     label: str
     allowed: bool
     engine: policy.Engine = Field(description="Extension: which engine answers.")
+    description: str = Field(description="Extension: what the model is good for, in a line.")
+
+
+class CodeIn(_Body):
+    """A finished block of code from an answer, to highlight."""
+
+    code: Annotated[str, StringConstraints(max_length=MAX_HIGHLIGHT_CHARS)]
+    language: Annotated[str, StringConstraints(max_length=40)]
+
+
+class HighlightedCode(_Body):
+    """Code as (CSS class, text) pieces; "" is plain text. The pieces join back to the code."""
+
+    pieces: list[tuple[str, str]]
 
 
 class PersonaOut(_Body):
@@ -148,9 +163,25 @@ async def models(visitor: CurrentVisitor, settings: SettingsDep) -> list[ModelOu
     """The model aliases, with whether this visitor may use each."""
     engine: policy.Engine = "claude" if settings.claude_enabled else "offline"
     return [
-        ModelOut(id=choice.id, label=choice.label, allowed=choice.allowed, engine=engine)
+        ModelOut(
+            id=choice.id,
+            label=choice.label,
+            allowed=choice.allowed,
+            engine=engine,
+            description=choice.description,
+        )
         for choice in policy.choices(settings, anonymous=visitor.anonymous)
     ]
+
+
+@router.post("/highlight", response_model=HighlightedCode)
+async def highlight_code(body: CodeIn) -> HighlightedCode:
+    """Extension: syntax highlighting for a code block that finished streaming.
+
+    The chat renders an answer while it streams; once one of its code blocks is complete, it
+    asks here for the same Pygments reading that the answer's final HTML will carry.
+    """
+    return HighlightedCode(pieces=highlight(body.code, body.language))
 
 
 @router.get("/personas", response_model=list[PersonaOut])
