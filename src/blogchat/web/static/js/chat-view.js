@@ -183,7 +183,7 @@ export function mountChat(root) {
     frame = 0;
     const state = client.state;
     const before = el.scroller.scrollHeight;
-    transcript.render(state);
+    transcript.render(state, { connection: client.connection });
     renderChrome(state);
     if (forceStick || pinned) {
       el.scroller.scrollTop = el.scroller.scrollHeight;
@@ -333,7 +333,10 @@ export function mountChat(root) {
     schedule();
     if (event.type === "done") refreshChatsSoon();
   });
-  client.on("connection", (state, detail) => renderConnection(state, detail));
+  client.on("connection", (state, detail) => {
+    renderConnection(state, detail);
+    schedule(); // a streaming answer shows that it is paused
+  });
   client.on("chat", (chatId) => {
     // The first message created the chat: it now has an address of its own, and signing
     // in from this page should come back to it.
