@@ -30,7 +30,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 
-DESKTOP: dict[str, Any] = {"viewport": {"width": 1280, "height": 860}}
+DESKTOP: dict[str, Any] = {"viewport": {"width": 1280, "height": 800}}
 PHONE: dict[str, Any] = {
     "viewport": {"width": 390, "height": 844},
     "device_scale_factor": 2,
@@ -155,11 +155,14 @@ class ChatPage:
         return answers.nth(count - 1)
 
     async def wait_for_streamed_text(self, characters: int = 40) -> str:
-        """Wait until the running answer shows some text; returns it."""
+        """Wait until the running answer shows some text; returns its Markdown so far."""
         handle = await self.page.wait_for_function(
             """(n) => {
                 const el = document.querySelector('.msg--streaming .answer__stream');
-                return el && el.textContent.length >= n ? el.textContent : null;
+                if (!el || el.textContent.length < n) return null;
+                const id = el.closest('.msg').dataset.id;
+                const state = document.getElementById('chat-app').chatClient.state;
+                return state.messages.find((m) => m.id === id)?.text ?? null;
             }""",
             arg=characters,
         )

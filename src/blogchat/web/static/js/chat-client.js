@@ -177,7 +177,7 @@ function apply(state, event, now) {
         state.messages.filter((m) => !(m.local && m.clientMessageId === event.clientMessageId)),
       );
     case "local/stopping":
-      return onStopping(state);
+      return onStopping(state, event);
     case "local/dismiss":
       return state.problem ? { ...state, problem: null } : state;
     case "local/resyncing":
@@ -299,13 +299,14 @@ function onStatus(state, event, now) {
   return { ...state, status };
 }
 
-function onStopping(state) {
-  // The text freezes where the reader pressed stop (see visibleText).
-  const messages = state.messages.map((m) =>
-    m.kind === "assistant" && m.status === "streaming" && typeof m.stopAt !== "number"
-      ? { ...m, stopAt: m.text.length }
-      : m,
-  );
+function onStopping(state, event) {
+  // The text freezes where the reader pressed stop (see visibleText): at what the page had
+  // drawn (`event.shown`, characters per answer id), else at what had arrived.
+  const messages = state.messages.map((m) => {
+    if (m.kind !== "assistant" || m.status !== "streaming" || typeof m.stopAt === "number") return m;
+    const shown = event.shown?.[m.id];
+    return { ...m, stopAt: typeof shown === "number" ? Math.min(shown, m.text.length) : m.text.length };
+  });
   return { ...state, messages, stopping: true };
 }
 
@@ -745,10 +746,15 @@ export class ChatClient {
     this.#dispatch({ type: "local/discard", clientMessageId });
   }
 
-  /** Stop the running turn (sent on the next connection if there is none now). */
-  stop() {
+  /**
+   * Stop the running turn (sent on the next connection if there is none now).
+   * @param {object} [options]
+   * @param {Object<string, number>} [options.shown] characters of each streaming answer the
+   *   page shows: the text freezes there (and at the end of that sentence)
+   */
+  stop({ shown } = {}) {
     if (this.state.chatId === null || !isRunning(this.state)) return;
-    this.#dispatch({ type: "local/stopping" });
+    this.#dispatch({ type: "local/stopping", shown });
     if (!this.#sendFrame({ type: "stop", chatId: this.state.chatId })) this.#pendingStop = true;
   }
 

@@ -200,14 +200,14 @@ export function describeRun(tools) {
     done: (n) => `Used ${name} ${n} times`,
     running: (n) => `Using ${name} · ${n} calls`,
   };
-  const parts = [state === "running" ? `${phrases.running(count)}…` : phrases.done(count)];
+  const parts = [state === "running" ? phrases.running(count) : phrases.done(count)];
   if (name === "searchBlogContent" || name === "listPosts") {
     const found = uniqueFindings(tools).length;
     if (state !== "running" || found) parts.push(plural(found, "result"));
   }
   const failed = tools.filter((t) => t.state === "error").length;
   if (failed && state !== "error") parts.push(`${failed} failed`);
-  return { icon: describeTool(tools[0]).icon, text: parts.join(" · ") };
+  return { icon: describeTool(tools[0]).icon, text: parts.join(" · ") + (state === "running" ? "…" : "") };
 }
 
 /** The card's status icon: a spinner while running. */

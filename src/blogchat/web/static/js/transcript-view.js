@@ -158,6 +158,17 @@ export class TranscriptView {
     }
   }
 
+  /** How much of each streaming answer's text is on screen (characters, by answer id). */
+  shownText() {
+    const shown = {};
+    for (const node of this.#nodes.values()) {
+      if (node.message?.kind === "assistant" && node.message.status === "streaming" && node.shown !== null) {
+        shown[node.message.id] = node.shown.length;
+      }
+    }
+    return shown;
+  }
+
   /** Forget everything drawn (before showing another chat). */
   clear() {
     this.list.replaceChildren();
