@@ -653,7 +653,8 @@ async def test_a_status_message_shows_until_any_later_event_of_its_chat(lab: Pag
         """
         const { ev, apply } = lab;
         const start = apply(lab.initialState("c1"), ev.subscribed(0, []), ev.user(1, "u1", "k1"));
-        const waiting = lab.reduce(start, { type: "status", chatId: "c1", state: "waiting", position: 2 });
+        const waiting = lab.reduce(start, { type: "status", chatId: "c1", state: "waiting",
+                                            position: 2 });
         const retrying = lab.reduce(waiting, { type: "status", chatId: "c1", messageId: "a1",
           state: "retrying", attempt: 2, maxAttempts: 3, retryInMs: 1500 });
         const otherChat = lab.reduce(retrying, { type: "status", chatId: "c2", state: "waiting",
@@ -725,8 +726,8 @@ async def test_thinking_time_runs_from_the_first_thinking_to_the_first_thing_don
         state = lab.reduce(state, ev.token(5, "a1", "Answer"), { now: 9000 });
         const answer = state.messages[1];
         // Without a clock (a history), there is no duration to show.
-        const history = lab.apply(lab.initialState("c1"), ev.subscribed(0, []), ev.user(1, "u1", "k1"),
-                                  ev.thinking(2, "a1", "Hm"), ev.token(3, "a1", "Hi"));
+        const history = lab.apply(lab.initialState("c1"), ev.subscribed(0, []),
+          ev.user(1, "u1", "k1"), ev.thinking(2, "a1", "Hm"), ev.token(3, "a1", "Hi"));
         return { ms: answer.thinkingMs, none: history.messages[1].thinkingMs };
         """,
     )

@@ -238,3 +238,54 @@ async def test_a_growing_answer_redraws_only_the_blocks_whose_text_changed(lab: 
     # The code block is reported as final once its closing fence arrives, and only then.
     assert ("js", "let a = 1;\n") in [tuple(code) for code in result["finalCodes"]]
     assert result["openCodes"] > 0
+
+
+async def test_an_unfinished_paragraph_shows_what_it_opened_as_already_closed(lab: Page) -> None:
+    cases = {
+        "*Offline mode: no language": "<p><em>Offline mode: no language</em></p>\n",
+        "*Offline mode: no language model, so ": "<p><em>Offline mode: no language model, so</em></p>\n",
+        "**[SQLite in prod": '<p><strong><a href="">SQLite in prod</a></strong></p>\n',
+        "**[SQLite](/posts/sqlite-in": (
+            '<p><strong><a href="/posts/sqlite-in">SQLite</a></strong></p>\n'
+        ),
+        "Run `pip inst": "<p>Run <code>pip inst</code></p>\n",
+        "Done. **": "<p>Done.</p>\n",
+        "> A quote with _emph": "<blockquote>\n<p>A quote with <em>emph</em></p>\n</blockquote>\n",
+        # Not openers: nothing is added.
+        "5 * 3 is": "<p>5 * 3 is</p>\n",
+        "call snake_case_na": "<p>call snake_case_na</p>\n",
+        "index a[0": "<p>index a[0</p>\n",
+        "```python\nx = *y": '<pre><code class="language-python">x = *y</code></pre>\n',
+        "**bold** and *em*": "<p><strong>bold</strong> and <em>em</em></p>\n",
+    }
+    result: dict[str, str] = await run(
+        lab,
+        """
+        const out = {};
+        for (const source of arg) {
+          const box = document.createElement("div");
+          new lab.md.LiveMarkdown(box).update(source);
+          out[source] = box.innerHTML;
+        }
+        return out;
+        """,
+        list(cases),
+    )
+    assert result == cases
+
+
+async def test_a_finished_text_is_rendered_exactly_as_written(lab: Page) -> None:
+    # The completion is for growing text only: a finished answer that ends in an opener
+    # keeps it, as the server does.
+    result = await run(
+        lab,
+        """
+        const box = document.createElement("div");
+        const live = new lab.md.LiveMarkdown(box);
+        live.update("Ends with *nix");
+        const growing = box.innerHTML;
+        live.update("Ends with *nix", { growing: false });
+        return [growing, box.innerHTML];
+        """,
+    )
+    assert result == ["<p>Ends with <em>nix</em></p>\n", "<p>Ends with *nix</p>\n"]

@@ -149,7 +149,7 @@ def test_fenced_code_in_an_answer_is_highlighted_with_pygments_classes_only() ->
         '<pre><code class="language-python"><span class="k">if</span> '
         '<span class="n">a</span> <span class="o">&lt;</span> <span class="n">b</span>'
         '<span class="p">:</span>\n    <span class="nb">print</span><span class="p">(</span>'
-        "<span class=\"s1\">'&lt;b&gt;'</span><span class=\"p\">)</span>  "
+        '<span class="s1">\'&lt;b&gt;\'</span><span class="p">)</span>  '
         '<span class="c1"># hi</span>\n</code></pre>\n'
         "<pre><code>indented &lt;i&gt;\n</code></pre>\n"
     )

@@ -23,8 +23,10 @@ import * as chat from "/static/js/chat-client.js";
 import { TranscriptView, statusText, thoughtFor } from "/static/js/transcript-view.js";
 
 const ev = {
-  subscribed: () => ({ type: "subscribed", chatId: "c1", lastSeq: 0, busy: false, messages: [],
-                       chat: { id: "c1", title: "t", model: "haiku", persona: "p", createdAt: "" } }),
+  subscribed: () => ({
+    type: "subscribed", chatId: "c1", lastSeq: 0, busy: false, messages: [],
+    chat: { id: "c1", title: "t", model: "haiku", persona: "p", createdAt: "" },
+  }),
   user: (seq, id) => ({ type: "user_message", chatId: "c1", seq, messageId: id,
                         clientMessageId: `k${seq}`, text: "question" }),
   token: (seq, id, text) => ({ type: "token", chatId: "c1", seq, messageId: id, text }),

@@ -9,6 +9,7 @@ tests/conftest.py loads these fixtures for every test module.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOTS = REPO / "test-artifacts" / "screenshots"
+MEASUREMENTS = REPO / "test-artifacts" / "measurements.jsonl"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -62,6 +64,23 @@ LOOKS: dict[str, dict[str, Any]] = {
     "phone": PHONE,
     "phone-dark": PHONE | DARK,
 }
+
+
+async def snap(page: Page, name: str) -> Path:
+    """Save a screenshot of the page as it is now: test-artifacts/screenshots/<name>.png."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    safe = re.sub(r"[^\w.\[\]-]+", "_", name)
+    path = SCREENSHOTS / f"{safe}.png"
+    await page.screenshot(path=path)
+    return path
+
+
+def record_measurement(name: str, **figures: Any) -> None:
+    """Keep a timing a browser test took (reported, never asserted) in
+    test-artifacts/measurements.jsonl, one JSON object a line."""
+    MEASUREMENTS.parent.mkdir(parents=True, exist_ok=True)
+    with MEASUREMENTS.open("a", encoding="utf-8") as file:
+        file.write(json.dumps({"measurement": name, **figures}) + "\n")
 
 
 @pytest.fixture

@@ -154,9 +154,9 @@ export function mountChat(root) {
 
   // --- model choice, kept per chat for this tab ---
 
-  const models = new ModelPicker(el.modelPicker, (model) => {
-    writeModel(client.state.chatId, model);
-    el.input.focus();
+  const models = new ModelPicker(el.modelPicker, {
+    onChange: (model) => writeModel(client.state.chatId, model),
+    onDone: () => el.input.focus(),
   });
 
   const modelKey = (chatId) => `blogchat:v1:model:${chatId ?? "new"}`;

@@ -1808,6 +1808,80 @@ function topLevelBlocks(parsed) {
   return blocks;
 }
 
+const FENCE_LINE = /^(?:[ \t]*>)*[ \t]{0,3}(?:`{3,}|~{3,})/gm;
+const MARKERS = new Set(["*", "_", "~"]);
+const isWordChar = (ch) => ch !== undefined && /[\p{L}\p{N}]/u.test(ch);
+
+/**
+ * An unfinished answer, completed for display: the emphasis, code span or link that its
+ * last paragraph has opened is closed, so the reader sees **bold** as bold while it is
+ * still being written rather than asterisks that turn into bold later. A marker run at the
+ * very end (an opener with nothing after it yet) is left out. Only ever used while the text
+ * still grows: the finished answer is rendered exactly as written.
+ */
+export function completeTail(text) {
+  if ((text.match(FENCE_LINE)?.length ?? 0) % 2) return text; // inside a code block
+  const start = text.lastIndexOf("\n\n") + 1;
+  let tail = text.slice(start);
+  // An opener with nothing after it yet shows as a stray mark: leave it for the next token.
+  tail = tail.replace(/[*_~`[!]+$/, "");
+  const stack = [];
+  for (let i = 0; i < tail.length; i += 1) {
+    const ch = tail[i];
+    const top = stack.at(-1);
+    if (top?.kind === "code") {
+      if (ch === "`") {
+        let run = 1;
+        while (tail[i + run] === "`") run += 1;
+        if (run === top.closer.length) stack.pop();
+        i += run - 1;
+      }
+      continue;
+    }
+    if (ch === "\\") {
+      i += 1;
+      continue;
+    }
+    if (top?.kind === "url") {
+      if (ch === ")") stack.pop();
+      continue;
+    }
+    if (ch === "`") {
+      let run = 1;
+      while (tail[i + run] === "`") run += 1;
+      stack.push({ kind: "code", closer: "`".repeat(run) });
+      i += run - 1;
+    } else if (ch === "[") {
+      // Only a bracket that starts a word: `a[0` is an index, not a link.
+      if (!isWordChar(tail[i - 1])) stack.push({ kind: "label", closer: "]()" });
+    } else if (ch === "]") {
+      const label = stack.findLastIndex((e) => e.kind === "label");
+      if (label >= 0) stack.splice(label);
+      if (label >= 0 && tail[i + 1] === "(") {
+        stack.push({ kind: "url", closer: ")" });
+        i += 1;
+      }
+    } else if (MARKERS.has(ch)) {
+      let run = 1;
+      while (tail[i + run] === ch) run += 1;
+      const before = tail[i - 1];
+      const after = tail[i + run];
+      const open = stack.findLastIndex((e) => e.kind === "delim" && e.marker === ch && e.run === run);
+      const canClose = before !== undefined && !/\s/.test(before);
+      // Intraword underscores (snake_case) and single tildes never open anything.
+      const canOpen =
+        after !== undefined && !/\s/.test(after) && !(ch === "_" && isWordChar(before)) && !(ch === "~" && run !== 2);
+      if (open >= 0 && canClose) stack.splice(open);
+      else if (canOpen) stack.push({ kind: "delim", marker: ch, run, closer: ch.repeat(run) });
+      i += run - 1;
+    }
+  }
+  if (!stack.length) return text.slice(0, start) + tail;
+  // A closer after a space closes nothing ("so *"): close right after the last word.
+  if (stack.at(-1).kind !== "code") tail = tail.replace(/\s+$/, "");
+  return text.slice(0, start) + tail + stack.reverse().map((e) => e.closer).join("");
+}
+
 /**
  * A streaming answer's Markdown, kept rendered in a container. Each `update(text)` parses the
  * whole text (cheap: a few hundred µs for a long answer) but touches only the top-level blocks
@@ -1829,10 +1903,16 @@ export class LiveMarkdown {
     this.text = "";
   }
 
-  /** Show this text; returns how many top-level blocks were drawn again. */
-  update(text) {
+  /**
+   * Show this text; returns how many top-level blocks were drawn again.
+   * @param {string} text
+   * @param {object} [options]
+   * @param {boolean} [options.growing] the text is still being written: show what its last
+   *   paragraph has opened as closed (completeTail); false for a finished text
+   */
+  update(text, { growing = true } = {}) {
     this.text = text;
-    const parsed = parse(text);
+    const parsed = parse(growing ? completeTail(text) : text);
     const blocks = topLevelBlocks(parsed);
     const old = this.#blocks;
     let same = 0;

@@ -2,27 +2,41 @@
 // this visitor may not use is shown too, locked, saying why and offering sign-in; signed in,
 // each model has a line on what it is for (GET /api/models).
 
-/** The picker inside `root` (rendered by chat.html); `onChange(model)` after a choice. */
+/** The picker inside `root` (rendered by chat.html). */
 export class ModelPicker {
   /**
    * @param {HTMLElement} root the `.model-picker` element
-   * @param {(model: string) => void} onChange
+   * @param {object} handlers
+   * @param {(model: string) => void} handlers.onChange a model was chosen
+   * @param {() => void} handlers.onDone the menu closed on a choice (click or Enter)
    */
-  constructor(root, onChange) {
+  constructor(root, { onChange, onDone }) {
     this.root = root;
     this.onChange = onChange;
+    this.onDone = onDone;
     this.button = root.querySelector(".model-picker__button");
     this.menu = root.querySelector(".model-menu");
     this.current = root.querySelector("#model-current");
     this.value = root.dataset.value || "haiku";
     this.button.addEventListener("click", () => this.toggle());
+    // A click on a model chooses it and closes the menu; arrow keys move the choice, as in
+    // any radio group, and Enter (or Escape) closes the menu.
+    let pointer = false;
+    this.menu.addEventListener("pointerdown", () => {
+      pointer = true;
+    });
     this.menu.addEventListener("change", (event) => {
       if (event.target.name !== "model") return;
       this.set(event.target.value);
-      this.close({ focus: false });
       this.onChange(this.value);
+      if (pointer) {
+        this.close({ focus: false });
+        this.onDone();
+      }
+      pointer = false;
     });
     this.menu.addEventListener("keydown", (event) => {
+      pointer = false;
       if (event.key === "Escape") {
         // The page's Escape stops a running answer; here it only closes the menu.
         event.preventDefault();
@@ -31,7 +45,7 @@ export class ModelPicker {
       } else if (event.key === "Enter" && event.target.name === "model") {
         event.preventDefault();
         this.close({ focus: false });
-        this.onChange(this.value);
+        this.onDone();
       }
     });
     document.addEventListener("pointerdown", (event) => {

@@ -383,7 +383,7 @@ export class TranscriptView {
       if (node.html !== message.html) {
         // The live rendering catches up with the whole text first: the swap below then
         // replaces a tree with the same tree (tests/test_ui.py compares the two).
-        if (node.live && node.shown !== message.text) node.live.update(message.text);
+        if (node.live) node.live.update(message.text, { growing: false });
         const prose = h("div", { class: "prose answer__html" });
         prose.innerHTML = message.html; // sanitized by the server (nh3); nothing else is HTML
         decorateCodeBlocks(prose);
@@ -400,9 +400,11 @@ export class TranscriptView {
         node.html = null;
         node.shown = null;
       }
-      if (node.shown !== text) {
-        node.live.update(text);
+      const growing = streaming;
+      if (node.shown !== text || node.growing !== growing) {
+        node.live.update(text, { growing });
         node.shown = text;
+        node.growing = growing;
       }
     }
     node.answer.hidden = !text.trim() && !final;
