@@ -243,13 +243,15 @@ async def test_a_growing_answer_redraws_only_the_blocks_whose_text_changed(lab: 
 async def test_an_unfinished_paragraph_shows_what_it_opened_as_already_closed(lab: Page) -> None:
     cases = {
         "*Offline mode: no language": "<p><em>Offline mode: no language</em></p>\n",
-        "*Offline mode: no language model, so ": "<p><em>Offline mode: no language model, so</em></p>\n",
+        "*Offline mode: no model, so ": "<p><em>Offline mode: no model, so</em></p>\n",
         "**[SQLite in prod": '<p><strong><a href="">SQLite in prod</a></strong></p>\n',
         "**[SQLite](/posts/sqlite-in": (
             '<p><strong><a href="/posts/sqlite-in">SQLite</a></strong></p>\n'
         ),
         "Run `pip inst": "<p>Run <code>pip inst</code></p>\n",
         "Done. **": "<p>Done.</p>\n",
+        "Wow! ![": "<p>Wow!</p>\n",
+        "Wow!": "<p>Wow!</p>\n",
         "> A quote with _emph": "<blockquote>\n<p>A quote with <em>emph</em></p>\n</blockquote>\n",
         # Not openers: nothing is added.
         "5 * 3 is": "<p>5 * 3 is</p>\n",

@@ -722,11 +722,18 @@ def _assert_frozen(stopped: dict[str, Any], saved_text: str) -> None:
     assert saved_text.startswith(visible.rstrip()), "the server kept what the reader saw"
 
 
+def _words_after_click(stopped: dict[str, Any], saved_text: str) -> tuple[int, int]:
+    """Words that arrived after the click, and words of them the reader was shown."""
+    at = stopped["stopAt"]
+    return len(saved_text[at:].split()), len(stopped["visible"][at:].split())
+
+
 async def test_stop_freezes_the_text_at_the_click_and_done_follows(
     slow_server: LiveServer, page: Page, chat_page: MakeChatPage
 ) -> None:
     chat = await chat_page(page, slow_server.url).open()
-    timings = []
+    timings: list[float] = []
+    words: list[tuple[int, int]] = []
     for round_ in range(3):
         await _watch_stop(page)
         await chat.ask(f"{QUESTION} ({round_ + 1})")
@@ -738,11 +745,14 @@ async def test_stop_freezes_the_text_at_the_click_and_done_follows(
         saved = await _saved_answer(chat, await chat.chat_id(), index=round_)
         _assert_frozen(stopped, saved["text"])
         timings.append(stopped["doneAt"] - stopped["clickedAt"])
+        words.append(_words_after_click(stopped, saved["text"]))
     await snap(page, "stop-frozen")
     record_measurement(
         "stop click to done, offline engine (30 tokens/s)",
         samples_ms=[round(t) for t in timings],
         p50_ms=round(statistics.median(timings)),
+        words_arriving_after_click=[arrived for arrived, _ in words],
+        words_shown_after_click=[shown for _, shown in words],
     )
 
 
@@ -752,7 +762,8 @@ async def test_stop_on_the_claude_engine_freezes_the_text_and_done_follows(
     long_answer = "This answer goes on for a while, one clause after another. " * 40
     api.when_user_says("stop-probe", [reply(text(long_answer, delay=0.03))], repeat_last=True)
     chat = await chat_page(page, claude_server.url).open()
-    timings = []
+    timings: list[float] = []
+    words: list[tuple[int, int]] = []
     for round_ in range(3):
         await _watch_stop(page)
         await chat.ask(f"stop-probe {round_}")
@@ -763,10 +774,14 @@ async def test_stop_on_the_claude_engine_freezes_the_text_and_done_follows(
         saved = await _saved_answer(chat, await chat.chat_id(), index=round_)
         _assert_frozen(stopped, saved["text"])
         timings.append(stopped["doneAt"] - stopped["clickedAt"])
+        words.append(_words_after_click(stopped, saved["text"]))
+    await snap(page, "stop-frozen-claude")
     record_measurement(
         "stop click to done, Claude engine (test server, ~33 words/s)",
         samples_ms=[round(t) for t in timings],
         p50_ms=round(statistics.median(timings)),
+        words_arriving_after_click=[arrived for arrived, _ in words],
+        words_shown_after_click=[shown for _, shown in words],
     )
 
 

@@ -1824,7 +1824,7 @@ export function completeTail(text) {
   const start = text.lastIndexOf("\n\n") + 1;
   let tail = text.slice(start);
   // An opener with nothing after it yet shows as a stray mark: leave it for the next token.
-  tail = tail.replace(/[*_~`[!]+$/, "");
+  tail = tail.replace(/(?:[*_~`[]|!\[)+$/, "");
   const stack = [];
   for (let i = 0; i < tail.length; i += 1) {
     const ch = tail[i];
