@@ -10,6 +10,7 @@ import pytest
 import yaml
 from jsonschema import Draft202012Validator
 
+from blogchat.web.api import HIGHLIGHTS
 from tests.support.client import Reader
 from tests.support.server import REPO, LiveServer
 
@@ -80,11 +81,18 @@ def validator(schema: dict[str, Any], direction: str) -> Draft202012Validator:
 async def test_anonymous_visitors_may_use_haiku_only(reader: Reader) -> None:
     response = await reader.http.get("/api/models")
     assert response.status_code == 200
-    assert response.json() == [
+    models = response.json()
+    assert [
+        {key: value for key, value in model.items() if key != "description"} for model in models
+    ] == [
         {"id": "haiku", "label": "Haiku", "allowed": True, "engine": "offline"},
         {"id": "sonnet", "label": "Sonnet", "allowed": False, "engine": "offline"},
         {"id": "opus", "label": "Opus", "allowed": False, "engine": "offline"},
     ]
+    # Each model says in a line what it is for, whether or not this visitor may pick it.
+    descriptions = [model["description"] for model in models]
+    assert all(descriptions)
+    assert len(set(descriptions)) == 3
 
 
 async def test_registered_users_may_use_every_model(reader: Reader) -> None:
@@ -95,6 +103,46 @@ async def test_registered_users_may_use_every_model(reader: Reader) -> None:
         ("sonnet", True, "offline"),
         ("opus", True, "offline"),
     ]
+
+
+async def test_highlight_returns_pygments_pieces_that_join_back_to_the_code(
+    reader: Reader,
+) -> None:
+    code = "def f(x):\n    return x < 1  # why\n"
+    response = await reader.http.post("/api/highlight", json={"code": code, "language": "python"})
+    assert response.status_code == 200
+    pieces = response.json()["pieces"]
+    assert "".join(text for _, text in pieces) == code
+    assert ["k", "def"] in pieces
+    assert ["c1", "# why"] in pieces
+
+    plain = await reader.http.post("/api/highlight", json={"code": "a < b", "language": "nope"})
+    assert plain.json() == {"pieces": [["", "a < b"]]}
+    too_long = await reader.http.post(
+        "/api/highlight", json={"code": "x" * 20_001, "language": "python"}
+    )
+    assert too_long.status_code == 422
+
+
+async def test_highlighting_is_limited_per_address_and_allowed_again_once_the_window_moves(
+    clock: Any, server: LiveServer
+) -> None:
+    body = {"code": "x = 1", "language": "python"}
+    # Several visitors (cookies) at one address share its allowance.
+    async with Reader(server.url) as first, Reader(server.url) as second:
+        for visitor in [first, second] * (HIGHLIGHTS.amount // 2):
+            assert (await visitor.http.post("/api/highlight", json=body)).status_code == 200
+        refused = await first.http.post("/api/highlight", json=body)
+        assert refused.status_code == 429
+        wait = int(refused.headers["retry-after"])
+        assert 0 < wait <= HIGHLIGHTS.seconds
+        assert refused.json() == {
+            "detail": "Too many code blocks to highlight. Try again shortly.",
+            "code": "rate_limited",
+            "retryAfter": wait,
+        }
+        clock.shift(HIGHLIGHTS.seconds + 1)
+        assert (await second.http.post("/api/highlight", json=body)).status_code == 200
 
 
 async def test_personas_are_those_of_the_personas_file_with_the_first_as_default(

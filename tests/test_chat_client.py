@@ -616,3 +616,120 @@ async def test_a_gap_in_seqs_makes_the_client_fetch_the_whole_history(lab: Page)
     )
     assert len(result) == 2
     assert "afterSeq" not in result[1], "a hole is repaired from the whole history"
+
+
+# --- robustness, status messages, stop and thinking time --------------------------------
+
+
+async def test_unknown_and_malformed_messages_leave_the_state_as_it_was(lab: Page) -> None:
+    result = await run(
+        lab,
+        """
+        const { ev, apply } = lab;
+        const start = apply(lab.initialState("c1"), ev.subscribed(0, []), ev.user(1, "u1", "k1"),
+                            ev.token(2, "a1", "Hello"));
+        const odd = [
+          { type: "reaction", chatId: "c1", seq: 3, emoji: "👍" },   // a type from the future
+          { type: "token", chatId: "c1", seq: 3, messageId: "a1" },  // no text
+          { type: "token", chatId: "c1", seq: "3", messageId: "a1", text: "!" },
+          { type: "done", chatId: "c1", seq: 3 },
+          { type: "status", chatId: "c1", state: "dancing" },
+          { type: "subscribed", chatId: "c1", lastSeq: 0, messages: "nope" },
+          { type: 42 }, null, "token", {},
+        ];
+        const same = odd.map((event) => lab.reduce(start, event) === start);
+        const after = apply(start, ...odd, ev.token(3, "a1", " world"));
+        return { same, text: lab.summary(after)[1].text, lastSeq: after.lastSeq };
+        """,
+    )
+    assert all(result["same"]), result["same"]
+    assert result["text"] == "Hello world"
+    assert result["lastSeq"] == 3
+
+
+async def test_a_status_message_shows_until_any_later_event_of_its_chat(lab: Page) -> None:
+    result = await run(
+        lab,
+        """
+        const { ev, apply } = lab;
+        const start = apply(lab.initialState("c1"), ev.subscribed(0, []), ev.user(1, "u1", "k1"));
+        const waiting = lab.reduce(start, { type: "status", chatId: "c1", state: "waiting",
+                                            position: 2 });
+        const retrying = lab.reduce(waiting, { type: "status", chatId: "c1", messageId: "a1",
+          state: "retrying", attempt: 2, maxAttempts: 3, retryInMs: 1500 });
+        const otherChat = lab.reduce(retrying, { type: "status", chatId: "c2", state: "waiting",
+                                                 position: 9 });
+        const ping = lab.reduce(retrying, { type: "pong" });
+        const token = lab.reduce(retrying, ev.token(2, "a1", "Here"));
+        return { waiting: waiting.status, retrying: retrying.status,
+                 otherChat: otherChat === retrying, ping: ping.status !== null,
+                 afterToken: token.status, text: lab.summary(token)[1].text };
+        """,
+    )
+    assert result["waiting"]["state"] == "waiting"
+    assert result["waiting"]["position"] == 2
+    assert result["retrying"]["attempt"] == 2
+    assert result["retrying"]["maxAttempts"] == 3
+    assert result["retrying"]["messageId"] == "a1"
+    assert result["otherChat"], "another chat's status is not this chat's"
+    assert result["ping"], "a message about no chat leaves the status"
+    assert result["afterToken"] is None
+    assert result["text"] == "Here"
+
+
+async def test_stop_freezes_an_answer_at_the_shown_text_and_the_end_of_its_sentence(
+    lab: Page,
+) -> None:
+    result = await run(
+        lab,
+        """
+        const { ev, apply } = lab;
+        const running = apply(lab.initialState("c1"), ev.subscribed(0, []), ev.user(1, "u1", "k1"),
+                              ev.token(2, "a1", "One sentence. Then the sec"));
+        // The page had drawn "One sentence. Then the" when the reader pressed stop.
+        const stopping = lab.reduce(running, { type: "local/stopping", shown: { a1: 22 } });
+        const visible = [];
+        let state = stopping;
+        for (const [seq, text] of [[3, "ond one goes"], [4, " on. A third"], [5, " sentence."]]) {
+          state = lab.reduce(state, ev.token(seq, "a1", text));
+          visible.push(lab.visibleText(state.messages[1]));
+        }
+        const atBoundary = lab.visibleText({ text: "Done. More text. Even more.", stopAt: 6 });
+        const nothingYet = lab.visibleText({ text: "Anything at all.", stopAt: 0 });
+        return { stopAt: stopping.messages[1].stopAt, visible, atBoundary, nothingYet,
+                 stopping: stopping.stopping };
+        """,
+    )
+    assert result["stopAt"] == 22
+    assert result["stopping"]
+    # The sentence being written ends; nothing after it appears.
+    assert result["visible"] == [
+        "One sentence. Then the second one goes",
+        "One sentence. Then the second one goes on. ",
+        "One sentence. Then the second one goes on. ",
+    ]
+    assert result["atBoundary"] == "Done. "
+    assert result["nothingYet"] == ""
+
+
+async def test_thinking_time_runs_from_the_first_thinking_to_the_first_thing_done_after(
+    lab: Page,
+) -> None:
+    result = await run(
+        lab,
+        """
+        const { ev } = lab;
+        let state = lab.apply(lab.initialState("c1"), ev.subscribed(0, []), ev.user(1, "u1", "k1"));
+        state = lab.reduce(state, ev.thinking(2, "a1", "Let me"), { now: 1000 });
+        state = lab.reduce(state, ev.thinking(3, "a1", " think."), { now: 2500 });
+        state = lab.reduce(state, ev.toolUse(4, "a1", "t1"), { now: 3400 });
+        state = lab.reduce(state, ev.token(5, "a1", "Answer"), { now: 9000 });
+        const answer = state.messages[1];
+        // Without a clock (a history), there is no duration to show.
+        const history = lab.apply(lab.initialState("c1"), ev.subscribed(0, []),
+          ev.user(1, "u1", "k1"), ev.thinking(2, "a1", "Hm"), ev.token(3, "a1", "Hi"));
+        return { ms: answer.thinkingMs, none: history.messages[1].thinkingMs };
+        """,
+    )
+    assert result["ms"] == 2400
+    assert result["none"] is None

@@ -11,7 +11,10 @@ from hypothesis import strategies as st
 
 from blogchat.rendering import (
     EXTERNAL_LINK_REL,
+    HIGHLIGHT_CLASSES,
+    MAX_HIGHLIGHT_CHARS,
     heading_anchor,
+    highlight,
     plain_text,
     render_answer,
     render_markdown,
@@ -131,14 +134,54 @@ def test_tables_keep_their_alignment_without_style(render: Renderer) -> None:
     assert cells == [("th", {"align": a}) for a in aligns] + [("td", {"align": a}) for a in aligns]
 
 
-@RENDERERS
-def test_code_blocks_keep_their_language_and_escape_their_content(render: Renderer) -> None:
-    html = render("```python\nif a < b:\n    print('<b>')\n```\n\n    indented <i>\n")
+def test_code_blocks_keep_their_language_and_escape_their_content() -> None:
+    html = render_markdown("```python\nif a < b:\n    print('<b>')\n```\n\n    indented <i>\n")
     assert html == (
         '<pre><code class="language-python">if a &lt; b:\n'
         "    print('&lt;b&gt;')\n</code></pre>\n"
         "<pre><code>indented &lt;i&gt;\n</code></pre>\n"
     )
+
+
+def test_fenced_code_in_an_answer_is_highlighted_with_pygments_classes_only() -> None:
+    html = render_answer("```python\nif a < b:\n    print('<b>')  # hi\n```\n\n    indented <i>\n")
+    assert html == (
+        '<pre><code class="language-python"><span class="k">if</span> '
+        '<span class="n">a</span> <span class="o">&lt;</span> <span class="n">b</span>'
+        '<span class="p">:</span>\n    <span class="nb">print</span><span class="p">(</span>'
+        '<span class="s1">\'&lt;b&gt;\'</span><span class="p">)</span>  '
+        '<span class="c1"># hi</span>\n</code></pre>\n'
+        "<pre><code>indented &lt;i&gt;\n</code></pre>\n"
+    )
+    for tag, attrs in elements(html):
+        assert tag != "span" or attrs["class"] in HIGHLIGHT_CLASSES
+
+
+def test_code_in_an_unknown_language_keeps_its_class_and_stays_plain() -> None:
+    html = render_answer("```no-such-language\na < b\n```\n")
+    assert html == '<pre><code class="language-no-such-language">a &lt; b\n</code></pre>\n'
+
+
+def test_spans_written_in_an_answer_are_text_not_markup() -> None:
+    html = render_answer('<span class="k">x</span> and <span class="evil">y</span>')
+    assert "span" not in [tag for tag, _ in elements(html)]
+
+
+@settings(max_examples=200)
+@given(
+    code=st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=200),
+    language=st.sampled_from(["python", "js", "bash", "sql", "json", "html", "rust", "nope", ""]),
+)
+def test_highlighted_pieces_join_back_to_the_code_exactly(code: str, language: str) -> None:
+    pieces = highlight(code, language)
+    assert "".join(text for _, text in pieces) == code
+    assert all(css == "" or css in HIGHLIGHT_CLASSES for css, _ in pieces)
+    assert all(text for _, text in pieces), "no empty pieces"
+
+
+def test_code_too_long_to_lex_is_one_plain_piece() -> None:
+    code = "x = 1\n" * (MAX_HIGHLIGHT_CHARS // 6 + 1)
+    assert highlight(code, "python") == [("", code)]
 
 
 @RENDERERS

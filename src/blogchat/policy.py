@@ -13,6 +13,11 @@ ALIASES: Final[tuple[ModelAlias, ...]] = get_args(ModelAlias)
 DEFAULT_MODEL: Final[ModelAlias] = "haiku"
 ANONYMOUS_MODELS: Final[frozenset[ModelAlias]] = frozenset({"haiku"})
 LABELS: Final[dict[ModelAlias, str]] = {"haiku": "Haiku", "sonnet": "Sonnet", "opus": "Opus"}
+DESCRIPTIONS: Final[dict[ModelAlias, str]] = {
+    "haiku": "Fastest: quick questions, summaries and lookups.",
+    "sonnet": "Balanced: more careful answers, a little slower.",
+    "opus": "Most capable: hard questions, at its own pace.",
+}
 
 Engine = Literal["claude", "offline"]
 
@@ -25,6 +30,7 @@ class ModelChoice:
     label: str
     allowed: bool
     model_id: str
+    description: str
 
 
 def model_id(settings: Settings, alias: ModelAlias) -> str:
@@ -53,7 +59,11 @@ def choices(settings: Settings, *, anonymous: bool) -> list[ModelChoice]:
     """Every model alias with whether this visitor may pick it."""
     return [
         ModelChoice(
-            alias, LABELS[alias], allowed(alias, anonymous=anonymous), model_id(settings, alias)
+            alias,
+            LABELS[alias],
+            allowed(alias, anonymous=anonymous),
+            model_id(settings, alias),
+            DESCRIPTIONS[alias],
         )
         for alias in ALIASES
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from functools import lru_cache
 from html import escape
 from typing import Final
 
@@ -13,10 +14,17 @@ from markdown_it.token import Token
 from markdown_it.utils import EnvType, OptionsDict
 from mdit_py_plugins.anchors import anchors_plugin
 from mdit_py_plugins.anchors.index import slugify
+from pygments.lexer import Lexer
+from pygments.lexers import get_lexer_by_name
+from pygments.token import STANDARD_TYPES, _TokenType
+from pygments.util import ClassNotFound
 
 __all__ = [
     "EXTERNAL_LINK_REL",
+    "HIGHLIGHT_CLASSES",
+    "MAX_HIGHLIGHT_CHARS",
     "heading_anchor",
+    "highlight",
     "parse_markdown",
     "plain_text",
     "render_answer",
@@ -48,6 +56,7 @@ _ALLOWED_TAGS: Final = frozenset(
         "p",
         "pre",
         "s",
+        "span",
         "strong",
         "table",
         "tbody",
@@ -65,6 +74,7 @@ _ALLOWED_ATTRIBUTES: Final = {
     "h3": {"id"},
     "ol": {"start"},
     "code": {"class"},
+    "span": {"class"},
 }
 # Attributes whose whole value must come from a fixed set; nh3 wants these kept out of
 # `attributes`.
@@ -79,6 +89,12 @@ _EXTERNAL_URL = re.compile(r"^(?:https?:)?//", re.IGNORECASE)
 _CODE_CLASS = re.compile(r"^language-[A-Za-z0-9_+#.-]{1,40}$")
 _TEXT_ALIGN = re.compile(r"^text-align:(left|center|right)$")
 
+HIGHLIGHT_CLASSES: Final = frozenset(name for name in STANDARD_TYPES.values() if name)
+"""Pygments' short CSS class names (`k` keyword, `s2` string, `c1` comment, ...): the only
+classes a highlighted piece of code carries, styled by chat.css."""
+MAX_HIGHLIGHT_CHARS: Final = 20_000
+"""Longer code is shown plain: a lexer's cost grows with its input."""
+
 
 def heading_anchor(title: str) -> str:
     """The anchor id for a heading's text, before de-duplication within its document."""
@@ -89,7 +105,63 @@ def heading_anchor(title: str) -> str:
 def _attribute_filter(tag: str, attribute: str, value: str) -> str | None:
     if tag == "code" and attribute == "class":
         return value if _CODE_CLASS.match(value) else None
+    if tag == "span" and attribute == "class":
+        return value if value in HIGHLIGHT_CLASSES else None
     return value
+
+
+@lru_cache(maxsize=64)
+def _lexer(language: str) -> Lexer | None:
+    try:
+        # stripnl/ensurenl off: the pieces must join back to exactly the code that was given.
+        return get_lexer_by_name(language, stripnl=False, ensurenl=False, stripall=False)
+    except ClassNotFound:
+        return None
+
+
+def _css_class(token_type: _TokenType) -> str:
+    # Pygments names only its standard token types; a lexer's own subtypes take their
+    # nearest standard ancestor's name, so the set of classes (and of CSS rules) stays fixed.
+    current: _TokenType | None = token_type
+    while current is not None and current not in STANDARD_TYPES:
+        current = current.parent
+    return STANDARD_TYPES[current] if current is not None else ""
+
+
+def highlight(code: str, language: str) -> list[tuple[str, str]]:
+    """Code as Pygments reads it: (CSS class, text) pieces that join back to `code` exactly.
+
+    The class is "" for plain text. A language Pygments does not know, or code longer than
+    MAX_HIGHLIGHT_CHARS, gives one plain piece. The final rendering of an answer and the
+    live one (`POST /api/highlight`) both come from here, so they cannot differ.
+    """
+    lexer = _lexer(language.lower()) if language and len(code) <= MAX_HIGHLIGHT_CHARS else None
+    if lexer is None:
+        return [("", code)] if code else []
+    pieces: list[tuple[str, str]] = []
+    for token_type, text in lexer.get_tokens(code):
+        if not text:
+            continue
+        css = _css_class(token_type)
+        if css == "w":
+            css = ""  # whitespace needs no colour
+        if pieces and pieces[-1][0] == css:
+            pieces[-1] = (css, pieces[-1][1] + text)
+        else:
+            pieces.append((css, text))
+    if "".join(text for _, text in pieces) != code:
+        # A lexer that rewrote its input (tabs, line ends): show the code as it was given.
+        return [("", code)]
+    return pieces
+
+
+def _highlight_html(code: str, language: str, attributes: str) -> str:
+    return "".join(
+        f'<span class="{css}">{escape(text, quote=False)}</span>'
+        if css
+        else escape(text, quote=False)
+        for css, text in highlight(code, language)
+    )
 
 
 def _sanitize(html: str) -> str:
@@ -143,9 +215,12 @@ def _image_as_link(
     return f'<a href="{escape(src)}" rel="{EXTERNAL_LINK_REL}">{escape(label)}</a>'
 
 
-def _new_parser(*, heading_ids: bool) -> MarkdownIt:
+def _new_parser(*, heading_ids: bool, highlight_code: bool = False) -> MarkdownIt:
     # html=False makes raw HTML in the source plain text, so it is shown, never run.
-    md = MarkdownIt("commonmark", {"html": False}).enable(["table", "strikethrough"])
+    options: dict[str, object] = {"html": False}
+    if highlight_code:
+        options["highlight"] = _highlight_html
+    md = MarkdownIt("commonmark", options).enable(["table", "strikethrough"])
     if heading_ids:
         md.use(anchors_plugin, min_level=2, max_level=3, slug_func=heading_anchor)
     return md
@@ -153,7 +228,8 @@ def _new_parser(*, heading_ids: bool) -> MarkdownIt:
 
 _POST_PARSER: Final = _new_parser(heading_ids=True)
 # Answers get no heading ids, so an answer shown next to a post cannot take over its anchors.
-_ANSWER_PARSER: Final = _new_parser(heading_ids=False)
+# Their fenced code is highlighted (the chat styles Pygments' classes; blog pages do not).
+_ANSWER_PARSER: Final = _new_parser(heading_ids=False, highlight_code=True)
 _ANSWER_PARSER.add_render_rule("image", _image_as_link)
 
 

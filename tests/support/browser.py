@@ -9,6 +9,7 @@ tests/conftest.py loads these fixtures for every test module.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOTS = REPO / "test-artifacts" / "screenshots"
+MEASUREMENTS = REPO / "test-artifacts" / "measurements.jsonl"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -30,7 +32,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 
-DESKTOP: dict[str, Any] = {"viewport": {"width": 1280, "height": 860}}
+DESKTOP: dict[str, Any] = {"viewport": {"width": 1280, "height": 800}}
 PHONE: dict[str, Any] = {
     "viewport": {"width": 390, "height": 844},
     "device_scale_factor": 2,
@@ -62,6 +64,23 @@ LOOKS: dict[str, dict[str, Any]] = {
     "phone": PHONE,
     "phone-dark": PHONE | DARK,
 }
+
+
+async def snap(page: Page, name: str) -> Path:
+    """Save a screenshot of the page as it is now: test-artifacts/screenshots/<name>.png."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    safe = re.sub(r"[^\w.\[\]-]+", "_", name)
+    path = SCREENSHOTS / f"{safe}.png"
+    await page.screenshot(path=path)
+    return path
+
+
+def record_measurement(name: str, **figures: Any) -> None:
+    """Keep a timing a browser test took (reported, never asserted) in
+    test-artifacts/measurements.jsonl, one JSON object a line."""
+    MEASUREMENTS.parent.mkdir(parents=True, exist_ok=True)
+    with MEASUREMENTS.open("a", encoding="utf-8") as file:
+        file.write(json.dumps({"measurement": name, **figures}) + "\n")
 
 
 @pytest.fixture
@@ -155,11 +174,14 @@ class ChatPage:
         return answers.nth(count - 1)
 
     async def wait_for_streamed_text(self, characters: int = 40) -> str:
-        """Wait until the running answer shows some text; returns it."""
+        """Wait until the running answer shows some text; returns its Markdown so far."""
         handle = await self.page.wait_for_function(
             """(n) => {
                 const el = document.querySelector('.msg--streaming .answer__stream');
-                return el && el.textContent.length >= n ? el.textContent : null;
+                if (!el || el.textContent.length < n) return null;
+                const id = el.closest('.msg').dataset.id;
+                const state = document.getElementById('chat-app').chatClient.state;
+                return state.messages.find((m) => m.id === id)?.text ?? null;
             }""",
             arg=characters,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Request, Response, status
@@ -12,12 +13,15 @@ from pydantic.alias_generators import to_camel
 from blogchat import policy
 from blogchat import protocol as wire
 from blogchat.chats import ChatError
+from blogchat.ratelimit import Decision, Rate
+from blogchat.rendering import MAX_HIGHLIGHT_CHARS, highlight
 from blogchat.visitors import AuthError, Visitor
 from blogchat.web.addresses import client_address
 from blogchat.web.deps import (
     ChatIdPath,
     ChatsDep,
     CurrentVisitor,
+    LimiterDep,
     PersonasDep,
     SettingsDep,
     VisitorsDep,
@@ -65,6 +69,20 @@ class ModelOut(_Body):
     label: str
     allowed: bool
     engine: policy.Engine = Field(description="Extension: which engine answers.")
+    description: str = Field(description="Extension: what the model is good for, in a line.")
+
+
+class CodeIn(_Body):
+    """A finished block of code from an answer, to highlight."""
+
+    code: Annotated[str, StringConstraints(max_length=MAX_HIGHLIGHT_CHARS)]
+    language: Annotated[str, StringConstraints(max_length=40)]
+
+
+class HighlightedCode(_Body):
+    """Code as (CSS class, text) pieces; "" is plain text. The pieces join back to the code."""
+
+    pieces: list[tuple[str, str]]
 
 
 class PersonaOut(_Body):
@@ -86,12 +104,16 @@ class ChatDetail(_Body):
 
 
 def _refused(exc: AuthError) -> JSONResponse:
-    body: dict[str, Any] = {"detail": exc.message}
-    headers = {}
     if exc.retry_after is not None:
-        body |= {"code": "rate_limited", "retryAfter": int(exc.retry_after.retry_after_header)}
-        headers["Retry-After"] = exc.retry_after.retry_after_header
-    return JSONResponse(body, status_code=exc.status, headers=headers)
+        return _too_many(exc.message, exc.retry_after, status_code=exc.status)
+    return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+
+def _too_many(message: str, decision: Decision, *, status_code: int = 429) -> JSONResponse:
+    """A rate limit's refusal: 429 with `Retry-After`, and the same in the body."""
+    wait = decision.retry_after_header
+    body = {"detail": message, "code": "rate_limited", "retryAfter": int(wait)}
+    return JSONResponse(body, status_code=status_code, headers={"Retry-After": wait})
 
 
 def _me(visitor: Visitor) -> Me:
@@ -168,9 +190,41 @@ async def models(visitor: CurrentVisitor, settings: SettingsDep) -> list[ModelOu
     """The model aliases, with whether this visitor may use each."""
     engine: policy.Engine = "claude" if settings.claude_enabled else "offline"
     return [
-        ModelOut(id=choice.id, label=choice.label, allowed=choice.allowed, engine=engine)
+        ModelOut(
+            id=choice.id,
+            label=choice.label,
+            allowed=choice.allowed,
+            engine=engine,
+            description=choice.description,
+        )
         for choice in policy.choices(settings, anonymous=visitor.anonymous)
     ]
+
+
+# Highlighting is pure Python (up to about 60 ms for the longest block): a client address
+# gets this many per minute, far more than the code blocks a reader is shown.
+HIGHLIGHTS = Rate("highlights-address", 60, 60)
+
+
+@router.post(
+    "/highlight",
+    response_model=HighlightedCode,
+    responses={429: {"description": "Too many highlights from this address (Retry-After)"}},
+)
+async def highlight_code(
+    body: CodeIn, request: Request, limiter: LimiterDep
+) -> HighlightedCode | JSONResponse:
+    """Extension: syntax highlighting for a code block that finished streaming.
+
+    The chat renders an answer while it streams; once one of its code blocks is complete, it
+    asks here for the same Pygments reading that the answer's final HTML will carry.
+    """
+    decision = await limiter.hit(HIGHLIGHTS, client_address(request.scope))
+    if not decision.allowed:
+        return _too_many("Too many code blocks to highlight. Try again shortly.", decision)
+    # Off the event loop, so streaming answers do not wait for it.
+    pieces = await asyncio.to_thread(highlight, body.code, body.language)
+    return HighlightedCode(pieces=pieces)
 
 
 @router.get("/personas", response_model=list[PersonaOut])

@@ -12,6 +12,7 @@ from blogchat.content import Blog
 from blogchat.hub import Hub
 from blogchat.personas import Personas
 from blogchat.protocol import no_nul
+from blogchat.ratelimit import RateLimiter
 from blogchat.search import SearchIndex
 from blogchat.session import ChatSessions
 from blogchat.settings import Settings
@@ -42,5 +43,6 @@ SessionsDep = Annotated[ChatSessions, Depends(_state("sessions"))]
 VisitorsDep = Annotated[Visitors, Depends(_state("visitors"))]
 HubDep = Annotated[Hub, Depends(_state("hub"))]
 ChatsDep = Annotated[Chats, Depends(_state("chats"))]
+LimiterDep = Annotated[RateLimiter, Depends(_state("limiter"))]
 # A chat id in a URL: any string (unknown ones are simply not found) but NUL.
 ChatIdPath = Annotated[str, Path(), AfterValidator(no_nul)]

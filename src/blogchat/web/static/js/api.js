@@ -34,4 +34,5 @@ export const api = {
   chats: () => call("GET", "/api/chats"),
   rename: (chatId, title) => call("PATCH", `/api/chats/${encodeURIComponent(chatId)}`, { title }),
   remove: (chatId) => call("DELETE", `/api/chats/${encodeURIComponent(chatId)}`),
+  highlight: (code, language) => call("POST", "/api/highlight", { code, language }),
 };

@@ -50,7 +50,33 @@ export function initialState(chatId = null) {
     stopping: false,
     // A gap in the seqs was seen: the client must fetch the whole history again.
     resync: false,
+    // The server's latest word on a wait that is not part of the transcript (a `status`
+    // message: the provider is being retried, or the turn waits for a free assistant).
+    // Any later event of the chat replaces it; it is never saved.
+    status: null,
   };
+}
+
+const STATUS_STATES = new Set(["retrying", "waiting"]);
+
+/** The end of a sentence, as the server's graceful stop finds it (engines/offline.py). */
+const SENTENCE_END = /[.!?…:]["'”’)\]*_]*\s|\n/g;
+
+/**
+ * What an answer shows: all of its text, or, after the reader pressed stop at `stopAt`
+ * characters, that much and the rest of the sentence it was in. The server finishes that
+ * sentence and stops; whatever else still arrives is not shown.
+ */
+export function visibleText(answer) {
+  const { text, stopAt } = answer;
+  if (typeof stopAt !== "number" || stopAt >= text.length) return text;
+  if (stopAt === 0) return "";
+  SENTENCE_END.lastIndex = Math.max(0, stopAt - 12);
+  for (let match = SENTENCE_END.exec(text); match; match = SENTENCE_END.exec(text)) {
+    const end = match.index + match[0].length;
+    if (end >= stopAt) return text.slice(0, end);
+  }
+  return text; // the sentence is still being written
 }
 
 /** Whether a turn is running or waiting in this chat. */
@@ -73,8 +99,51 @@ export function isOrphan(state, message) {
   );
 }
 
-/** The state after one event: a protocol message from the server, or a `local/...` action. */
-export function reduce(state, event) {
+/**
+ * The state after one event: a protocol message from the server, or a `local/...` action.
+ * `context.now` (ms, any clock) is when the event arrived, for the time an answer thought.
+ * Unknown or malformed messages leave the state as it was.
+ */
+export function reduce(state, event, context = {}) {
+  if (!event || typeof event.type !== "string" || !wellFormed(event)) return state;
+  const next = apply(state, event, context.now ?? null);
+  // Any later event of the chat replaces a status message.
+  if (next.status && event.type !== "status" && event.chatId && event.chatId === next.chatId) {
+    return { ...next, status: null };
+  }
+  return next;
+}
+
+const isText = (value) => typeof value === "string";
+const isSeq = (value) => Number.isInteger(value) && value >= 0;
+
+/** Whether a server message has the fields the reducer reads, of the right types. */
+function wellFormed(event) {
+  switch (event.type) {
+    case "subscribed":
+      return isText(event.chatId) && isSeq(event.lastSeq) && (event.messages == null || Array.isArray(event.messages));
+    case "chat_created":
+      return isText(event.chatId) && isText(event.clientMessageId);
+    case "user_message":
+      return isText(event.chatId) && isSeq(event.seq) && isText(event.messageId) && isText(event.text);
+    case "thinking":
+    case "token":
+      return isText(event.chatId) && isSeq(event.seq) && isText(event.messageId) && isText(event.text);
+    case "tool_use":
+    case "tool_result":
+      return isText(event.chatId) && isSeq(event.seq) && isText(event.messageId) && isText(event.toolUseId);
+    case "done":
+      return isText(event.chatId) && isSeq(event.seq) && isText(event.messageId) && isText(event.reason);
+    case "error":
+      return isText(event.message ?? "") && (event.seq == null || isSeq(event.seq));
+    case "status":
+      return isText(event.chatId) && STATUS_STATES.has(event.state);
+    default:
+      return true;
+  }
+}
+
+function apply(state, event, now) {
   switch (event.type) {
     case "subscribed":
       return onSubscribed(state, event);
@@ -86,9 +155,11 @@ export function reduce(state, event) {
     case "token":
     case "tool_use":
     case "tool_result":
-      return onAnswerEvent(state, event);
+      return onAnswerEvent(state, event, now);
     case "done":
-      return onDone(state, event);
+      return onDone(state, event, now);
+    case "status":
+      return onStatus(state, event, now);
     case "error":
       return onError(state, event);
     case "local/send":
@@ -106,7 +177,7 @@ export function reduce(state, event) {
         state.messages.filter((m) => !(m.local && m.clientMessageId === event.clientMessageId)),
       );
     case "local/stopping":
-      return { ...state, stopping: true };
+      return onStopping(state, event);
     case "local/dismiss":
       return state.problem ? { ...state, problem: null } : state;
     case "local/resyncing":
@@ -214,13 +285,46 @@ function onUserMessage(state, event) {
   return { ...next, messages, busy: true };
 }
 
-function onAnswerEvent(state, event) {
+function onStatus(state, event, now) {
+  if (!belongs(state, event)) return state;
+  const status = {
+    state: event.state,
+    messageId: isText(event.messageId) ? event.messageId : null,
+    attempt: Number.isInteger(event.attempt) ? event.attempt : null,
+    maxAttempts: Number.isInteger(event.maxAttempts) ? event.maxAttempts : null,
+    retryInMs: typeof event.retryInMs === "number" ? event.retryInMs : null,
+    position: Number.isInteger(event.position) ? event.position : null,
+    at: now,
+  };
+  return { ...state, status };
+}
+
+function onStopping(state, event) {
+  // The text freezes where the reader pressed stop (see visibleText): at what the page had
+  // drawn (`event.shown`, characters per answer id), else at what had arrived.
+  const messages = state.messages.map((m) => {
+    if (m.kind !== "assistant" || m.status !== "streaming" || typeof m.stopAt === "number") return m;
+    const shown = event.shown?.[m.id];
+    return { ...m, stopAt: typeof shown === "number" ? Math.min(shown, m.text.length) : m.text.length };
+  });
+  return { ...state, messages, stopping: true };
+}
+
+function onAnswerEvent(state, event, now) {
   if (!belongs(state, event) || event.seq <= state.lastSeq) return state;
   const next = ensureAnswer(advance(state, event.seq), event.messageId, event.seq);
   const messages = [...next.messages];
   const index = messages.findIndex((m) => m.id === event.messageId);
   const answer = { ...messages[index], seqEnd: event.seq };
   if (FINAL_STATUSES.includes(answer.status)) answer.status = "streaming";
+  // How long it thought: from its first thinking to the first thing it did after.
+  if (now !== null) {
+    if (event.type === "thinking" && answer.thinkingStartedAt == null && !answer.thinking) {
+      answer.thinkingStartedAt = now;
+    } else if (event.type !== "thinking" && answer.thinkingStartedAt != null && answer.thinkingMs == null) {
+      answer.thinkingMs = Math.max(0, now - answer.thinkingStartedAt);
+    }
+  }
   switch (event.type) {
     case "thinking":
       answer.thinking += event.text;
@@ -258,7 +362,7 @@ function onAnswerEvent(state, event) {
   return { ...next, messages, busy: true };
 }
 
-function onDone(state, event) {
+function onDone(state, event, now) {
   if (!belongs(state, event)) return state;
   const existing = state.messages.find((m) => m.id === event.messageId);
   // A `done` whose seq is not new still ends an answer we show as running: a history
@@ -280,6 +384,9 @@ function onDone(state, event) {
     // A tool still running when the turn ended never reports back.
     tools: messages[index].tools.map((t) => (t.state === "running" ? { ...t, state: "cancelled" } : t)),
   };
+  if (now !== null && answer.thinkingStartedAt != null && answer.thinkingMs == null) {
+    answer.thinkingMs = Math.max(0, now - answer.thinkingStartedAt);
+  }
   if (next.turnError && !answer.error) answer.error = next.turnError;
   messages[index] = answer;
   const waiting = messages.some(
@@ -367,6 +474,11 @@ function emptyAnswer(id) {
     usage: null,
     seqStart: null,
     seqEnd: null,
+    // Where the reader pressed stop (characters of text), if they did.
+    stopAt: null,
+    // When its thinking started (the client's clock), and how long it lasted.
+    thinkingStartedAt: null,
+    thinkingMs: null,
   };
 }
 
@@ -634,10 +746,15 @@ export class ChatClient {
     this.#dispatch({ type: "local/discard", clientMessageId });
   }
 
-  /** Stop the running turn (sent on the next connection if there is none now). */
-  stop() {
+  /**
+   * Stop the running turn (sent on the next connection if there is none now).
+   * @param {object} [options]
+   * @param {Object<string, number>} [options.shown] characters of each streaming answer the
+   *   page shows: the text freezes there (and at the end of that sentence)
+   */
+  stop({ shown } = {}) {
     if (this.state.chatId === null || !isRunning(this.state)) return;
-    this.#dispatch({ type: "local/stopping" });
+    this.#dispatch({ type: "local/stopping", shown });
     if (!this.#sendFrame({ type: "stop", chatId: this.state.chatId })) this.#pendingStop = true;
   }
 
@@ -949,7 +1066,7 @@ export class ChatClient {
 
   #dispatch(event) {
     const before = this.state;
-    const after = reduce(before, event);
+    const after = reduce(before, event, { now: this.now() });
     if (after === before) return;
     this.state = after;
     if (before.chatId !== after.chatId && after.chatId !== null) this.#emit("chat", after.chatId);
@@ -970,7 +1087,7 @@ export class ChatClient {
       try {
         const saved = JSON.parse(this.storage.getItem(`${STORAGE_PREFIX}chat:${chatId}`));
         if (saved && saved.v === 1 && saved.state && saved.state.chatId === chatId) {
-          state = { ...initialState(chatId), ...saved.state, problem: null, resync: false };
+          state = { ...initialState(chatId), ...saved.state, problem: null, resync: false, status: null };
         }
       } catch {
         // A damaged snapshot: start from the server's history instead.
@@ -1007,7 +1124,7 @@ export class ChatClient {
       this.#storageRemove(key);
       return;
     }
-    const snapshot = { ...state, problem: null, resync: false, stopping: false };
+    const snapshot = { ...state, problem: null, resync: false, stopping: false, status: null };
     try {
       this.storage.setItem(key, JSON.stringify({ v: 1, state: snapshot }, (k, v) => (v === Infinity ? null : v)));
     } catch {

@@ -1,6 +1,23 @@
-// The reader's chats: open one, start a new one, rename, delete (after a confirmation).
+// The reader's chats, grouped by when they were last active: open one, rename, delete
+// (after a confirmation).
 
 import { h, icon, relativeTime } from "./dom.js";
+
+const GROUPS = ["Today", "Yesterday", "Previous 7 days", "Older"];
+const DAY_MS = 86_400_000;
+
+/** Which group a chat last active at `iso` belongs to, by calendar day in local time. */
+export function dateGroup(iso, now = new Date()) {
+  const then = new Date(iso);
+  if (Number.isNaN(then.getTime())) return "Older";
+  const day = (d) => new Date(d.getFullYear(), d.getMonth(), d.getDate()).getTime();
+  // Rounded: a day with a daylight-saving change is 23 or 25 hours long.
+  const days = Math.round((day(now) - day(then)) / DAY_MS);
+  if (days <= 0) return "Today";
+  if (days === 1) return "Yesterday";
+  if (days <= 7) return "Previous 7 days";
+  return "Older";
+}
 
 export class ChatListView {
   #chats = [];
@@ -9,7 +26,7 @@ export class ChatListView {
 
   /**
    * @param {object} options
-   * @param {HTMLOListElement} options.list
+   * @param {HTMLElement} options.list where the groups of chats go
    * @param {HTMLElement} options.empty shown when there are no chats
    * @param {(chatId: string, title: string) => Promise<void>} options.rename
    * @param {(chatId: string) => Promise<void>} options.remove
@@ -37,7 +54,23 @@ export class ChatListView {
 
   #draw() {
     this.empty.hidden = this.#chats.length > 0;
-    this.list.replaceChildren(...this.#chats.map((chat) => this.#item(chat)));
+    const now = new Date();
+    const groups = new Map(GROUPS.map((name) => [name, []]));
+    for (const chat of this.#chats) groups.get(dateGroup(chat.updatedAt ?? chat.createdAt, now)).push(chat);
+    const sections = [];
+    for (const [name, chats] of groups) {
+      if (!chats.length) continue;
+      const id = `chat-group-${GROUPS.indexOf(name)}`;
+      sections.push(
+        h(
+          "section",
+          { class: "chat-group", dataset: { group: name } },
+          h("h3", { class: "chat-group__title", id }, name),
+          h("ol", { class: "chat-group__list", "aria-labelledby": id }, chats.map((chat) => this.#item(chat))),
+        ),
+      );
+    }
+    this.list.replaceChildren(...sections);
   }
 
   #item(chat) {
@@ -51,13 +84,19 @@ export class ChatListView {
         value: chat.title,
         maxlength: 200,
         "aria-label": "Chat title",
+        enterkeyhint: "done",
       });
+      // The whole width of the list for the title, the buttons on a line of their own.
       const form = h(
         "form",
         { class: "chat-item__rename" },
         input,
-        h("button", { type: "submit", class: "icon-button", "aria-label": "Save title" }, icon("check")),
-        h("button", { type: "button", class: "icon-button", "aria-label": "Cancel renaming", onclick: () => this.#stopEditing(chat.id) }, icon("close")),
+        h(
+          "div",
+          { class: "chat-item__rename-actions" },
+          h("button", { type: "submit", class: "button button--small" }, "Save"),
+          h("button", { type: "button", class: "button button--quiet button--small", onclick: () => this.#stopEditing(chat.id) }, "Cancel"),
+        ),
       );
       form.addEventListener("submit", async (event) => {
         event.preventDefault();

@@ -5,6 +5,7 @@ import { api } from "./api.js";
 import { ChatClient, Connection, browserNetwork, isRunning } from "./chat-client.js";
 import { ChatListView } from "./chat-list-view.js";
 import { h, icon } from "./dom.js";
+import { ModelPicker } from "./model-picker.js";
 import { TranscriptView } from "./transcript-view.js";
 
 const CONNECTION_LABELS = {
@@ -91,7 +92,7 @@ export function mountChat(root) {
     input: byId("message"),
     persona: byId("persona"),
     personaLock: byId("persona-lock"),
-    model: byId("model"),
+    modelPicker: byId("model-picker"),
     modelHint: byId("model-hint"),
     composerHint: byId("composer-hint"),
     stop: byId("stop"),
@@ -153,6 +154,11 @@ export function mountChat(root) {
 
   // --- model choice, kept per chat for this tab ---
 
+  const models = new ModelPicker(el.modelPicker, {
+    onChange: (model) => writeModel(client.state.chatId, model),
+    onDone: () => el.input.focus(),
+  });
+
   const modelKey = (chatId) => `blogchat:v1:model:${chatId ?? "new"}`;
   const readModel = (chatId) => {
     try {
@@ -183,7 +189,7 @@ export function mountChat(root) {
     frame = 0;
     const state = client.state;
     const before = el.scroller.scrollHeight;
-    transcript.render(state);
+    transcript.render(state, { connection: client.connection });
     renderChrome(state);
     if (forceStick || pinned) {
       el.scroller.scrollTop = el.scroller.scrollHeight;
@@ -233,9 +239,7 @@ export function mountChat(root) {
     }
 
     const model = chosenModel();
-    if (el.model.value !== model && [...el.model.options].some((o) => o.value === model)) {
-      el.model.value = model;
-    }
+    if (models.value !== model && !models.isOpen) models.set(model);
 
     const placeholder = fresh && empty ? el.input.dataset.placeholder : "Ask a follow-up…";
     if (el.input.placeholder !== placeholder) el.input.placeholder = placeholder;
@@ -305,7 +309,7 @@ export function mountChat(root) {
     if (!message || client.state.gone) return false;
     const fresh = client.state.chatId === null;
     client.send(message, {
-      model: config.anonymous ? null : el.model.value,
+      model: config.anonymous ? null : models.value,
       persona: fresh ? el.persona.value || null : null,
       post: fresh && config.post ? config.post.slug : null,
     });
@@ -333,7 +337,10 @@ export function mountChat(root) {
     schedule();
     if (event.type === "done") refreshChatsSoon();
   });
-  client.on("connection", (state, detail) => renderConnection(state, detail));
+  client.on("connection", (state, detail) => {
+    renderConnection(state, detail);
+    schedule(); // a streaming answer shows that it is paused
+  });
   client.on("chat", (chatId) => {
     // The first message created the chat: it now has an address of its own, and signing
     // in from this page should come back to it.
@@ -361,11 +368,7 @@ export function mountChat(root) {
   });
   el.input.addEventListener("input", autosize);
   el.stop.addEventListener("click", () => {
-    client.stop();
-    el.input.focus();
-  });
-  el.model.addEventListener("change", () => {
-    writeModel(client.state.chatId, el.model.value);
+    client.stop({ shown: transcript.shownText() });
     el.input.focus();
   });
   el.persona.addEventListener("change", () => schedule());
@@ -416,7 +419,7 @@ export function mountChat(root) {
     }
     if (isRunning(client.state)) {
       event.preventDefault();
-      client.stop();
+      client.stop({ shown: transcript.shownText() });
       el.input.focus();
     }
   });
@@ -446,14 +449,10 @@ export function mountChat(root) {
     .catch(() => {});
   api
     .models()
-    .then((models) => {
-      for (const option of el.model.options) {
-        const model = models.find((m) => m.id === option.value);
-        option.disabled = !model || !model.allowed;
-      }
-      el.model.disabled = config.anonymous || models.filter((m) => m.allowed).length < 2;
+    .then((list) => {
+      models.describe(list);
       el.modelHint.hidden = !config.anonymous;
-      if (el.offlineNotice) el.offlineNotice.hidden = !models.some((m) => m.engine === "offline");
+      if (el.offlineNotice) el.offlineNotice.hidden = !list.some((m) => m.engine === "offline");
       schedule();
     })
     .catch(() => {});

@@ -42,6 +42,7 @@ const ICONS = {
   clock: ["M12 21a9 9 0 1 0 0-18 9 9 0 0 0 0 18z", "M12 7v5l3 2"],
   tool: ["M14.5 5.5a4 4 0 0 0-5 5L4 16l4 4 5.5-5.5a4 4 0 0 0 5-5l-2.5 2.5-3-1-1-3z"],
   check: ["M5 12.5l4.5 4.5L19 7.5"],
+  copy: ["M9 9h10v11H9z", "M5 15V4h10"],
   cross: ["M6 6l12 12", "M18 6L6 18"],
   alert: ["M12 4l9 16H3z", "M12 10v4", "M12 17h.01"],
   chats: ["M4 5h16v11H9l-5 4z"],
@@ -97,4 +98,35 @@ export function relativeTime(iso, now = Date.now()) {
   if (seconds < 86400) return `${Math.floor(seconds / 3600)} h ago`;
   if (seconds < 172800) return "yesterday";
   return new Date(then).toLocaleDateString(undefined, { day: "numeric", month: "short" });
+}
+
+/** Put text on the clipboard; false if the browser would not let us. */
+export async function copyText(text) {
+  try {
+    await navigator.clipboard.writeText(text);
+    return true;
+  } catch {
+    // No clipboard API (a page served over plain http from another host): the old way.
+  }
+  const active = document.activeElement;
+  const area = h("textarea", { class: "visually-hidden", readonly: true, "aria-hidden": "true" });
+  area.value = text;
+  document.body.append(area);
+  area.select();
+  let copied = false;
+  try {
+    copied = document.execCommand("copy");
+  } catch {
+    copied = false;
+  }
+  area.remove();
+  active?.focus?.();
+  return copied;
+}
+
+/** "1st", "2nd", "3rd", "4th", ..., "11th", "21st". */
+export function ordinal(n) {
+  const teen = n % 100 >= 11 && n % 100 <= 13;
+  const suffix = teen ? "th" : { 1: "st", 2: "nd", 3: "rd" }[n % 10] ?? "th";
+  return `${n}${suffix}`;
 }

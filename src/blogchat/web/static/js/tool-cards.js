@@ -21,6 +21,47 @@ function plural(count, one, many = `${one}s`) {
   return `${count} ${count === 1 ? one : many}`;
 }
 
+/** A post's address without its section: results from one post are one result. */
+function postKey(url) {
+  return String(url ?? "").split("#")[0].replace(/\/+$/, "");
+}
+
+/** What a finished tool found: posts (or other pages) to link to, in its order. */
+function foundItems(tool) {
+  const result = tool.state === "ok" ? parsed(tool.output) : null;
+  if (tool.name === "searchBlogContent" && Array.isArray(result?.results)) {
+    return result.results.map((r) => ({ title: r.title, url: r.url, note: r.section }));
+  }
+  if (tool.name === "listPosts" && Array.isArray(result?.posts)) {
+    return result.posts.map((p) => ({ title: p.title, url: p.url, note: p.author }));
+  }
+  if (tool.name === "getPost" && result?.title) {
+    return [{ title: result.title, url: result.url, note: result.author }];
+  }
+  return [];
+}
+
+/**
+ * What some tool calls found, one entry per post: a post found for two sections (or once
+ * with its section's anchor and once without) is listed once, at its best rank, with the
+ * sections it was found for.
+ */
+export function uniqueFindings(tools) {
+  const byPost = new Map();
+  for (const tool of tools) {
+    for (const item of foundItems(tool)) {
+      const key = postKey(item.url) || String(item.title ?? "");
+      const seen = byPost.get(key);
+      if (!seen) {
+        byPost.set(key, { title: item.title, url: item.url, notes: item.note ? [item.note] : [] });
+      } else if (item.note && !seen.notes.includes(item.note)) {
+        seen.notes.push(item.note);
+      }
+    }
+  }
+  return [...byPost.values()];
+}
+
 function firstLine(text, limit = 90) {
   const line = String(text ?? "").split("\n").find((l) => l.trim()) ?? "";
   return line.length > limit ? `${line.slice(0, limit - 1)}…` : line;
@@ -36,7 +77,7 @@ export function describeTool(tool) {
       const query = quoted(input.query);
       if (running) return { icon: "search", text: `Searching the blog for ${query}…` };
       if (tool.state === "error") return { icon: "search", text: `Search for ${query} failed` };
-      const count = Array.isArray(result?.results) ? result.results.length : null;
+      const count = Array.isArray(result?.results) ? uniqueFindings([tool]).length : null;
       const found = count === null ? "" : ` · ${plural(count, "result")}`;
       return { icon: "search", text: `Searched the blog for ${query}${found}` };
     }
@@ -88,17 +129,9 @@ function pretty(value) {
   return json === null ? value : JSON.stringify(json, null, 2);
 }
 
-/** Links to what a tool found (search results, listed posts), when it found any. */
-function findings(tool) {
-  const result = tool.state === "ok" ? parsed(tool.output) : null;
-  let items = [];
-  if (tool.name === "searchBlogContent" && Array.isArray(result?.results)) {
-    items = result.results.map((r) => ({ title: r.title, url: r.url, note: r.section }));
-  } else if (tool.name === "listPosts" && Array.isArray(result?.posts)) {
-    items = result.posts.map((p) => ({ title: p.title, url: p.url, note: p.author }));
-  } else if (tool.name === "getPost" && result?.title) {
-    items = [{ title: result.title, url: result.url, note: result.author }];
-  }
+/** Links to what tool calls found (search results, listed posts), one per post. */
+export function findings(tools) {
+  const items = uniqueFindings(tools);
   if (!items.length) return null;
   return h(
     "ul",
@@ -106,7 +139,8 @@ function findings(tool) {
     items.map((item) => {
       const href = safeHref(item.url);
       const title = href ? h("a", { href }, String(item.title ?? item.url)) : String(item.title ?? "");
-      return h("li", {}, title, item.note ? h("span", { class: "tool-findings__note" }, ` · ${item.note}`) : null);
+      const note = item.notes.join(", ");
+      return h("li", {}, title, note ? h("span", { class: "tool-findings__note" }, ` · ${note}`) : null);
     }),
   );
 }
@@ -116,22 +150,72 @@ export function toolDetail(tool) {
   const output =
     tool.output === null || tool.output === undefined
       ? h("p", { class: "tool-pending" }, tool.state === "cancelled" ? "No result: the turn ended first." : "Waiting for the result…")
-      : h("pre", { class: "tool-raw" }, h("code", {}, pretty(tool.output)));
+      : h("pre", { class: "tool-raw", tabindex: "0" }, h("code", {}, pretty(tool.output)));
+  // The raw blocks scroll: tabindex lets a keyboard reach and scroll them.
   return [
-    findings(tool),
+    findings([tool]),
     h("p", { class: "tool-label" }, "Input"),
-    h("pre", { class: "tool-raw" }, h("code", {}, pretty(tool.input))),
+    h("pre", { class: "tool-raw", tabindex: "0" }, h("code", {}, pretty(tool.input))),
     h("p", { class: "tool-label" }, tool.state === "error" ? "Error" : "Result"),
     output,
   ];
 }
 
+/**
+ * Tool calls in runs: consecutive calls of the same tool form one run, shown as one row
+ * ("Searched the blog 3 times · 12 results") that opens to the calls. A run of one is a card.
+ */
+export function toolRuns(tools) {
+  const runs = [];
+  for (const tool of tools) {
+    const last = runs.at(-1);
+    if (last && last[0].name === tool.name) last.push(tool);
+    else runs.push([tool]);
+  }
+  return runs;
+}
+
+const GROUP_PHRASES = {
+  searchBlogContent: { done: (n) => `Searched the blog ${n} times`, running: (n) => `Searching the blog · ${n} searches` },
+  getPost: { done: (n) => `Read ${n} posts`, running: (n) => `Reading ${n} posts` },
+  listPosts: { done: (n) => `Listed posts ${n} times`, running: (n) => `Listing posts · ${n} lists` },
+  getAuthorInfo: { done: (n) => `Looked up ${n} authors`, running: (n) => `Looking up ${n} authors` },
+  getCurrentDateTime: { done: (n) => `Checked the date ${n} times`, running: (n) => `Checking the date · ${n} checks` },
+};
+
+/** The state of a run of calls: running while any runs; failed only if all failed. */
+export function runState(tools) {
+  if (tools.some((t) => t.state === "running")) return "running";
+  if (tools.every((t) => t.state === "error")) return "error";
+  if (tools.every((t) => t.state === "cancelled")) return "cancelled";
+  return "ok";
+}
+
+/** The one-line summary of a run of calls of one tool, and its icon. */
+export function describeRun(tools) {
+  const name = tools[0].name;
+  const count = tools.length;
+  const state = runState(tools);
+  const phrases = GROUP_PHRASES[name] ?? {
+    done: (n) => `Used ${name} ${n} times`,
+    running: (n) => `Using ${name} · ${n} calls`,
+  };
+  const parts = [state === "running" ? phrases.running(count) : phrases.done(count)];
+  if (name === "searchBlogContent" || name === "listPosts") {
+    const found = uniqueFindings(tools).length;
+    if (state !== "running" || found) parts.push(plural(found, "result"));
+  }
+  const failed = tools.filter((t) => t.state === "error").length;
+  if (failed && state !== "error") parts.push(`${failed} failed`);
+  return { icon: describeTool(tools[0]).icon, text: parts.join(" · ") + (state === "running" ? "…" : "") };
+}
+
 /** The card's status icon: a spinner while running. */
-export function toolStatusIcon(tool) {
+export function toolStatusIcon(tool, iconName = describeTool(tool).icon) {
   if (tool.state === "running") return h("span", { class: "spinner", "aria-hidden": "true" });
   if (tool.state === "error") return icon("alert", "icon tool-status");
   if (tool.state === "cancelled") return icon("cross", "icon tool-status");
-  return icon(describeTool(tool).icon, "icon tool-status");
+  return icon(iconName, "icon tool-status");
 }
 
 /** A short state for screen readers and tests. */
