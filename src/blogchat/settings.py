@@ -183,6 +183,104 @@ class Settings(BaseSettings):
         validation_alias=_env("BLOGCHAT_SEND_QUEUE_LIMIT"),
         description="Events buffered for a slow connection before it is disconnected.",
     )
+    send_queue_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=65536,
+        validation_alias=_env("BLOGCHAT_SEND_QUEUE_BYTES"),
+        description="Bytes of live frames buffered for a slow connection before it is closed.",
+    )
+
+    # What a stranger can spend (docs/deployment.md, "Limits").
+    visitor_running_turns: int = Field(
+        default=1,
+        ge=1,
+        validation_alias=_env("BLOGCHAT_VISITOR_RUNNING_TURNS"),
+        description="Turns an anonymous visitor may have running at once; more wait in line.",
+    )
+    visitor_turns_per_hour: int = Field(
+        default=20,
+        ge=1,
+        validation_alias=_env("BLOGCHAT_VISITOR_TURNS_PER_HOUR"),
+        description="Messages an anonymous visitor may send per hour.",
+    )
+    visitor_tokens_per_day: int = Field(
+        default=200000,
+        ge=1,
+        validation_alias=_env("BLOGCHAT_VISITOR_TOKENS_PER_DAY"),
+        description="Tokens (input and output) an anonymous visitor's turns may use per day.",
+    )
+    address_running_turns: int = Field(
+        default=2,
+        ge=1,
+        validation_alias=_env("BLOGCHAT_ADDRESS_RUNNING_TURNS"),
+        description="Turns all anonymous visitors of one client address may have running at once.",
+    )
+    address_turns_per_hour: int = Field(
+        default=60,
+        ge=1,
+        validation_alias=_env("BLOGCHAT_ADDRESS_TURNS_PER_HOUR"),
+        description="Messages all anonymous visitors of one client address may send per hour.",
+    )
+    address_tokens_per_day: int = Field(
+        default=1000000,
+        ge=1,
+        validation_alias=_env("BLOGCHAT_ADDRESS_TOKENS_PER_DAY"),
+        description="Tokens all anonymous visitors of one client address may use per day.",
+    )
+    user_running_turns: int = Field(
+        default=2,
+        ge=1,
+        validation_alias=_env("BLOGCHAT_USER_RUNNING_TURNS"),
+        description="Turns a signed-in reader may have running at once; more wait in line.",
+    )
+    user_turns_per_day: int = Field(
+        default=300,
+        ge=1,
+        validation_alias=_env("BLOGCHAT_USER_TURNS_PER_DAY"),
+        description="Messages a signed-in reader may send per day.",
+    )
+    user_tokens_per_day: int = Field(
+        default=2000000,
+        ge=1,
+        validation_alias=_env("BLOGCHAT_USER_TOKENS_PER_DAY"),
+        description="Tokens a signed-in reader's turns may use per day.",
+    )
+    chat_queue_limit: int = Field(
+        default=3,
+        ge=0,
+        validation_alias=_env("BLOGCHAT_CHAT_QUEUE_LIMIT"),
+        description="Messages that may wait in a chat behind its running turn.",
+    )
+    chat_context_limit: int = Field(
+        default=150000,
+        ge=1,
+        validation_alias=_env("BLOGCHAT_CHAT_CONTEXT_LIMIT"),
+        description="Input tokens of a chat's last request past which it takes no more messages.",
+    )
+    visitor_connections: int = Field(
+        default=16,
+        ge=1,
+        validation_alias=_env("BLOGCHAT_VISITOR_CONNECTIONS"),
+        description="WebSockets one visitor may have open at once.",
+    )
+    address_connections: int = Field(
+        default=64,
+        ge=1,
+        validation_alias=_env("BLOGCHAT_ADDRESS_CONNECTIONS"),
+        description="WebSockets one client address may have open at once.",
+    )
+    turn_wait_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        validation_alias=_env("BLOGCHAT_TURN_WAIT_SECONDS"),
+        description="A turn waiting this long for a free assistant ends with a retryable error.",
+    )
+    unwatched_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        validation_alias=_env("BLOGCHAT_UNWATCHED_SECONDS"),
+        description="A chat nobody has watched for this long drops its waiting messages.",
+    )
 
     # The Claude agent.
     anthropic_api_key: SecretStr | None = Field(

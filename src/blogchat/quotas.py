@@ -1,0 +1,321 @@
+"""What a stranger can spend: turns per hour or day, tokens per day, turns running at once
+and open connections, per visitor and per client address (docs/deployment.md, "Limits").
+
+A message is admitted (`Quotas.admit`) before anything is claimed or saved for it; a turn
+runs only when `TurnGate` lets it (a fair share of the engine for each visitor and
+address, waiting in line otherwise). Turn counts live in the rate limiter (memory, or Redis
+shared by several instances); token budgets count the usage saved with each answer, so the
+database is the truth and budgets hold across restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from blogchat.ratelimit import Rate, RateLimiter
+from blogchat.settings import Settings
+
+DAY = 24 * 3600
+HOUR = 3600
+# How long token totals read from the database are trusted before they are read again (what
+# other instances spent shows up within this long; this instance's own at once).
+USAGE_FRESH_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class Who:
+    """Whose allowance a message counts against: the visitor, the client address it came
+    from ("" when unknown, e.g. after a restart), and whether it is signed in."""
+
+    visitor: str
+    address: str
+    anonymous: bool
+
+
+class QuotaExceeded(Exception):
+    """A message the visitor may not send now; the message says what to do."""
+
+    def __init__(
+        self, code: Literal["rate_limited", "budget_exceeded"], message: str, retry_after: float
+    ) -> None:
+        super().__init__(message)
+        self.code: Literal["rate_limited", "budget_exceeded"] = code
+        self.message = message
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Budget:
+    """At most `tokens` input and output tokens per `seconds`, per key."""
+
+    name: str
+    tokens: int
+    seconds: int
+
+
+# (when, tokens) of each saved answer in a window, oldest first.
+Spending = list[tuple[float, int]]
+UsageSince = Callable[[Literal["visitor", "address"], str, float], Awaitable[Spending]]
+
+
+@dataclass
+class _Tally:
+    read_at: float
+    spending: Spending = field(default_factory=list)
+
+
+class Quotas:
+    """Admits messages within each visitor's and address's turn rates and token budgets."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        limiter: RateLimiter,
+        usage_since: UsageSince,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.limiter = limiter
+        self._usage_since = usage_since
+        self._clock = clock
+        self.visitor_turns = Rate("turns-visitor", settings.visitor_turns_per_hour, HOUR)
+        self.address_turns = Rate("turns-address", settings.address_turns_per_hour, HOUR)
+        self.user_turns = Rate("turns-user", settings.user_turns_per_day, DAY)
+        self.visitor_tokens = Budget("tokens-visitor", settings.visitor_tokens_per_day, DAY)
+        self.address_tokens = Budget("tokens-address", settings.address_tokens_per_day, DAY)
+        self.user_tokens = Budget("tokens-user", settings.user_tokens_per_day, DAY)
+        self._tallies: dict[tuple[str, str], _Tally] = {}
+
+    async def admit(self, who: Who) -> None:
+        """Count one more turn for `who`, or raise QuotaExceeded (counting nothing)."""
+        rates = self._rates(who)
+        for rate, key in rates:
+            decision = await self.limiter.test(rate, key)
+            if not decision.allowed:
+                raise QuotaExceeded(
+                    "rate_limited",
+                    _too_many_turns(rate, decision.retry_after),
+                    decision.retry_after,
+                )
+        for budget, kind, key in self._budgets(who):
+            wait = await self._over_budget(budget, kind, key)
+            if wait is not None:
+                raise QuotaExceeded("budget_exceeded", _out_of_tokens(budget, wait), wait)
+        for rate, key in rates:
+            await self.limiter.hit(rate, key)
+
+    def spent(self, who: Who, tokens: int) -> None:
+        """A turn of `who` ended having used `tokens` (just saved with its answer)."""
+        now = self._clock()
+        for _, kind, key in self._budgets(who):
+            tally = self._tallies.get((kind, key))
+            if tally is not None:
+                tally.spending.append((now, tokens))
+
+    def _rates(self, who: Who) -> list[tuple[Rate, str]]:
+        if not who.anonymous:
+            return [(self.user_turns, who.visitor)]
+        rates = [(self.visitor_turns, who.visitor)]
+        if who.address:
+            rates.append((self.address_turns, who.address))
+        return rates
+
+    def _budgets(self, who: Who) -> list[tuple[Budget, Literal["visitor", "address"], str]]:
+        if not who.anonymous:
+            return [(self.user_tokens, "visitor", who.visitor)]
+        budgets: list[tuple[Budget, Literal["visitor", "address"], str]] = [
+            (self.visitor_tokens, "visitor", who.visitor)
+        ]
+        if who.address:
+            budgets.append((self.address_tokens, "address", who.address))
+        return budgets
+
+    async def _over_budget(
+        self, budget: Budget, kind: Literal["visitor", "address"], key: str
+    ) -> float | None:
+        """Seconds until the key is under its budget again; None when it is now."""
+        now = self._clock()
+        since = now - budget.seconds
+        tally = self._tallies.get((kind, key))
+        if tally is None or now - tally.read_at > USAGE_FRESH_SECONDS:
+            tally = _Tally(now, await self._usage_since(kind, key, since))
+            self._tallies[(kind, key)] = tally
+        spending = [(at, tokens) for at, tokens in tally.spending if at >= since]
+        tally.spending = spending
+        total = sum(tokens for _, tokens in spending)
+        if total < budget.tokens:
+            return None
+        # The oldest answers leave the window first: wait until enough of them have.
+        for at, tokens in spending:
+            total -= tokens
+            if total < budget.tokens:
+                return max(1.0, at + budget.seconds - now)
+        return float(budget.seconds)  # pragma: no cover - the loop always returns
+
+
+def _in(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} seconds"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} minutes"
+    return f"{round(seconds / 3600)} hours"
+
+
+def _too_many_turns(rate: Rate, retry_after: float) -> str:
+    who = "Your network has" if rate.name == "turns-address" else "You have"
+    window = "an hour" if rate.seconds == HOUR else "a day"
+    return (
+        f"{who} sent the most messages allowed in {window} ({rate.amount}). "
+        f"Try again in {_in(retry_after)}."
+    )
+
+
+def _out_of_tokens(budget: Budget, wait: float) -> str:
+    who = "Your network has" if budget.name == "tokens-address" else "You have"
+    return f"{who} used up today's share of the assistant. It frees up again in {_in(wait)}."
+
+
+class GateTimeout(Exception):
+    """A turn waited too long for its place."""
+
+
+class TurnGate:
+    """Lets turns run: at most a few at once per visitor and per address, and no more than
+    the engine's capacity in all; the others wait in line, first come first served, and are
+    told their place. A turn whose own caps are full does not hold up those behind it."""
+
+    def __init__(self, settings: Settings, capacity: int | None) -> None:
+        self.capacity = capacity
+        self._visitor_cap = settings.visitor_running_turns
+        self._address_cap = settings.address_running_turns
+        self._user_cap = settings.user_running_turns
+        self._running: defaultdict[str, int] = defaultdict(int)
+        self._total = 0
+        self._line: list[_Waiter] = []
+
+    @property
+    def running(self) -> int:
+        """Turns running now."""
+        return self._total
+
+    @property
+    def waiting(self) -> int:
+        """Turns waiting for their place."""
+        return len(self._line)
+
+    @contextlib.asynccontextmanager
+    async def turn(
+        self, who: Who, *, wait: float, on_place: Callable[[int], None]
+    ) -> AsyncIterator[None]:
+        """Run a turn once there is room for it; `on_place` hears its place in line while
+        it waits (1: next). Raises GateTimeout after `wait` seconds in line."""
+        keys = self._keys(who)
+        waiter = _Waiter(keys, asyncio.get_running_loop().create_future(), on_place)
+        self._line.append(waiter)
+        self._admit()
+        if not waiter.admitted.done():
+            self._tell_places()
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter.admitted), wait)
+            except BaseException as exc:
+                if waiter.admitted.done() and not waiter.admitted.cancelled():
+                    self._leave(keys)  # Let in just as it gave up.
+                else:
+                    waiter.admitted.cancel()
+                    self._line.remove(waiter)
+                    self._admit()
+                if isinstance(exc, TimeoutError):
+                    raise GateTimeout from None
+                raise
+        try:
+            yield
+        finally:
+            self._leave(keys)
+
+    def _keys(self, who: Who) -> list[tuple[str, int]]:
+        if not who.anonymous:
+            return [(f"user:{who.visitor}", self._user_cap)]
+        keys = [(f"visitor:{who.visitor}", self._visitor_cap)]
+        if who.address:
+            keys.append((f"address:{who.address}", self._address_cap))
+        return keys
+
+    def _fits(self, keys: list[tuple[str, int]]) -> bool:
+        if self.capacity is not None and self._total >= self.capacity:
+            return False
+        return all(self._running[key] < cap for key, cap in keys)
+
+    def _enter(self, keys: list[tuple[str, int]]) -> None:
+        self._total += 1
+        for key, _ in keys:
+            self._running[key] += 1
+
+    def _leave(self, keys: list[tuple[str, int]]) -> None:
+        self._total -= 1
+        for key, _ in keys:
+            self._running[key] -= 1
+            if not self._running[key]:
+                del self._running[key]
+        self._admit()
+
+    def _admit(self) -> None:
+        """Let in, in order, every waiter there is room for."""
+        admitted = False
+        for waiter in list(self._line):
+            if self._fits(waiter.keys):
+                self._line.remove(waiter)
+                self._enter(waiter.keys)
+                waiter.admitted.set_result(None)
+                admitted = True
+        if admitted:
+            self._tell_places()
+
+    def _tell_places(self) -> None:
+        for place, waiter in enumerate(self._line, start=1):
+            if waiter.place != place:
+                waiter.place = place
+                waiter.on_place(place)
+
+
+@dataclass
+class _Waiter:
+    keys: list[tuple[str, int]]
+    admitted: asyncio.Future[None]
+    on_place: Callable[[int], None]
+    place: int = 0
+
+
+class Connections:
+    """Open WebSockets per visitor and per client address, within their caps."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._visitor_cap = settings.visitor_connections
+        self._address_cap = settings.address_connections
+        self._open: defaultdict[str, int] = defaultdict(int)
+
+    def open(self, visitor: str, address: str) -> bool:
+        """Count a new connection, unless the visitor or the address has too many open."""
+        keys = self._keys(visitor, address)
+        caps = [self._visitor_cap, self._address_cap]
+        if any(self._open[key] >= cap for key, cap in zip(keys, caps, strict=False)):
+            return False
+        for key in keys:
+            self._open[key] += 1
+        return True
+
+    def close(self, visitor: str, address: str) -> None:
+        """A connection counted by `open` closed."""
+        for key in self._keys(visitor, address):
+            self._open[key] -= 1
+            if not self._open[key]:
+                del self._open[key]
+
+    @staticmethod
+    def _keys(visitor: str, address: str) -> list[str]:
+        return [f"visitor:{visitor}", f"address:{address}"]

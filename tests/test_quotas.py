@@ -1,0 +1,209 @@
+"""Quotas in process: turn rates, token budgets and the fair-share gate, on a moved clock."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import time_machine
+
+from blogchat.quotas import (
+    DAY,
+    HOUR,
+    Connections,
+    GateTimeout,
+    QuotaExceeded,
+    Quotas,
+    Spending,
+    TurnGate,
+    Who,
+)
+from blogchat.ratelimit import RateLimiter
+from blogchat.settings import Settings
+
+ALICE = Who("alice", "203.0.113.7", anonymous=True)
+BOB = Who("bob", "203.0.113.7", anonymous=True)
+CAROL = Who("carol", "198.51.100.2", anonymous=True)
+DAN = Who("dan", "203.0.113.7", anonymous=False)
+
+
+def settings(tmp_path: Path, **values: object) -> Settings:
+    return Settings(_env_file=None, data_dir=tmp_path, **values)  # type: ignore[arg-type]
+
+
+class Ledger:
+    """The token usage the database holds: (when, tokens) per visitor and per address."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], Spending] = {}
+        self.reads = 0
+
+    def add(self, kind: str, key: str, at: float, tokens: int) -> None:
+        self.rows.setdefault((kind, key), []).append((at, tokens))
+
+    async def since(self, kind: Literal["visitor", "address"], key: str, since: float) -> Spending:
+        self.reads += 1
+        return [(at, t) for at, t in self.rows.get((kind, key), []) if at >= since]
+
+
+@pytest.fixture
+def clock() -> Iterator[time_machine.Traveller]:
+    with time_machine.travel(1_800_000_000.0, tick=False) as traveller:
+        yield traveller
+
+
+async def test_an_anonymous_visitor_gets_its_turns_per_hour_then_a_refusal_with_the_wait(
+    tmp_path: Path, clock: time_machine.Traveller
+) -> None:
+    quotas = Quotas(settings(tmp_path, visitor_turns_per_hour=3), RateLimiter(), Ledger().since)
+    for _ in range(3):
+        await quotas.admit(ALICE)
+        clock.shift(60)
+    with pytest.raises(QuotaExceeded) as refused:
+        await quotas.admit(ALICE)
+    assert refused.value.code == "rate_limited"
+    # The first of the three leaves the window an hour after it was counted.
+    assert refused.value.retry_after == pytest.approx(HOUR - 180, abs=1)
+    assert "most messages allowed in an hour (3)" in refused.value.message
+    # Another visitor of the same address still has turns: the address allows more.
+    await quotas.admit(BOB)
+    clock.shift(HOUR - 180 + 1)
+    await quotas.admit(ALICE)
+
+
+async def test_all_anonymous_visitors_of_one_address_share_its_rate(
+    tmp_path: Path, clock: time_machine.Traveller
+) -> None:
+    quotas = Quotas(
+        settings(tmp_path, visitor_turns_per_hour=10, address_turns_per_hour=4),
+        RateLimiter(),
+        Ledger().since,
+    )
+    for who in (ALICE, BOB, ALICE, BOB):
+        await quotas.admit(who)
+    with pytest.raises(QuotaExceeded) as refused:
+        await quotas.admit(Who("new-cookie", ALICE.address, anonymous=True))
+    assert "Your network has sent" in refused.value.message
+    # A refused message counts nothing: elsewhere, and for signed-in readers, all is well.
+    await quotas.admit(CAROL)
+    await quotas.admit(DAN)
+
+
+async def test_a_registered_reader_has_a_daily_rate_of_their_own(
+    tmp_path: Path, clock: time_machine.Traveller
+) -> None:
+    quotas = Quotas(settings(tmp_path, user_turns_per_day=2), RateLimiter(), Ledger().since)
+    await quotas.admit(DAN)
+    await quotas.admit(DAN)
+    with pytest.raises(QuotaExceeded) as refused:
+        await quotas.admit(DAN)
+    assert refused.value.retry_after == pytest.approx(DAY, abs=1)
+    clock.shift(DAY + 1)
+    await quotas.admit(DAN)
+
+
+async def test_a_token_budget_counts_saved_usage_and_frees_up_as_old_answers_leave_the_day(
+    tmp_path: Path, clock: time_machine.Traveller
+) -> None:
+    ledger = Ledger()
+    now = 1_800_000_000.0
+    ledger.add("visitor", "alice", now - DAY + 600, 700)  # leaves the window in 10 minutes
+    ledger.add("visitor", "alice", now - 60, 250)
+    quotas = Quotas(settings(tmp_path, visitor_tokens_per_day=1000), RateLimiter(), ledger.since)
+    await quotas.admit(ALICE)  # 950 < 1000
+    quotas.spent(ALICE, 100)  # this instance's own turn counts at once
+    with pytest.raises(QuotaExceeded) as refused:
+        await quotas.admit(ALICE)
+    assert refused.value.code == "budget_exceeded"
+    assert refused.value.retry_after == pytest.approx(600, abs=1)
+    assert "used up today's share" in refused.value.message
+    assert ledger.reads == 2  # one per budget key (visitor, address), then from memory
+    clock.shift(601)
+    await quotas.admit(ALICE)
+
+
+async def test_the_address_budget_is_shared_and_only_anonymous_readers_count_against_it(
+    tmp_path: Path, clock: time_machine.Traveller
+) -> None:
+    ledger = Ledger()
+    ledger.add("address", ALICE.address, 1_800_000_000.0 - 10, 5000)
+    quotas = Quotas(settings(tmp_path, address_tokens_per_day=5000), RateLimiter(), ledger.since)
+    with pytest.raises(QuotaExceeded) as refused:
+        await quotas.admit(BOB)
+    assert "Your network has used up" in refused.value.message
+    await quotas.admit(DAN)  # signed in: their own budget only
+
+
+async def test_the_gate_runs_each_visitors_turns_one_at_a_time_and_others_go_ahead(
+    tmp_path: Path,
+) -> None:
+    gate = TurnGate(settings(tmp_path), capacity=None)
+    places: list[int] = []
+    first = asyncio.Event()
+    done = asyncio.Event()
+
+    async def alice_first() -> None:
+        async with gate.turn(ALICE, wait=10, on_place=places.append):
+            first.set()
+            await done.wait()
+
+    running = asyncio.create_task(alice_first())
+    await first.wait()
+    second_entered = asyncio.Event()
+
+    async def alice_second() -> None:
+        async with gate.turn(ALICE, wait=10, on_place=places.append):
+            second_entered.set()
+
+    waiting = asyncio.create_task(alice_second())
+    await asyncio.sleep(0)
+    assert (gate.running, gate.waiting, places) == (1, 1, [1])
+    # Carol, behind Alice's waiting turn, goes ahead: her own caps are free.
+    async with gate.turn(CAROL, wait=10, on_place=places.append):
+        assert gate.running == 2
+    assert not second_entered.is_set()
+    done.set()
+    await asyncio.gather(running, waiting)
+    assert second_entered.is_set()
+    assert (gate.running, gate.waiting) == (0, 0)
+
+
+async def test_the_gate_holds_the_engines_capacity_and_a_long_wait_ends_with_gate_timeout(
+    tmp_path: Path,
+) -> None:
+    gate = TurnGate(settings(tmp_path), capacity=1)
+    release = asyncio.Event()
+    inside = asyncio.Event()
+
+    async def hold() -> None:
+        async with gate.turn(CAROL, wait=10, on_place=lambda place: None):
+            inside.set()
+            await release.wait()
+
+    holder = asyncio.create_task(hold())
+    await inside.wait()
+    places: list[int] = []
+    with pytest.raises(GateTimeout):
+        async with gate.turn(DAN, wait=0.01, on_place=places.append):
+            pytest.fail("no room was free")
+    assert places == [1]
+    assert gate.waiting == 0
+    release.set()
+    await holder
+    async with gate.turn(DAN, wait=1, on_place=places.append):
+        assert gate.running == 1
+
+
+def test_connections_are_capped_per_visitor_and_per_address(tmp_path: Path) -> None:
+    connections = Connections(settings(tmp_path, visitor_connections=2, address_connections=3))
+    assert connections.open("alice", "a")
+    assert connections.open("alice", "a")
+    assert not connections.open("alice", "a")
+    assert connections.open("bob", "a")
+    assert not connections.open("carol", "a")
+    assert connections.open("carol", "b")
+    connections.close("alice", "a")
+    assert connections.open("carol", "a")
