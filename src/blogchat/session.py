@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from blogchat import protocol as wire
 from blogchat.content import Blog
 from blogchat.engines.base import (
+    STOP_DEADLINE,
     AgentEngine,
     EngineEvent,
     ModelCall,
@@ -67,7 +68,9 @@ class SessionTimings:
     """How often partial answers are saved, and how long a graceful stop may take."""
 
     save_interval: float = 1.0
-    stop_grace: float = 1.6
+    # A turn still running this long after a stop is cut; the engines' graceful stops are
+    # built to end before it (engines/base.py).
+    stop_grace: float = STOP_DEADLINE
 
 
 @dataclass

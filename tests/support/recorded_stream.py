@@ -227,6 +227,11 @@ def scenarios() -> list[Scenario]:
             ],
         ),
         Scenario(
+            "cut_before_content",
+            "the connection breaks right after message_start; the CLI asks again",
+            lambda: [reply(text("Never shown."), cut(after=2)), text("The answer.")],
+        ),
+        Scenario(
             "cut_mid_sentence",
             "the connection breaks inside a text block; the CLI streams the reply again",
             lambda: [
