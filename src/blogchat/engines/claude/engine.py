@@ -45,7 +45,7 @@ from blogchat.engines.claude.confinement import AgentDirs, agent_environment
 from blogchat.engines.claude.pool import ProcessPool, StartFailed
 from blogchat.engines.claude.process import WAKE, AgentProcess, AgentSpec, Launch
 from blogchat.engines.claude.stream import SERVER, TOOL_PREFIX
-from blogchat.engines.claude.turn import DRAIN, Attempt, Tally
+from blogchat.engines.claude.turn import CUT_SHORT, DRAIN, Attempt, CutReason, Tally
 from blogchat.personas import Persona
 from blogchat.protocol import DoneReason
 from blogchat.settings import MIN_THINKING_BUDGET, Settings
@@ -59,7 +59,7 @@ MAX_CONTEXT_CHARS = 40_000
 STOPPED_TOOL = "Stopped before the tool finished."
 CUT_TOOL = "The turn ended before the tool finished."
 # What the reader is told when the model's answer ended early (done.warning).
-CUT_SHORT_WARNINGS = {
+CUT_SHORT_WARNINGS: dict[CutReason, str] = {
     "refusal": "Claude declined to go on with this answer, so it ends here.",
     "max_tokens": (
         "This answer reached the length limit for one reply and was cut off. "
@@ -314,8 +314,8 @@ class ClaudeEngine(AgentEngine):
                 f"The assistant reached its limit of {self.settings.max_turns} steps for one "
                 "message, so this answer may be incomplete. Ask it to go on if you need more."
             )
-        elif outcome == "complete" and tally.stop_reason is not None:
-            warning = CUT_SHORT_WARNINGS.get(tally.stop_reason)
+        elif outcome == "complete" and (cut := CUT_SHORT.get(tally.stop_reason)) is not None:
+            warning = CUT_SHORT_WARNINGS[cut]
         metadata: dict[str, object] = {"engine": self.name, "attempts": tally.attempts}
         if tally.result is not None:
             metadata.update(

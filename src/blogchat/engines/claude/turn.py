@@ -154,7 +154,8 @@ class Attempt:
     How it ends (`outcome`) is decided once, by the first of: the reader's stop taking
     effect, a failure, the model ending its answer early (`cut_reason`), or the CLI's
     result. A stop seen while a sentence or tool call is finishing takes effect when it
-    is done, so a failure in between still counts.
+    is done, so a failure in between still counts. The CLI's result only refines a
+    failure: its HTTP status, or a refusal it reports as an error.
     """
 
     def __init__(
@@ -286,9 +287,10 @@ class Attempt:
         self.phase = Phase.DONE
         if result is not None:
             self._read_result(result, finishing=finishing)
-        elif self.outcome is None:
-            # The stream ended while a sentence or tool call finished after a stop.
-            self._decide("stopped" if finishing else "error", failures.CRASHED)
+        elif finishing:
+            self._decide("stopped")  # The process ended while its answer wound down.
+        else:
+            self._decide("error", failures.CRASHED)
 
     # --- timing ---------------------------------------------------------------------------
 
