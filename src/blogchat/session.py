@@ -22,6 +22,7 @@ from blogchat import protocol as wire
 from blogchat.content import Blog
 from blogchat.drafts import Draft, new_answer
 from blogchat.engines.base import (
+    STOP_DEADLINE,
     AgentEngine,
     EngineEvent,
     ModelCall,
@@ -66,7 +67,9 @@ class SessionTimings:
     """How often partial answers are saved, and how long a graceful stop may take."""
 
     save_interval: float = 1.0
-    stop_grace: float = 1.6
+    # A turn still running this long after a stop is cut; the engines' graceful stops are
+    # built to end before it (engines/base.py).
+    stop_grace: float = STOP_DEADLINE
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import asyncio
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from blogchat.content import Post
@@ -20,6 +20,16 @@ class PastMessage:
 
     role: Literal["user", "assistant"]
     text: str
+
+
+# A stop's time budget, in seconds. The protocol promises `done` within STOP_PROMISE of a
+# stop (docs/protocol.md). The session cuts a turn that is still running STOP_DEADLINE
+# after the stop (`SessionTimings.stop_grace`); an engine's graceful stop (finish the
+# sentence or the tool, then wind down) must end before that. Each engine checks its own
+# timings against STOP_DEADLINE where it defines them.
+STOP_PROMISE = 2.0
+STOP_DEADLINE = 1.6
+assert STOP_DEADLINE < STOP_PROMISE, "the session must cut a turn before the protocol's limit"
 
 
 @dataclass(frozen=True)
@@ -73,11 +83,22 @@ class ToolFinished:
 
 @dataclass(frozen=True)
 class TurnFailed:
-    """The turn cannot go on (the provider failed); a TurnEnded with reason "error" follows."""
+    """Why a turn could not finish, in words for the reader, and whether trying again may
+    help. As an event, a TurnEnded with reason "error" follows it."""
 
     message: str
     retryable: bool = True
     code: Literal["model_error", "internal"] = "model_error"
+    # Whether the engine tries the turn again itself before anyone sees the failure (the
+    # Claude engine: a crashed or stalled agent process, not a failed model request,
+    # which its CLI already retried).
+    engine_retries: bool = False
+    # What was observed, for the logs only.
+    detail: str = ""
+
+    def because(self, detail: str) -> TurnFailed:
+        """The same failure with what was observed, for the logs."""
+        return replace(self, detail=detail)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from blogchat.engines.base import (
     TurnEnded,
     TurnRequest,
 )
+from blogchat.engines.text import sentence_end
 from blogchat.tools import BlogTools, ToolResult
 
 MODEL = "offline"
@@ -35,8 +36,6 @@ NOTICE = (
 )
 
 _PIECE = re.compile(r"\S+\s*|\s+")
-# A piece that ends a sentence (or a line): where a graceful stop may cut the answer.
-_SENTENCE_END = re.compile(r"(?:[.!?…:][\"'”’)\]*_]*\s*$)|\n")
 _DATE_WORDS = re.compile(
     r"\b(today|todays|date|time|weekday|what day|which day|current(ly)?|now|this year)\b", re.I
 )
@@ -90,10 +89,11 @@ class OfflineEngine(AgentEngine):
             piece = match.group()
             if self.delay:
                 await asyncio.sleep(self.delay)
-            yield piece
             # After a stop, finish the sentence being written, then end.
-            if stop.is_set() and _SENTENCE_END.search(piece):
+            if stop.is_set() and (cut := sentence_end(piece)) is not None:
+                yield piece[:cut]
                 return
+            yield piece
 
 
 def plan(

@@ -42,11 +42,12 @@ from blogchat.engines.base import (
 )
 from blogchat.engines.claude import failures
 from blogchat.engines.claude.confinement import AgentDirs, agent_environment
-from blogchat.engines.claude.failures import ProviderFailure
 from blogchat.engines.claude.pool import ProcessPool, StartFailed
 from blogchat.engines.claude.process import WAKE, AgentProcess, AgentSpec, Launch
-from blogchat.engines.claude.turn import DRAIN, SERVER, TOOL_PREFIX, Attempt, Outcome, Tally
+from blogchat.engines.claude.stream import SERVER, TOOL_PREFIX
+from blogchat.engines.claude.turn import CUT_SHORT, DRAIN, Attempt, CutReason, Tally
 from blogchat.personas import Persona
+from blogchat.protocol import DoneReason
 from blogchat.settings import MIN_THINKING_BUDGET, Settings
 from blogchat.store.transcripts import TranscriptStore
 from blogchat.tools import BlogTools
@@ -58,7 +59,7 @@ MAX_CONTEXT_CHARS = 40_000
 STOPPED_TOOL = "Stopped before the tool finished."
 CUT_TOOL = "The turn ended before the tool finished."
 # What the reader is told when the model's answer ended early (done.warning).
-CUT_SHORT_WARNINGS = {
+CUT_SHORT_WARNINGS: dict[CutReason, str] = {
     "refusal": "Claude declined to go on with this answer, so it ends here.",
     "max_tokens": (
         "This answer reached the length limit for one reply and was cut off. "
@@ -106,7 +107,7 @@ class ClaudeEngine(AgentEngine):
         self.workdir = self.dirs.workdir
         self.config_dir = self.dirs.config
         self.project_key = project_key_for_directory(self.workdir)
-        self.pool = ProcessPool(
+        self.pool: ProcessPool[AgentProcess] = ProcessPool(
             self._new_process,
             cap=settings.max_live_clients,
             idle_seconds=settings.client_idle_seconds,
@@ -129,18 +130,18 @@ class ClaudeEngine(AgentEngine):
         tally = Tally()
         retries = self.settings.provider_retries
         delay = self.settings.provider_retry_delay
-        outcome = Outcome.FAILED
-        failure: ProviderFailure | None = None
+        outcome: DoneReason = "error"
+        failure: TurnFailed | None = None
         while True:
             # Where the stored conversation ends before this attempt: a retry goes back here.
             mark = await self.transcripts.mark(self.project_key, request.chat_id)
             try:
                 process = await self._acquire(spec, stop)
             except StartFailed as exc:
-                outcome, failure = Outcome.FAILED, failures.NOT_STARTED.because(str(exc))
+                outcome, failure = "error", failures.NOT_STARTED.because(str(exc))
             else:
                 if process is None:
-                    outcome, failure = Outcome.STOPPED, None
+                    outcome, failure = "stopped", None
                     break
                 attempt = Attempt(
                     process,
@@ -150,12 +151,13 @@ class ClaudeEngine(AgentEngine):
                     stall_seconds=self.settings.stall_seconds,
                     retry_max_wait=self.settings.provider_retry_max_wait,
                 )
-                async with contextlib.aclosing(self._attempt(attempt)) as events:
+                async with contextlib.aclosing(self._attempt(attempt, process)) as events:
                     async for event in events:
                         yield event
+                assert attempt.outcome is not None  # Decided before its events end.
                 outcome, failure = attempt.outcome, attempt.failure
             if (
-                outcome is not Outcome.FAILED
+                outcome != "error"
                 or failure is None
                 or not failure.engine_retries
                 or tally.forwarded
@@ -170,16 +172,16 @@ class ClaudeEngine(AgentEngine):
             )
             await self._rewind(request.chat_id, mark)
             if await _stopped_within(stop, delay):
-                outcome, failure = Outcome.STOPPED, None
+                outcome, failure = "stopped", None
                 break
             retries -= 1
             delay *= 2
-        note = STOPPED_TOOL if outcome is Outcome.STOPPED else CUT_TOOL
+        note = STOPPED_TOOL if outcome == "stopped" else CUT_TOOL
         for tool_use_id in tally.open_tools:
             yield ToolFinished(tool_use_id, note, is_error=True)
-        if failure is not None and outcome is Outcome.FAILED:
+        if failure is not None and outcome == "error":
             log.warning("chat %s: turn failed: %s", request.chat_id, failure.detail)
-            yield TurnFailed(failure.message, retryable=failure.retryable, code=failure.code)
+            yield failure
         yield self._ended(request, outcome, tally)
 
     def start(self) -> None:
@@ -226,9 +228,10 @@ class ClaudeEngine(AgentEngine):
         model = policy.model_id(self.settings, policy.default_for(persona, anonymous=True))
         return self._spec_for(str(uuid.uuid4()), persona, model)
 
-    async def _attempt(self, attempt: Attempt) -> AsyncGenerator[EngineEvent, None]:
-        """Run one attempt, then hand its process back to the pool."""
-        process = attempt.process
+    async def _attempt(
+        self, attempt: Attempt, process: AgentProcess
+    ) -> AsyncGenerator[EngineEvent, None]:
+        """Run one attempt on `process`, then hand the process back to the pool."""
         wake = asyncio.create_task(_wake_on(attempt.stop, process))
         finished = False
         try:
@@ -243,7 +246,7 @@ class ClaudeEngine(AgentEngine):
                 # process in the background, so the chat's next turn finds it ready.
                 self.pool.recover(process, DRAIN * 2, on_lost=self._lost_mid_turn)
         if attempt.settled:
-            await self.pool.release(process)
+            await self.pool.give_back(process)
         else:
             self._lost_mid_turn(process)
             await self.pool.discard(process)
@@ -259,12 +262,12 @@ class ClaudeEngine(AgentEngine):
             if not acquiring.done():
                 acquiring.cancel()
                 # The pool may hand the process over just as we give up: put it back.
-                acquiring.add_done_callback(self._give_back)
+                acquiring.add_done_callback(self._return_unused)
         if not acquiring.done() or acquiring.cancelled():
             return None
         process = acquiring.result()
         if stop.is_set():
-            await self.pool.release(process)
+            await self.pool.give_back(process)
             return None
         return process
 
@@ -281,7 +284,7 @@ class ClaudeEngine(AgentEngine):
         # What was cut is gone: the transcript is sound again.
         self._start_over.discard(chat_id)
 
-    def _give_back(self, acquiring: asyncio.Future[AgentProcess]) -> None:
+    def _return_unused(self, acquiring: asyncio.Future[AgentProcess]) -> None:
         if not acquiring.cancelled() and acquiring.exception() is None:
             self.pool.recover(acquiring.result(), DRAIN)
 
@@ -304,15 +307,15 @@ class ClaudeEngine(AgentEngine):
             parts.append(f"<earlier_conversation>\n{earlier}\n</earlier_conversation>")
         return "\n\n".join([*parts, request.text])
 
-    def _ended(self, request: TurnRequest, outcome: Outcome, tally: Tally) -> TurnEnded:
+    def _ended(self, request: TurnRequest, outcome: DoneReason, tally: Tally) -> TurnEnded:
         warning = None
-        if outcome is Outcome.MAX_TURNS:
+        if outcome == "max_turns":
             warning = (
                 f"The assistant reached its limit of {self.settings.max_turns} steps for one "
                 "message, so this answer may be incomplete. Ask it to go on if you need more."
             )
-        elif outcome is Outcome.COMPLETE and tally.stop_reason is not None:
-            warning = CUT_SHORT_WARNINGS.get(tally.stop_reason)
+        elif outcome == "complete" and (cut := CUT_SHORT.get(tally.stop_reason)) is not None:
+            warning = CUT_SHORT_WARNINGS[cut]
         metadata: dict[str, object] = {"engine": self.name, "attempts": tally.attempts}
         if tally.result is not None:
             metadata.update(
@@ -320,21 +323,15 @@ class ClaudeEngine(AgentEngine):
                 cost_usd=tally.result.total_cost_usd,
                 terminal_reason=tally.result.terminal_reason,
             )
-        reason = {
-            Outcome.COMPLETE: "complete",
-            Outcome.MAX_TURNS: "max_turns",
-            Outcome.STOPPED: "stopped",
-            Outcome.FAILED: "error",
-        }[outcome]
         return TurnEnded(
-            reason=reason,  # type: ignore[arg-type]
+            reason=outcome,
             # The model that answered, as the provider says in message_start.
             model=tally.model or request.model_id,
             input_tokens=tally.input_tokens,
             output_tokens=tally.output_tokens,
             warning=warning,
             metadata=metadata,
-            stop_reason=tally.stop_reason if outcome is not Outcome.STOPPED else None,
+            stop_reason=tally.stop_reason if outcome != "stopped" else None,
             cache_read_tokens=tally.cache_read_tokens,
             cache_creation_tokens=tally.cache_creation_tokens,
         )

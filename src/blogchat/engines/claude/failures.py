@@ -1,67 +1,42 @@
-"""Provider failures, told in words a reader understands."""
+"""Provider failures, told in words a reader understands (each a `TurnFailed`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Literal
+from blogchat.engines.base import TurnFailed
 
-
-@dataclass(frozen=True)
-class ProviderFailure:
-    """Why a turn could not finish, and whether trying again may help."""
-
-    message: str
-    retryable: bool
-    code: Literal["model_error", "internal"] = "model_error"
-    # Whether the engine tries the turn again itself. A failed model request was already
-    # retried by the agent CLI (which honours the provider's retry-after); what the CLI
-    # cannot retry is its own crash, a start that failed, or a stream that stalled.
-    engine_retries: bool = False
-    # For the logs only.
-    detail: str = ""
-
-    def because(self, detail: str) -> ProviderFailure:
-        """The same failure with what was observed, for the logs."""
-        return replace(self, detail=detail)
-
-
-OVERLOADED = ProviderFailure("Claude is overloaded right now. Try again in a moment.", True)
-RATE_LIMITED = ProviderFailure(
+OVERLOADED = TurnFailed("Claude is overloaded right now. Try again in a moment.", True)
+RATE_LIMITED = TurnFailed(
     "Claude is getting too many requests right now. Try again in a minute.", True
 )
-SERVER_ERROR = ProviderFailure(
-    "Claude ran into a problem on its side. Try again in a moment.", True
-)
-CONNECTION_LOST = ProviderFailure("The connection to Claude was lost. Try again in a moment.", True)
-CUT_OFF = ProviderFailure(
+SERVER_ERROR = TurnFailed("Claude ran into a problem on its side. Try again in a moment.", True)
+CONNECTION_LOST = TurnFailed("The connection to Claude was lost. Try again in a moment.", True)
+CUT_OFF = TurnFailed(
     "The connection to Claude broke off in the middle of the answer. What arrived is kept; "
     "try again to get the rest.",
     True,
 )
-STALLED = ProviderFailure(
-    "Claude stopped responding. Try again in a moment.", True, engine_retries=True
-)
-NOT_CONFIGURED = ProviderFailure(
+STALLED = TurnFailed("Claude stopped responding. Try again in a moment.", True, engine_retries=True)
+NOT_CONFIGURED = TurnFailed(
     "The assistant is not set up correctly: the Anthropic API key was refused. "
     "The site's owner needs to fix this.",
     False,
 )
-BILLING = ProviderFailure(
+BILLING = TurnFailed(
     "The assistant is unavailable: the site's Anthropic account cannot be billed. "
     "The site's owner needs to fix this.",
     False,
 )
-MODEL_UNAVAILABLE = ProviderFailure(
+MODEL_UNAVAILABLE = TurnFailed(
     "The model chosen for this chat is not available. Try another model.", False
 )
-TOO_LONG = ProviderFailure(
+TOO_LONG = TurnFailed(
     "This conversation has grown too long for Claude. Start a new chat to go on.", False
 )
-BAD_REQUEST = ProviderFailure("Claude could not process this request.", False)
-CRASHED = ProviderFailure(
+BAD_REQUEST = TurnFailed("Claude could not process this request.", False)
+CRASHED = TurnFailed(
     "The assistant stopped unexpectedly. Try again.", True, "internal", engine_retries=True
 )
-NOT_STARTED = ProviderFailure(
+NOT_STARTED = TurnFailed(
     "The assistant could not be started. Try again in a moment.",
     True,
     "internal",
@@ -89,7 +64,7 @@ _BY_KIND = {
 }
 
 
-def classify(status: int | None, kind: str | None = None, text: str = "") -> ProviderFailure:
+def classify(status: int | None, kind: str | None = None, text: str = "") -> TurnFailed:
     """The failure behind an HTTP status, the SDK's error kind, or the CLI's error text."""
     lowered = text.lower()
     if "prompt is too long" in lowered or "context window" in lowered:

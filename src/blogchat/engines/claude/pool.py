@@ -21,8 +21,9 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Generic, Protocol, TypeVar
 
-from blogchat.engines.claude.process import AgentProcess, AgentSpec, ProcessState
+from blogchat.engines.claude.process import AgentSpec, ProcessState
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +39,41 @@ class StartFailed(Exception):
     """The CLI process could not be started."""
 
 
-Launcher = Callable[[AgentSpec], AgentProcess]
+class Member(Protocol):
+    """What the pool needs of a process (an `AgentProcess`, or a test's stand-in)."""
+
+    spec: AgentSpec
+    state: ProcessState
+    retire: bool
+    spare: bool
+    last_used: float
+    start_error: BaseException | None
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def pid(self) -> int | None: ...
+
+    async def start(self) -> None: ...
+
+    async def settle(self, within: float) -> bool: ...
+
+    async def close(self, *, grace: float) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+P = TypeVar("P", bound=Member)
 SpareSpec = Callable[[], AgentSpec]
 
 
-class ProcessPool:
+class ProcessPool(Generic[P]):
     """Agent processes by chat id, least recently used first."""
 
     def __init__(
         self,
-        launch: Launcher,
+        launch: Callable[[AgentSpec], P],
         *,
         cap: int,
         idle_seconds: float,
@@ -63,8 +89,8 @@ class ProcessPool:
         self._spares_paused_until = 0.0
         # Chats waiting for room under the cap: while any waits, no spare is started.
         self._waiting = 0
-        self._by_chat: dict[str, AgentProcess] = {}
-        self._closing: set[AgentProcess] = set()
+        self._by_chat: dict[str, P] = {}
+        self._closing: set[P] = set()
         self._changed = asyncio.Condition()
         # Starting a CLI is CPU-bound: starting many at once only makes each one slower.
         self._starts = asyncio.Semaphore(parallel_starts)
@@ -81,11 +107,11 @@ class ProcessPool:
         """Processes that exist now: starting, idle, busy or closing."""
         return len(self._by_chat) + len(self._closing)
 
-    def processes(self) -> list[AgentProcess]:
+    def processes(self) -> list[P]:
         """Every process of the pool, the closing ones included."""
         return [*self._by_chat.values(), *self._closing]
 
-    def get(self, chat_id: str) -> AgentProcess | None:
+    def get(self, chat_id: str) -> P | None:
         """The chat's process, if it has one."""
         return self._by_chat.get(chat_id)
 
@@ -133,12 +159,12 @@ class ProcessPool:
 
     # --- taking and giving back ---------------------------------------------------------
 
-    async def acquire(self, spec: AgentSpec) -> AgentProcess:
+    async def acquire(self, spec: AgentSpec) -> P:
         """The chat's process, ready and marked busy; started (or resumed) if need be."""
         if self._closed:
             raise StartFailed("the engine is shut down")
         self._start_sweeper()
-        launched: AgentProcess | None = None
+        launched: P | None = None
         async with self._changed:
             while True:
                 if self._closed:
@@ -173,7 +199,7 @@ class ProcessPool:
                 finally:
                     self._waiting -= needs_room
 
-    async def release(self, process: AgentProcess) -> None:
+    async def give_back(self, process: P) -> None:
         """A turn finished cleanly: the process is ready for the chat's next turn."""
         if process.retire or self._closed or not process.alive:
             await self.discard(process)
@@ -183,16 +209,16 @@ class ProcessPool:
             process.last_used = time.monotonic()
             self._changed.notify_all()
 
-    async def discard(self, process: AgentProcess) -> None:
+    async def discard(self, process: P) -> None:
         """Close a process (broken, or no longer wanted) in the background."""
         async with self._changed:
             self._retire(process)
 
     def recover(
         self,
-        process: AgentProcess,
+        process: P,
         within: float,
-        on_lost: Callable[[AgentProcess], None] | None = None,
+        on_lost: Callable[[P], None] | None = None,
     ) -> None:
         """A turn was cut off: get the process back to idle in the background, or close it
         (calling `on_lost` first)."""
@@ -202,15 +228,15 @@ class ProcessPool:
 
     async def _recover(
         self,
-        process: AgentProcess,
+        process: P,
         within: float,
-        on_lost: Callable[[AgentProcess], None] | None,
+        on_lost: Callable[[P], None] | None,
     ) -> None:
         settled = False
         with contextlib.suppress(Exception):
             settled = await process.settle(within)
         if settled:
-            await self.release(process)
+            await self.give_back(process)
         else:
             if on_lost is not None:
                 on_lost(process)
@@ -298,7 +324,7 @@ class ProcessPool:
     def _closing_for(self, chat_id: str) -> bool:
         return any(process.spec.chat_id == chat_id for process in self._closing)
 
-    def _least_recently_used_idle(self) -> AgentProcess | None:
+    def _least_recently_used_idle(self) -> P | None:
         # A spare goes first (even one still starting), then the least recently used.
         for process in self._by_chat.values():
             if process.spare and not process.retire:
@@ -321,7 +347,7 @@ class ProcessPool:
             process = self._launch_in_background(self._spare_spec())
             process.spare = True
 
-    def _launch_in_background(self, spec: AgentSpec) -> AgentProcess:
+    def _launch_in_background(self, spec: AgentSpec) -> P:
         process = self._launch(spec)
         self._by_chat[spec.chat_id] = process
         self.peak = max(self.peak, self.live)
@@ -330,7 +356,7 @@ class ProcessPool:
         self._spawn(self._start(process), f"agent-start-{spec.chat_id}")
         return process
 
-    async def _start(self, process: AgentProcess) -> None:
+    async def _start(self, process: P) -> None:
         try:
             async with self._starts:
                 await asyncio.wait_for(process.start(), START_TIMEOUT)
@@ -353,7 +379,7 @@ class ProcessPool:
                     self._retire(process)
             self._changed.notify_all()
 
-    def _retire(self, process: AgentProcess) -> None:
+    def _retire(self, process: P) -> None:
         if process.state is ProcessState.STARTING:
             # Closed as soon as its start is over.
             process.retire = True
@@ -366,7 +392,7 @@ class ProcessPool:
         self._closing.add(process)
         self._spawn(self._close(process), f"agent-close-{process.spec.chat_id}")
 
-    async def _close(self, process: AgentProcess) -> None:
+    async def _close(self, process: P) -> None:
         try:
             await process.close(grace=CLOSE_GRACE)
         finally:
