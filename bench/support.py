@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import psutil
+from tests.support.server import unlimited_env
 from websockets.asyncio.client import ClientConnection, connect
 
 REPO = Path(__file__).resolve().parents[1]
@@ -261,6 +262,8 @@ class BenchServer:
             "ANTHROPIC_API_KEY": "",
             "BRAINTRUST_API_KEY": "",
             "PYTHONUNBUFFERED": "1",
+            # Every benchmark client is one address: the public limits would throttle them.
+            **unlimited_env(),
             **self.env,
         }
         if self.database == "postgresql":

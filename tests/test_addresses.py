@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from blogchat.web.addresses import client_address
+from blogchat.addresses import client_address
 
 
 @pytest.mark.parametrize(

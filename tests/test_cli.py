@@ -8,6 +8,8 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -253,3 +255,84 @@ def test_db_upgrade_uses_database_url(tmp_path: Path, database: Backend) -> None
         return set(names)
 
     assert asyncio.run(tables()) == TABLES | {"alembic_version"}
+
+
+# --- usage ------------------------------------------------------------------------------------
+
+
+def test_usage_prints_turns_and_tokens_by_visitor_by_address_and_the_costliest_chats(
+    tmp_path: Path, database: Backend
+) -> None:
+    from blogchat.store import ChatRecord, MessageRecord, Store
+
+    async def seed() -> None:
+        url = Settings(_env_file=None, database_url=database.url).database
+        store = await Store.open(url, schema=database.schema)
+        try:
+            for owner, address, title, tokens in [
+                ("visitor-a", "203.0.113.1", "Sourdough", [1000, 500]),
+                ("visitor-a", "203.0.113.1", "Espresso", [200]),
+                ("visitor-b", "198.51.100.2", "Cheap", [10]),
+            ]:
+                chat = await store.chats.create_chat(
+                    ChatRecord(
+                        id=str(uuid.uuid4()),
+                        owner_id=owner,
+                        title=title,
+                        persona="blog-assistant",
+                        model="haiku",
+                    )
+                )
+                for seq, spent in enumerate(tokens, start=1):
+                    await store.chats.add_message(
+                        MessageRecord(
+                            id=str(uuid.uuid4()),
+                            chat_id=chat.id,
+                            role="assistant",
+                            seq_start=seq,
+                            seq_end=seq,
+                            text="An answer.",
+                            input_tokens=spent - 10,
+                            output_tokens=10,
+                            client_address=address,
+                        )
+                    )
+            # An answer from two days ago: outside the last 24 hours.
+            await store.chats.add_message(
+                MessageRecord(
+                    id=str(uuid.uuid4()),
+                    chat_id=chat.id,
+                    role="assistant",
+                    seq_start=9,
+                    seq_end=9,
+                    text="Old.",
+                    input_tokens=99_990,
+                    output_tokens=10,
+                    client_address="198.51.100.2",
+                    created_at=datetime.now(UTC) - timedelta(days=2),
+                )
+            )
+        finally:
+            await store.close()
+
+    asyncio.run(seed())
+    result = blogchat(tmp_path, "usage", "--since", "24h", **database.env())
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "  in all: 4 turns, 1,710 tokens" in lines
+    by_visitor = lines[lines.index("By visitor:") + 1 : lines.index("By visitor:") + 3]
+    assert [line.split() for line in by_visitor] == [
+        ["1,700", "tokens", "3", "turns", "visitor-a"],
+        ["10", "tokens", "1", "turns", "visitor-b"],
+    ]
+    by_address = lines[lines.index("By client address:") + 1]
+    assert by_address.split() == ["1,700", "tokens", "3", "turns", "203.0.113.1"]
+    costliest = lines[lines.index("The most expensive chats:") + 1]
+    assert costliest.split()[:4] == ["1,500", "tokens", "2", "turns"]
+    assert costliest.endswith("'Sourdough'")
+    # Older usage counts once the span reaches back to it.
+    week = blogchat(tmp_path, "usage", "--since", "7d", **database.env())
+    assert "  in all: 5 turns, 101,710 tokens" in week.stdout.splitlines()
+    bad = blogchat(tmp_path, "usage", "--since", "yesterday", **database.env())
+    assert bad.returncode == 2
+    assert "is not a span such as 30m, 24h, 7d or 2w" in bad.stderr

@@ -250,3 +250,57 @@ async def test_a_peer_that_stops_answering_pings_is_dropped_and_its_subscription
                 await asyncio.sleep(0.02)
             assert len(hub.connections) == 1
             writer.close()
+
+
+# Values no client may send, each in place of a field of an otherwise valid message: a lone
+# surrogate (a JSON "\ud800" decodes to a string UTF-8 cannot encode), integers past what a
+# JavaScript client can hold or Python converts (5,000 digits), over-long ids, wrong types.
+POISONS = [
+    '"\\ud800"',
+    '"text with a lone \\udfff inside"',
+    "9" * 5000,
+    str(2**53),
+    "-1",
+    '"' + "x" * 300 + '"',
+    '{"nested": ["\\ud83d"]}',
+]
+VALID: dict[str, dict[str, Any]] = {
+    "subscribe": {"chatId": "c-1", "afterSeq": 0, "requestId": "r"},
+    "unsubscribe": {"chatId": "c-1", "requestId": "r"},
+    "chat": {"clientMessageId": "m-1", "text": "hello", "post": "p", "requestId": "r"},
+    "stop": {"chatId": "c-1", "requestId": "r"},
+    "ping": {"requestId": "r"},
+}
+poisoned_frames = st.sampled_from(sorted(VALID)).flatmap(
+    lambda kind: st.tuples(
+        st.just(kind), st.sampled_from(sorted(VALID[kind])), st.sampled_from(POISONS)
+    )
+)
+
+
+def poisoned(kind: str, field: str, value: str) -> str:
+    """The valid message of this type with one field's JSON value replaced by `value`."""
+    fields = {**VALID[kind], field: "POISON"}
+    return json.dumps({"type": kind, **fields}).replace('"POISON"', value)
+
+
+@hypothesis_settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(batch=st.lists(poisoned_frames, min_size=1, max_size=5))
+async def test_an_invalid_value_in_any_client_message_is_a_bad_request_and_claims_nothing(
+    reader: Reader, batch: list[tuple[str, str, str]]
+) -> None:
+    ws = await reader.connect()
+    for kind, field, value in batch:
+        frame = poisoned(kind, field, value)
+        await ws.send_raw(frame)
+        answer = await ws.recv(timeout=10)
+        # Refused for what it is, before anything was looked up, claimed or saved. (A long
+        # `text` is fine, and then the message is refused for its unknown post.)
+        assert (answer["type"], answer["code"]) == ("error", "bad_request"), (frame[:120], answer)
+    # Nothing was created or saved for any of them.
+    assert (await reader.http.get("/api/chats")).json() == []
+    await ws.close()

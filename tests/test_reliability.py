@@ -768,3 +768,94 @@ async def ask_through_a_fault(reader: Reader, needle: str) -> tuple[str, Reader,
     chat_id = (await ws.expect("chat_created", timeout=60))["chatId"]
     events = await ws.until("done", timeout=120)
     return needle, reader, chat_id, events
+
+
+# --- an attack on the budget ---------------------------------------------------------------
+
+ATTACK_COOKIES = scaled(8)
+ATTACK_MESSAGES = 4  # per cookie, each to a chat of its own
+ATTACKER = "203.0.113.66"
+# The address's turns per hour, scaled down from the default 60 to keep CI short.
+ATTACK_TURNS = 12
+
+
+@pytest.mark.claude
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+async def test_an_attacker_with_many_cookies_at_one_address_stays_within_its_caps(
+    api: AnthropicTestServer, make_claude_settings: Callable[..., Settings]
+) -> None:
+    # The public limits (turns per address scaled down), not the suite's generous ones.
+    settings = make_claude_settings(
+        visitor_turns_per_hour=20,
+        address_turns_per_hour=ATTACK_TURNS,
+        visitor_running_turns=1,
+        address_running_turns=2,
+        chat_queue_limit=3,
+        max_live_clients=4,
+    )
+    api.set_rate(200)
+    with claude_server_for(settings) as server:
+        running: list[int] = []
+        sampling = True
+
+        async def sample() -> None:
+            gate = server.state.sessions.gate
+            while sampling:
+                running.append(gate._running.get(f"address:{ATTACKER}", 0))
+                await asyncio.sleep(0.01)
+
+        sampler = asyncio.ensure_future(sample())
+        async with contextlib.AsyncExitStack() as stack:
+            attackers = [
+                await stack.enter_async_context(Reader(server.url, address=ATTACKER))
+                for _ in range(ATTACK_COOKIES)
+            ]
+            honest = await stack.enter_async_context(Reader(server.url, address="198.51.100.7"))
+            outcomes = await asyncio.gather(
+                *(flood(attacker, index) for index, attacker in enumerate(attackers)),
+                ask_honestly(honest),
+            )
+        sampling = False
+        await sampler
+
+    *floods, honest_events = outcomes
+    refusals = [code for flooded in floods for code in flooded]
+    accepted = sum(code == "accepted" for code in refusals)
+    # The address got its turns and no more; the rest were refused, and said why.
+    assert accepted == ATTACK_TURNS
+    assert set(refusals) <= {"accepted", "rate_limited"}
+    attack_requests = [r for r in api.main_requests() if "attack" in r.prompt]
+    assert len(attack_requests) == ATTACK_TURNS
+    # At no moment did the address run more than its two turns.
+    assert max(running) <= 2
+    # The reader at another address was answered as if nothing happened.
+    assert honest_events[-1]["reason"] == "complete"
+    assert answer_text(honest_events) == "Echo: An honest question about sourdough?"
+
+
+async def flood(attacker: Reader, index: int) -> list[str]:
+    """Send ATTACK_MESSAGES messages, each starting a chat; what became of each ("accepted"
+    or the refusal's code). Every accepted turn is read to its end."""
+    ws = await attacker.connect()
+    codes: list[str] = []
+    for n in range(ATTACK_MESSAGES):
+        await ws.chat(f"attack {index}-{n}: tell me everything")
+        while True:
+            event = await ws.recv(timeout=60)
+            if event["type"] == "chat_created":
+                codes.append("accepted")
+                break
+            if event["type"] == "error" and "seq" not in event:
+                codes.append(event["code"])
+                break
+    dones = sum(1 for event in ws.received if event["type"] == "done")
+    while dones < codes.count("accepted"):
+        if (await ws.recv(timeout=120))["type"] == "done":
+            dones += 1
+    return codes
+
+
+async def ask_honestly(reader: Reader) -> list[Event]:
+    ws = await reader.connect()
+    await ws.chat("An honest question about sourdough?")
+    return await ws.until("done", timeout=120)

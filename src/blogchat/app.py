@@ -23,10 +23,11 @@ from blogchat.engines.offline import OfflineEngine
 from blogchat.hub import Hub
 from blogchat.origins import origin_allowed
 from blogchat.personas import Personas, load_personas
+from blogchat.quotas import Quotas, TurnGate
 from blogchat.ratelimit import RateLimiter
 from blogchat.rendering import render_answer
 from blogchat.search import SearchIndex
-from blogchat.session import ChatSessions
+from blogchat.session import ChatSessions, SessionLimits
 from blogchat.settings import Settings, load_settings
 from blogchat.store import Store
 from blogchat.telemetry import telemetry_for
@@ -94,6 +95,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "" if settings.claude_enabled else " (no ANTHROPIC_API_KEY: answers come from search)",
         )
         telemetry = telemetry_for(settings)
+        # Counters in memory: one instance. Several instances would share them on Redis.
+        limiter = RateLimiter()
+        quotas = Quotas(settings, limiter, store.usage.spending)
         sessions = ChatSessions(
             store,
             engine,
@@ -103,9 +107,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             functools.lru_cache(maxsize=1024)(render_answer),
             idle_seconds=settings.session_idle_seconds,
             telemetry=telemetry,
+            limits=SessionLimits(
+                queue=settings.chat_queue_limit,
+                context=settings.chat_context_limit,
+                turn_wait=settings.turn_wait_seconds,
+                unwatched=settings.unwatched_seconds,
+            ),
+            gate=TurnGate(settings, engine.capacity),
+            quotas=quotas,
         )
-        # Counters in memory: one instance. Several instances would share them on Redis.
-        limiter = RateLimiter()
         visitors = Visitors(
             store,
             settings.signing_key(),
@@ -125,6 +135,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             engine=engine,
             personas=content.personas,
             blog=content.blog,
+            quotas=quotas,
         )
         hub = Hub(settings=settings, visitors=visitors, chats=chats, sessions=sessions)
         state = app.state

@@ -16,6 +16,7 @@ from blogchat.content import Blog
 from blogchat.engines.base import AgentEngine
 from blogchat.eventlog import Subscriber
 from blogchat.personas import Persona, Personas
+from blogchat.quotas import QuotaExceeded, Quotas, Who
 from blogchat.session import ChatSession, ChatSessions, PendingTurn, SessionClosed
 from blogchat.settings import Settings
 from blogchat.store import ChatRecord, DuplicateClientMessage, MessageRecord, Store
@@ -36,12 +37,18 @@ class ChatError(Exception):
         chat_id: str | None = None,
         *,
         retryable: bool = False,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.code: wire.ErrorCode = code
         self.message = message
         self.chat_id = chat_id
         self.retryable = retryable
+        self.retry_after = retry_after
+
+
+QUEUE_FULL = "This chat already has messages waiting. Wait for its answers, then ask again."
+CHAT_TOO_LONG = "This conversation has grown too long for the assistant. Start a new chat to go on."
 
 
 @dataclass(frozen=True)
@@ -66,8 +73,10 @@ class Chats:
         engine: AgentEngine,
         personas: Personas,
         blog: Blog,
+        quotas: Quotas | None = None,
     ) -> None:
         self.settings = settings
+        self.quotas = quotas
         self.store = store
         self.sessions = sessions
         self.engine = engine
@@ -149,12 +158,16 @@ class Chats:
 
     # --- sending ----------------------------------------------------------------------
 
-    async def send(self, visitor: Visitor, message: wire.Chat, sender: Subscriber) -> str | None:
+    async def send(
+        self, visitor: Visitor, message: wire.Chat, sender: Subscriber, *, address: str = ""
+    ) -> str | None:
         """Carry out a `chat` message: create the chat or join it, save the user message and
         queue its turn; a repeated clientMessageId re-sends the original answers instead.
 
         The sender hears about its message: it is subscribed to the chat (the id returned)
-        before the message is announced.
+        before the message is announced. A message past a limit (the chat's queue or length,
+        the visitor's or the address's turns and tokens) is refused before anything is
+        claimed or saved for it.
         """
         text = message.text.strip()
         if not text:
@@ -180,11 +193,13 @@ class Chats:
             )
             if previous is not None:
                 return await self._resend(message, previous, sender)
+            who = Who(visitor.id, address, visitor.anonymous)
             if message.chat_id is None:
+                await self._admit(who, None)
                 session = await self._new_chat(visitor, message, text, sender)
             else:
-                session = await self._join(visitor, message, sender)
-            await self._accept(session, message, text, visitor)
+                session = await self._join(visitor, message, sender, who)
+            await self._accept(session, message, text, visitor, address)
             return session.chat.id
 
     async def _new_chat(
@@ -225,7 +240,9 @@ class Chats:
         session.subscribe(sender, after_seq=session.last_seq, request_id=None, announce=False)
         return session
 
-    async def _join(self, visitor: Visitor, message: wire.Chat, sender: Subscriber) -> ChatSession:
+    async def _join(
+        self, visitor: Visitor, message: wire.Chat, sender: Subscriber, who: Who
+    ) -> ChatSession:
         assert message.chat_id is not None
         session = await self._session(visitor, message.chat_id)
         chat = session.chat
@@ -239,6 +256,7 @@ class Chats:
             raise ChatError(
                 "bad_request", "A chat's post is set when the chat is created.", chat.id
             )
+        await self._admit(who, session)
         model = message.model or self.model_for(chat, visitor)
         if model != chat.model:
             await self.store.chats.update_chat(chat.id, model=model)
@@ -248,8 +266,30 @@ class Chats:
             session.subscribe(sender, after_seq=session.last_seq, request_id=None, announce=False)
         return session
 
+    async def _admit(self, who: Who, session: ChatSession | None) -> None:
+        """Refuse a message the chat or the visitor may not take now; count it otherwise."""
+        chat_id = session.chat.id if session is not None else None
+        refusal = session.admits() if session is not None else None
+        if refusal == "queue_full":
+            raise ChatError("queue_full", QUEUE_FULL, chat_id, retryable=True)
+        if refusal == "chat_too_long":
+            raise ChatError("chat_too_long", CHAT_TOO_LONG, chat_id)
+        if self.quotas is None:
+            return
+        try:
+            await self.quotas.admit(who)
+        except QuotaExceeded as exc:
+            raise ChatError(
+                exc.code, exc.message, chat_id, retryable=True, retry_after=exc.retry_after
+            ) from None
+
     async def _accept(
-        self, session: ChatSession, message: wire.Chat, text: str, visitor: Visitor
+        self,
+        session: ChatSession,
+        message: wire.Chat,
+        text: str,
+        visitor: Visitor,
+        address: str,
     ) -> None:
         model = message.model or self.model_for(session.chat, visitor)
         try:
@@ -259,6 +299,7 @@ class Chats:
                 model_alias=model,
                 model_id=policy.model_id(self.settings, model),
                 anonymous=visitor.anonymous,
+                address=address,
             )
         except DuplicateClientMessage:
             raise ChatError(

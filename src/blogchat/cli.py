@@ -1,12 +1,16 @@
-"""The `blogchat` command: `serve` the blog, `db upgrade` the schema, `check` the content."""
+"""The `blogchat` command: `serve` the blog, `db upgrade` the schema, `check` the content,
+and `usage` for what the assistant's turns have cost."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import re
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import uvicorn
 from fastapi import FastAPI
@@ -15,6 +19,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from blogchat.content import ContentError
 from blogchat.personas import PersonaError
 from blogchat.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from blogchat.store.usage import UsageReport
 from blogchat.web.connections import HeaderDeadlineProtocol
 
 log = logging.getLogger("blogchat")
@@ -96,6 +103,45 @@ def _check(settings: Settings) -> int:
     return 0
 
 
+_SPAN = re.compile(r"^(\d+)([mhdw])$")
+_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _duration(text: str) -> timedelta:
+    """`30m`, `24h`, `7d` or `2w`."""
+    match = _SPAN.match(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a span such as 30m, 24h, 7d or 2w")
+    return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+
+
+def _usage(settings: Settings, span: timedelta, top: int) -> int:
+    from blogchat.store import Store
+
+    async def run() -> UsageReport:
+        store = await Store.open(settings.database, schema=settings.database_schema)
+        try:
+            return await store.usage.report(datetime.now(UTC) - span, top=top)
+        finally:
+            await store.close()
+
+    report = asyncio.run(run())
+    print(f"Usage since {report.since:%Y-%m-%d %H:%M} UTC")
+    print(f"  in all: {report.total.turns:,} turns, {report.total.tokens:,} tokens")
+    for heading, rows in (
+        ("By visitor", report.by_visitor),
+        ("By client address", report.by_address),
+        ("The most expensive chats", report.costliest_chats),
+    ):
+        print(f"\n{heading}:")
+        if not rows:
+            print("  (none)")
+        for row in rows:
+            label = f"  {row.label!r}" if row.label else ""
+            print(f"  {row.tokens:>12,} tokens {row.turns:>6,} turns  {row.key}{label}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `blogchat` console script."""
     parser = argparse.ArgumentParser(prog="blogchat", description=__doc__)
@@ -107,6 +153,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     db_commands = db.add_subparsers(dest="db_command", required=True)
     db_commands.add_parser("upgrade", help="apply pending migrations")
     commands.add_parser("check", help="validate settings, content and personas")
+    usage = commands.add_parser(
+        "usage", help="turns and tokens by visitor, by address, and the most expensive chats"
+    )
+    usage.add_argument(
+        "--since", type=_duration, default=timedelta(hours=24), help="span: 30m, 24h, 7d, 2w"
+    )
+    usage.add_argument("--top", type=int, default=10, help="rows per table (default 10)")
     args = parser.parse_args(argv)
 
     try:
@@ -120,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(settings, args.host, args.port)
         if args.command == "db":
             return _upgrade(settings)
+        if args.command == "usage":
+            return _usage(settings, args.since, args.top)
         return _check(settings)
     except (ContentError, PersonaError) as exc:
         print(f"blogchat: {exc}", file=sys.stderr)

@@ -9,26 +9,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from dataclasses import dataclass
 
 from starlette.responses import Response
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from blogchat import protocol as wire
+from blogchat.addresses import client_address
 from blogchat.chats import ChatError, Chats
 from blogchat.connection import (
     CLOSE_FORBIDDEN_ORIGIN,
     CLOSE_GOING_AWAY,
+    CLOSE_TOO_MANY,
     CLOSE_UNAUTHORIZED,
     Connection,
     ConnectionState,
 )
 from blogchat.origins import origin_allowed
+from blogchat.quotas import Connections
 from blogchat.session import ChatSessions
 from blogchat.settings import Settings
 from blogchat.visitors import COOKIE_NAME, Visitor, Visitors
 
 log = logging.getLogger(__name__)
+
+STILL_ANSWERING = "The answer to your last subscribe to this chat is still on its way."
+# A subscribe answer this large (a history, in characters) is sent at most once at a time
+# per connection and chat; smaller ones are not worth holding a repeat off for.
+LARGE_ANSWER = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -48,11 +57,13 @@ class Hub:
         visitors: Visitors,
         chats: Chats,
         sessions: ChatSessions,
+        caps: Connections | None = None,
     ) -> None:
         self.settings = settings
         self.visitors = visitors
         self.chats = chats
         self.sessions = sessions
+        self.caps = caps or Connections(settings)
         self.connections: dict[str, Connection] = {}
 
     # --- the connection ---------------------------------------------------------------
@@ -64,8 +75,24 @@ class Hub:
             assert refusal is not None
             await self._refuse(websocket, refusal)
             return
+        address = client_address(websocket.scope)
+        if not self.caps.open(visitor.id, address):
+            await self._refuse(websocket, _Refusal(429, CLOSE_TOO_MANY, "too many connections"))
+            return
+        try:
+            await self._serve(websocket, visitor, address)
+        finally:
+            self.caps.close(visitor.id, address)
+
+    async def _serve(self, websocket: WebSocket, visitor: Visitor, address: str) -> None:
         await websocket.accept()
-        connection = Connection(websocket, visitor, queue_limit=self.settings.send_queue_limit)
+        connection = Connection(
+            websocket,
+            visitor,
+            queue_limit=self.settings.send_queue_limit,
+            queue_bytes=self.settings.send_queue_bytes,
+            address=address,
+        )
         self.connections[connection.id] = connection
         writer = asyncio.create_task(connection.write_forever(), name=f"ws-writer-{connection.id}")
         try:
@@ -141,6 +168,7 @@ class Hub:
         except wire.ProtocolError as exc:
             connection.send(exc.to_error())
         except ChatError as exc:
+            wait = None if exc.retry_after is None else max(1, math.ceil(exc.retry_after))
             connection.send(
                 wire.Error(
                     code=exc.code,
@@ -148,6 +176,7 @@ class Hub:
                     chat_id=exc.chat_id,
                     retryable=exc.retryable,
                     request_id=request_id,
+                    retry_after=wait,
                 )
             )
         except Exception:
@@ -165,15 +194,26 @@ class Hub:
         visitor = connection.visitor
         match message:
             case wire.Subscribe(chat_id=chat_id, after_seq=after_seq, request_id=request_id):
+                if connection.answering(chat_id):
+                    # The last answer, a large history, is still on its way out: a client
+                    # that keeps asking for it without reading costs no more memory.
+                    raise ChatError(
+                        "rate_limited", STILL_ANSWERING, chat_id, retryable=True, retry_after=1
+                    )
+                before = connection.delivered_size
                 await self.chats.subscribe(
                     visitor, chat_id, connection, after_seq=after_seq, request_id=request_id
                 )
+                if connection.delivered_size - before >= LARGE_ANSWER:
+                    connection.answered(chat_id)
                 connection.subscriptions.add(chat_id)
             case wire.Unsubscribe(chat_id=chat_id):
                 await self.chats.unsubscribe(visitor, chat_id, connection)
                 connection.subscriptions.discard(chat_id)
             case wire.Chat():
-                subscribed = await self.chats.send(visitor, message, connection)
+                subscribed = await self.chats.send(
+                    visitor, message, connection, address=connection.address
+                )
                 if subscribed is not None:
                     connection.subscriptions.add(subscribed)
             case wire.Stop(chat_id=chat_id):

@@ -28,7 +28,8 @@ PROTOCOL_VERSION = 1
 
 ModelAlias = Literal["haiku", "sonnet", "opus"]
 DoneReason = Literal["complete", "stopped", "max_turns", "error"]
-MessageStatus = Literal["complete", "stopped", "max_turns", "error", "incomplete"]
+# (`not_answered`: a message dropped from the queue of a chat nobody watched any more.)
+MessageStatus = Literal["complete", "stopped", "max_turns", "error", "incomplete", "not_answered"]
 ErrorCode = Literal[
     "bad_request",
     "unknown_type",
@@ -40,7 +41,15 @@ ErrorCode = Literal[
     "persona_locked",
     "model_error",
     "internal",
+    "rate_limited",
+    "queue_full",
+    "budget_exceeded",
+    "chat_too_long",
+    "busy",
+    "not_answered",
 ]
+# The largest integer a JavaScript client can hold exactly.
+MAX_SAFE_INTEGER = 2**53 - 1
 
 
 def no_nul(value: str) -> str:
@@ -50,9 +59,20 @@ def no_nul(value: str) -> str:
     return value
 
 
-Text = Annotated[str, AfterValidator(no_nul)]
-Id = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(no_nul)]
-RequestId = Annotated[str, StringConstraints(max_length=128)]
+def valid_text(value: str) -> str:
+    """Refuse what no reader types and no store keeps: NUL, and lone surrogates (a JSON
+    `"\\ud800"` decodes to a string UTF-8 cannot encode)."""
+    no_nul(value)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(valid_text)]
+Id = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(valid_text)]
+RequestId = Annotated[str, StringConstraints(max_length=128), AfterValidator(valid_text)]
 
 
 def _require_always_sent(schema: dict[str, Any], model: type[BaseModel]) -> None:
@@ -96,7 +116,7 @@ class Subscribe(ClientModel):
 
     type: Literal["subscribe"]
     chat_id: Id
-    after_seq: Annotated[int, Field(ge=0)] | None = None
+    after_seq: Annotated[int, Field(ge=0, le=MAX_SAFE_INTEGER)] | None = None
     request_id: RequestId | None = None
 
 
@@ -119,7 +139,9 @@ class Chat(ClientModel):
     persona: Id | None = None
     # Extension: the slug of the post the chat is about ("Ask about this post"); only
     # when creating a chat.
-    post: Annotated[str, StringConstraints(max_length=200)] | None = None
+    post: Annotated[str, StringConstraints(max_length=200), AfterValidator(valid_text)] | None = (
+        None
+    )
     request_id: RequestId | None = None
 
 
@@ -322,6 +344,8 @@ class Error(WireModel):
     seq: int | None = None
     retryable: bool = False
     request_id: str | None = None
+    # Extension: after how many seconds trying again may succeed (a limit's window).
+    retry_after: int | None = None
 
 
 StatusState = Literal["retrying", "waiting"]
@@ -391,18 +415,25 @@ def parse_client_message(frame: str) -> ClientMessage:
     """Validate one client frame, or raise ProtocolError with the right error code."""
     try:
         raw = json.loads(frame)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):
+        # (ValueError: not JSON, or an integer of more digits than Python converts.)
         raise ProtocolError("bad_request", "the frame is not valid JSON") from None
     if not isinstance(raw, dict):
         raise ProtocolError("bad_request", "a message must be a JSON object")
     request_id = raw.get("requestId")
     if not isinstance(request_id, str) or len(request_id) > 128:
         request_id = None
+    else:
+        try:
+            valid_text(request_id)
+        except ValueError:
+            request_id = None
     kind = raw.get("type")
     if not isinstance(kind, str):
         raise ProtocolError("bad_request", "the message has no string `type`", request_id)
     if kind not in CLIENT_TYPES:
         shown = kind if len(kind) <= 40 else kind[:40] + "..."
+        shown = shown.encode("utf-8", "replace").decode()
         raise ProtocolError("unknown_type", f"unknown message type {shown!r}", request_id)
     try:
         return _client_adapter.validate_python(raw)

@@ -38,9 +38,10 @@ from blogchat.engines.base import (
 )
 from blogchat.eventlog import EventLog, Fanout, MemoryEventLog, MemoryFanout, Subscriber
 from blogchat.personas import Persona, Personas
+from blogchat.quotas import GateTimeout, Quotas, TurnGate, Who
 from blogchat.seqs import SeqCounter, SeqsExhausted
 from blogchat.store import ChatRecord, MessageRecord, Store
-from blogchat.store.chats import conversation_order
+from blogchat.store.chats import Status, conversation_order
 from blogchat.telemetry import NO_TRACE, Telemetry, TurnStart, TurnTrace
 from blogchat.views import Renderer, chat_info, message_info, usage_of, user_message_event
 
@@ -48,6 +49,10 @@ log = logging.getLogger(__name__)
 
 NOT_SAVED = "The answer could not be saved. Try again in a moment."
 NO_SEQS = "The chat could not be saved. Try again in a moment."
+BUSY = "Every assistant is busy right now, and your message waited too long. Try again soon."
+NOT_ANSWERED = (
+    "Not answered: nobody was watching the chat when this message's turn came. Ask again."
+)
 
 
 class SessionState(enum.Enum):
@@ -73,6 +78,20 @@ class SessionTimings:
 
 
 @dataclass(frozen=True)
+class SessionLimits:
+    """What one chat may hold, and how long its turns may wait (docs/deployment.md)."""
+
+    # Messages waiting behind the running turn.
+    queue: int = 3
+    # Input tokens of the last request past which the chat takes no more messages.
+    context: int = 150_000
+    # How long a turn may wait for its place at the gate.
+    turn_wait: float = 60.0
+    # A chat nobody has watched this long drops its waiting messages.
+    unwatched: float = 300.0
+
+
+@dataclass(frozen=True)
 class PendingTurn:
     """A saved user message waiting for its answer, and the model it asked for."""
 
@@ -80,6 +99,10 @@ class PendingTurn:
     model_alias: wire.ModelAlias
     model_id: str
     anonymous: bool
+
+    def who(self, visitor: str) -> Who:
+        """Whose allowance the turn counts against (its chat's owner, its address)."""
+        return Who(visitor, self.user.client_address or "", self.anonymous)
 
 
 @dataclass
@@ -93,6 +116,7 @@ class _Outcome:
     stop_reason: str | None = None
     warning: str | None = None
     failure: TurnFailed | None = None
+    context_tokens: int = 0
 
 
 class ChatSession:
@@ -110,9 +134,15 @@ class ChatSession:
         render: Renderer,
         timings: SessionTimings,
         telemetry: Telemetry | None = None,
+        limits: SessionLimits | None = None,
+        gate: TurnGate | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self.blog = blog
         self.telemetry = telemetry or Telemetry()
+        self.limits = limits or SessionLimits()
+        self.gate = gate
+        self.quotas = quotas
         self.chat = chat
         self.history = history
         self.store = store
@@ -139,6 +169,12 @@ class ChatSession:
         self._aborted = False
         # Where the last finished turn began: the log keeps everything from there on.
         self._last_turn_start: int | None = None
+        # When the last subscriber left (or the session opened without one).
+        self._unwatched_since: float | None = time.monotonic()
+        # The size the conversation has reached: its last answer's last request.
+        self.context_tokens = next(
+            (m.context_tokens for m in reversed(history) if m.context_tokens), 0
+        )
 
     # --- queries ----------------------------------------------------------------------
 
@@ -146,6 +182,20 @@ class ChatSession:
     def busy(self) -> bool:
         """Whether a turn is running or waiting."""
         return self.state is SessionState.RUNNING or bool(self._queue)
+
+    @property
+    def waiting(self) -> int:
+        """Messages waiting for their turn behind the running one."""
+        return len(self._queue)
+
+    def admits(self) -> wire.ErrorCode | None:
+        """Why the chat takes no more messages now (None: it does): its queue is full, or
+        its conversation has grown past the context limit."""
+        if self.context_tokens >= self.limits.context:
+            return "chat_too_long"
+        if self.busy and self.waiting >= self.limits.queue:
+            return "queue_full"
+        return None
 
     @property
     def persona(self) -> Persona:
@@ -202,11 +252,14 @@ class ChatSession:
             subscriber.replay(replay)
         self.fanout.add(subscriber)
         self.last_activity = time.monotonic()
+        self._unwatched_since = None
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         """Stop sending this chat's events to a subscriber."""
         self.fanout.discard(subscriber)
         self.last_activity = time.monotonic()
+        if not len(self.fanout) and self._unwatched_since is None:
+            self._unwatched_since = self.last_activity
 
     def watched_by(self, subscriber: Subscriber) -> bool:
         """Whether this subscriber gets the chat's events."""
@@ -228,6 +281,7 @@ class ChatSession:
         model_alias: wire.ModelAlias,
         model_id: str,
         anonymous: bool,
+        address: str = "",
     ) -> MessageRecord:
         """Save a user message, announce it, and queue its turn."""
         self._ensure_open()
@@ -241,6 +295,7 @@ class ChatSession:
                 seq_end=seq,
                 text=text,
                 client_message_id=client_message_id,
+                client_address=address or None,
             )
             try:
                 await self.store.chats.add_message(record)
@@ -305,6 +360,9 @@ class ChatSession:
 
     async def _run_queue(self) -> None:
         while self._queue and self.state is not SessionState.CLOSED:
+            if self._unwatched_for() >= self.limits.unwatched:
+                await self._drop_waiting()
+                break
             pending = self._queue.popleft()
             self.state = SessionState.RUNNING
             try:
@@ -319,13 +377,48 @@ class ChatSession:
                 self.last_activity = time.monotonic()
 
     async def _run_turn(self, pending: PendingTurn) -> None:
-        persona = self.persona
         draft = Draft(
             new_answer(str(uuid.uuid4()), self.chat.id, pending.user.id, pending.model_id)
         )
+        draft.record.client_address = pending.user.client_address
         self.draft = draft
         self._stop.clear()
         self._aborted = False
+        who = pending.who(self.chat.owner_id)
+        if self.gate is None:
+            await self._play_turn(pending, draft)
+        else:
+            try:
+                async with self.gate.turn(
+                    who,
+                    wait=self.limits.turn_wait,
+                    on_place=lambda place: self._waiting_at(draft, place),
+                ):
+                    await self._play_turn(pending, draft)
+            except GateTimeout:
+                log.warning("chat %s: a turn waited too long for an assistant", self.chat.id)
+                failed = _Outcome(
+                    reason="error",
+                    model=pending.model_id,
+                    failure=TurnFailed(BUSY, retryable=True, code="busy"),
+                )
+                await self._finish(draft, pending, failed)
+        if self.quotas is not None:
+            record = self.history[-1] if self.history else None
+            if record is not None and record.id == draft.record.id:
+                spent = (record.input_tokens or 0) + (record.output_tokens or 0)
+                self.quotas.spent(who, spent)
+
+    def _waiting_at(self, draft: Draft, place: int) -> None:
+        self._announce(
+            wire.Status(
+                chat_id=self.chat.id, message_id=draft.record.id, state="waiting", position=place
+            )
+        )
+
+    async def _play_turn(self, pending: PendingTurn, draft: Draft) -> None:
+        """Run a turn on the engine, from its request to its `done`."""
+        persona = self.persona
         request = TurnRequest(
             chat_id=self.chat.id,
             text=pending.user.text,
@@ -396,6 +489,7 @@ class ChatSession:
                         outcome.cache_creation_tokens = event.cache_creation_tokens
                         outcome.stop_reason = event.stop_reason
                         outcome.warning = event.warning
+                        outcome.context_tokens = event.context_tokens
                         ended = True
                         break
                     case Retrying():
@@ -464,6 +558,8 @@ class ChatSession:
         pending: PendingTurn,
         outcome: _Outcome,
         trace: TurnTrace = NO_TRACE,
+        *,
+        status: Status | None = None,
     ) -> None:
         """End the turn: its `error` if it failed, the final save, then `done`. `done` is
         only ever sent for an answer that is saved; when the save fails, the readers get a
@@ -475,6 +571,11 @@ class ChatSession:
                     self._end_with(draft, self._error(failure, await self._ending_seq()))
                 done = self._done(draft, outcome, await self._ending_seq())
                 final = draft.apply(done)
+                if status is not None:
+                    # (A status the protocol's `done` has no reason for, such as not_answered.)
+                    final.status = status
+                if outcome.context_tokens:
+                    final.context_tokens = self.context_tokens = outcome.context_tokens
                 try:
                     await self.store.chats.save_message(draft.snapshot())
                 except Exception:
@@ -578,6 +679,40 @@ class ChatSession:
             except Exception:
                 log.exception("chat %s: could not save the partial answer", self.chat.id)
 
+    # --- unwatched chats --------------------------------------------------------------
+
+    def _unwatched_for(self) -> float:
+        since = self._unwatched_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    async def _drop_waiting(self) -> None:
+        """Nobody has watched the chat for a while: its waiting messages go unanswered
+        (each gets an answer that says so, in the history), so no turn runs for nobody."""
+        log.info(
+            "chat %s: %d waiting message(s) dropped, unwatched", self.chat.id, len(self._queue)
+        )
+        # Busy until the last of them is saved as not answered.
+        self.state = SessionState.RUNNING
+        try:
+            while self._queue:
+                await self._drop(self._queue.popleft())
+        finally:
+            if self.state is SessionState.RUNNING:
+                self.state = SessionState.IDLE
+
+    async def _drop(self, pending: PendingTurn) -> None:
+        """Answer a waiting message with "not answered": `error`, `done`, and a saved answer
+        whose status says so."""
+        answer = new_answer(str(uuid.uuid4()), self.chat.id, pending.user.id, pending.model_id)
+        draft = Draft(answer)
+        self.draft = draft
+        outcome = _Outcome(
+            reason="error",
+            model=pending.model_id,
+            failure=TurnFailed(NOT_ANSWERED, retryable=True, code="not_answered"),
+        )
+        await self._finish(draft, pending, outcome, status="not_answered")
+
     # --- seq and publishing -----------------------------------------------------------
 
     async def _ending_seq(self) -> int:
@@ -629,7 +764,13 @@ class ChatSessions:
         idle_seconds: float,
         timings: SessionTimings | None = None,
         telemetry: Telemetry | None = None,
+        limits: SessionLimits | None = None,
+        gate: TurnGate | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
+        self.limits = limits or SessionLimits()
+        self.gate = gate
+        self.quotas = quotas
         self.store = store
         self.engine = engine
         self.personas = personas
@@ -672,6 +813,9 @@ class ChatSessions:
                 render=self.render,
                 timings=self.timings,
                 telemetry=self.telemetry,
+                limits=self.limits,
+                gate=self.gate,
+                quotas=self.quotas,
             )
             self._sessions[chat.id] = session
             future.set_result(session)

@@ -19,9 +19,14 @@ Event = dict[str, Any]
 class Reader:
     """One visitor: its own cookie, REST access and WebSocket connections."""
 
-    def __init__(self, base_url: str, *, cookie: str | None = None) -> None:
+    def __init__(
+        self, base_url: str, *, cookie: str | None = None, address: str | None = None
+    ) -> None:
         self.base_url = base_url
-        self.http = httpx.AsyncClient(base_url=base_url, timeout=30)
+        # A client address of its own, through X-Forwarded-For: the test server trusts it
+        # from loopback, as it would from a reverse proxy (FORWARDED_ALLOW_IPS).
+        self.headers = {"X-Forwarded-For": address} if address else {}
+        self.http = httpx.AsyncClient(base_url=base_url, timeout=30, headers=self.headers)
         if cookie is not None:
             # A returning visitor (e.g. after a server restart): same cookie, same identity.
             self.http.cookies.set(COOKIE, cookie, domain=httpx.URL(base_url).host)
@@ -69,7 +74,7 @@ class Reader:
         connection = await connect(
             ws_url,
             origin=origin or self.base_url,  # type: ignore[arg-type]
-            additional_headers={"Cookie": f"{COOKIE}={self.cookie}"},
+            additional_headers={"Cookie": f"{COOKIE}={self.cookie}", **self.headers},
             max_size=None,
             # Keep reading frames a test never consumes; otherwise flow control stops the
             # client from seeing the server's close frame and close() waits 10 s.

@@ -15,7 +15,7 @@ import httpx
 from websockets.asyncio.client import connect
 
 from tests.support.client import COOKIE, ChatSocket, Event, Reader
-from tests.support.server import REPO, Database, LiveServer
+from tests.support.server import REPO, Database, LiveServer, unlimited_env
 
 # Multiplies the size of every reliability test: `BLOGCHAT_RELIABILITY_SCALE=10` turns the
 # CI-sized runs into the full campaign (docs/performance.md).
@@ -49,6 +49,7 @@ def process_env(
         "BLOGCHAT_LOG_LEVEL": "WARNING",
         "ANTHROPIC_API_KEY": "",
         "BRAINTRUST_API_KEY": "",
+        **unlimited_env(),
         **extra,
     }
 

@@ -51,6 +51,30 @@ class Database:
         return env
 
 
+# The per-visitor and per-address limits a public server runs with would throttle a test
+# suite whose every client is one address (127.0.0.1): tests and benchmarks run with these
+# instead, and the tests of the limits set the limits they test.
+UNLIMITED: dict[str, Any] = {
+    "visitor_turns_per_hour": 1_000_000,
+    "visitor_tokens_per_day": 10**12,
+    "visitor_running_turns": 10_000,
+    "address_turns_per_hour": 1_000_000,
+    "address_tokens_per_day": 10**12,
+    "address_running_turns": 10_000,
+    "user_turns_per_day": 1_000_000,
+    "user_tokens_per_day": 10**12,
+    "user_running_turns": 10_000,
+    "chat_queue_limit": 10_000,
+    "visitor_connections": 100_000,
+    "address_connections": 100_000,
+}
+
+
+def unlimited_env() -> dict[str, str]:
+    """UNLIMITED as environment variables, for servers in a process of their own."""
+    return {Settings.env_name(field): str(value) for field, value in UNLIMITED.items()}
+
+
 def settings_for(database: Database, data_dir: Path, **overrides: Any) -> Settings:
     """Settings for a test server: the repo's content and personas, this database."""
     values: dict[str, Any] = {
@@ -65,6 +89,7 @@ def settings_for(database: Database, data_dir: Path, **overrides: Any) -> Settin
         # Tests must never reach a real provider or telemetry backend by accident.
         "anthropic_api_key": None,
         "braintrust_api_key": None,
+        **UNLIMITED,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

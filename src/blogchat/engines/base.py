@@ -11,7 +11,7 @@ from typing import Literal
 
 from blogchat.content import Post
 from blogchat.personas import Persona
-from blogchat.protocol import DoneReason
+from blogchat.protocol import DoneReason, ErrorCode
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class TurnFailed:
 
     message: str
     retryable: bool = True
-    code: Literal["model_error", "internal"] = "model_error"
+    code: ErrorCode = "model_error"
     # Whether the engine tries the turn again itself before anyone sees the failure (the
     # Claude engine: a crashed or stalled agent process, not a failed model request,
     # which its CLI already retried).
@@ -131,6 +131,9 @@ class TurnEnded:
     stop_reason: str | None = None
     cache_read_tokens: int = 0
     cache_creation_tokens: int = 0
+    # Input tokens of the turn's last model request: the size the conversation has reached
+    # (a chat past `BLOGCHAT_CHAT_CONTEXT_LIMIT` takes no more messages). 0: not known.
+    context_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,11 @@ class AgentEngine(ABC):
     """Runs turns for chat sessions. One engine serves every chat of the process."""
 
     name: str
+
+    @property
+    def capacity(self) -> int | None:
+        """How many turns it can run at once (None: as many as asked)."""
+        return None
 
     @abstractmethod
     def run_turn(

@@ -12,6 +12,7 @@ from blogchat.store.chats import (
     ToolCallRecord,
 )
 from blogchat.store.database import Database
+from blogchat.store.usage import UsageStore
 
 __all__ = [
     "STREAMING",
@@ -25,6 +26,7 @@ __all__ = [
     "MessageRecord",
     "Store",
     "ToolCallRecord",
+    "UsageStore",
 ]
 
 
@@ -35,6 +37,7 @@ class Store:
         self.db = db
         self.accounts = AccountStore(db)
         self.chats = ChatStore(db)
+        self.usage = UsageStore(db)
 
     @classmethod
     async def open(cls, url: str, *, schema: str | None = None) -> Store:

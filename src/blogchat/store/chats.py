@@ -93,6 +93,10 @@ class MessageRecord:
     cache_creation_tokens: int | None = None
     # The provider's reason for ending the answer (end_turn, max_tokens, refusal, ...).
     stop_reason: str | None = None
+    # An answer's last request's input tokens: the size the chat's context has reached.
+    context_tokens: int | None = None
+    # The client address it came from (an answer: its question's), when known.
+    client_address: str | None = None
     client_message_id: str | None = None
     reply_to: str | None = None
     warning: str | None = None
@@ -142,6 +146,8 @@ def _message_record(row: Message) -> MessageRecord:
         cache_read_tokens=row.cache_read_tokens,
         cache_creation_tokens=row.cache_creation_tokens,
         stop_reason=row.stop_reason,
+        context_tokens=row.context_tokens,
+        client_address=row.client_address,
         client_message_id=row.client_message_id,
         reply_to=row.reply_to,
         warning=row.warning,
@@ -175,6 +181,8 @@ def _columns(record: MessageRecord) -> dict[str, Any]:
         "cache_read_tokens": record.cache_read_tokens,
         "cache_creation_tokens": record.cache_creation_tokens,
         "stop_reason": record.stop_reason,
+        "context_tokens": record.context_tokens,
+        "client_address": record.client_address,
         "reply_to": record.reply_to,
         "seq_start": record.seq_start,
         "seq_end": record.seq_end,

@@ -137,6 +137,12 @@ class Message(Base):
     cache_creation_tokens: Mapped[int | None] = mapped_column(Integer)
     # The provider's reason for ending the answer.
     stop_reason: Mapped[str | None] = mapped_column(String(32))
+    # On an answer: the input tokens of its last model request (how long the chat's
+    # context has grown).
+    context_tokens: Mapped[int | None] = mapped_column(Integer)
+    # The client address the message (or, on an answer, its question) came from: per-address
+    # budgets and `blogchat usage` count it. (The visitor is the chat's owner.)
+    client_address: Mapped[str | None] = mapped_column(String(64))
     client_message_id: Mapped[str | None] = mapped_column(String(64))
     # On an answer: the user message it answers. Queued user messages are accepted (and
     # get their seq) while an earlier answer still streams, so seq order alone does not
@@ -161,6 +167,8 @@ class Message(Base):
     __table_args__ = (
         Index("ix_messages_chat_seq", "chat_id", "seq_start"),
         Index("ix_messages_client_message_id", "client_message_id"),
+        Index("ix_messages_address_created", "client_address", "created_at"),
+        Index("ix_messages_role_created", "role", "created_at"),
         UniqueConstraint("chat_id", "client_message_id", name="uq_messages_chat_client_id"),
     )
 

@@ -12,11 +12,11 @@ from pydantic.alias_generators import to_camel
 
 from blogchat import policy
 from blogchat import protocol as wire
+from blogchat.addresses import client_address
 from blogchat.chats import ChatError
 from blogchat.ratelimit import Decision, Rate
 from blogchat.rendering import MAX_HIGHLIGHT_CHARS, highlight
 from blogchat.visitors import AuthError, Visitor
-from blogchat.web.addresses import client_address
 from blogchat.web.deps import (
     ChatIdPath,
     ChatsDep,

@@ -16,13 +16,13 @@ from markupsafe import Markup
 from pydantic import AfterValidator
 from sqlalchemy import text
 
+from blogchat.addresses import client_address
 from blogchat.chats import ChatError
 from blogchat.content import Blog, Post
 from blogchat.protocol import no_nul
 from blogchat.rendering import render_markdown
 from blogchat.store import ChatRecord
 from blogchat.visitors import MIN_PASSWORD_LENGTH, AuthError
-from blogchat.web.addresses import client_address
 from blogchat.web.deps import (
     BlogDep,
     ChatIdPath,

@@ -184,6 +184,11 @@ class ClaudeEngine(AgentEngine):
             yield failure
         yield self._ended(request, outcome, tally)
 
+    @property
+    def capacity(self) -> int:
+        """One turn per agent process, and no more processes than the cap."""
+        return self.pool.cap
+
     def start(self) -> None:
         """Start the spare processes in the background."""
         self.pool.start_spares()
@@ -334,6 +339,7 @@ class ClaudeEngine(AgentEngine):
             stop_reason=tally.stop_reason if outcome != "stopped" else None,
             cache_read_tokens=tally.cache_read_tokens,
             cache_creation_tokens=tally.cache_creation_tokens,
+            context_tokens=tally.context_tokens,
         )
 
     # --- processes ----------------------------------------------------------------------

@@ -147,6 +147,11 @@ class Tally:
         """Input tokens written to the prompt cache."""
         return sum(call.cache_creation for call in self.usage.values())
 
+    @property
+    def context_tokens(self) -> int:
+        """Input tokens of the turn's last model call: how long the conversation has grown."""
+        return next(reversed(self.usage.values())).input if self.usage else 0
+
 
 class Attempt:
     """Sends one prompt and streams what comes back, until the CLI's result for it.
