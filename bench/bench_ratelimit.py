@@ -91,7 +91,7 @@ async def time_admits(messages: int, visitors: int) -> list[float]:
         return [(now - 3600 * n, 1500) for n in range(5)]
 
     settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
         visitor_turns_per_hour=10**6,
         address_turns_per_hour=10**6,
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import pytest
@@ -48,10 +49,12 @@ async def messages_of(reader: Reader, chat_id: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def limited(make_settings: Callable[..., Settings]) -> Callable[..., Iterator[LiveServer]]:
+def limited(
+    make_settings: Callable[..., Settings],
+) -> Callable[..., AbstractContextManager[LiveServer]]:
     """A live server whose limits are the ones given (the others as the tests run them)."""
 
-    def start(**limits: Any) -> Iterator[LiveServer]:
+    def start(**limits: Any) -> AbstractContextManager[LiveServer]:
         return running(make_settings(**limits))
 
     return start
