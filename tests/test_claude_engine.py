@@ -32,6 +32,7 @@ from tests.support.claude import (
     cli_processes,
     engine_of,
     reader_with_cookie,
+    ready_spare,
     slow_down_tool,
     wait_until,
 )
@@ -732,19 +733,6 @@ async def test_a_crashed_agent_process_fails_the_turn_and_the_chat_goes_on(
 
 
 # --- spare processes ------------------------------------------------------------------------
-
-
-def ready_spare(server: LiveServer) -> Any:
-    """The server's spare agent process, once it has started."""
-    pool = engine_of(server).pool
-
-    def ready() -> Any:
-        return next(
-            (p for p in pool.processes() if p.spare and p.state.value == "idle" and p.pid), None
-        )
-
-    assert wait_until(lambda: ready() is not None, timeout=60), "no spare process started"
-    return ready()
 
 
 async def test_a_new_chat_takes_the_spare_process_and_another_spare_is_started(

@@ -80,6 +80,19 @@ def engine_of(server: LiveServer) -> ClaudeEngine:
     return engine
 
 
+def ready_spare(server: LiveServer) -> Any:
+    """The server's spare agent process, once it has started."""
+    pool = engine_of(server).pool
+
+    def ready() -> Any:
+        return next(
+            (p for p in pool.processes() if p.spare and p.state.value == "idle" and p.pid), None
+        )
+
+    assert wait_until(lambda: ready() is not None, timeout=60), "no spare process started"
+    return ready()
+
+
 @contextmanager
 def claude_server_for(settings: Settings) -> Iterator[LiveServer]:
     """A live server on the Claude engine that leaves no CLI process behind when it stops."""
