@@ -12,7 +12,9 @@ from typing import Any
 
 import psutil
 import pytest
+from claude_agent_sdk.types import SessionKey
 
+from blogchat.engines.claude.process import AgentProcess
 from tests.support.anthropic_server import (
     AnthropicTestServer,
     EchoResponder,
@@ -679,12 +681,13 @@ async def test_a_transcript_that_cannot_be_resumed_starts_over_from_the_chats_me
     await ws.until("done", timeout=60)
     claude_server.call(claude_server.state.sessions.close(chat_id))
     assert wait_until(lambda: engine.pool.live == 0)
-    key = {"project_key": engine.project_key, "session_id": chat_id}
+    key: SessionKey = {"project_key": engine.project_key, "session_id": chat_id}
     stored = claude_server.call(engine.transcripts.load(key))
     assert stored
     # Damage the stored transcript.
     claude_server.call(engine.transcripts.delete(key))
-    claude_server.call(engine.transcripts.append(key, [{"type": "user", "message": 42}]))
+    damaged: Any = {"type": "user", "message": 42}  # a line the CLI cannot read back
+    claude_server.call(engine.transcripts.append(key, [damaged]))
 
     await ws.send(type="subscribe", chatId=chat_id, afterSeq=0)
     await ws.chat("Which word?", chat_id)
@@ -752,17 +755,19 @@ async def test_a_crashed_agent_process_fails_the_turn_and_the_chat_goes_on(
 # --- spare processes ------------------------------------------------------------------------
 
 
-def ready_spare(server: LiveServer) -> Any:
+def ready_spare(server: LiveServer) -> AgentProcess:
     """The server's spare agent process, once it has started."""
     pool = engine_of(server).pool
 
-    def ready() -> Any:
+    def ready() -> AgentProcess | None:
         return next(
             (p for p in pool.processes() if p.spare and p.state.value == "idle" and p.pid), None
         )
 
     assert wait_until(lambda: ready() is not None, timeout=60), "no spare process started"
-    return ready()
+    spare = ready()
+    assert spare is not None
+    return spare
 
 
 async def test_a_new_chat_takes_the_spare_process_and_another_spare_is_started(

@@ -55,7 +55,7 @@ class Database:
     async def rows(self, statement: str, **params: Any) -> list[Row[Any]]:
         """What a query reads from this database, on a connection of its own (from outside
         the server, which may be another process)."""
-        url = Settings(_env_file=None, database_url=self.url).database  # type: ignore[call-arg]
+        url = Settings(_env_file=None, database_url=self.url).database
         database = StoreDatabase(url, schema=self.schema)
         try:
             async with database.engine.connect() as connection:
@@ -105,7 +105,7 @@ def settings_for(database: Database, data_dir: Path, **overrides: Any) -> Settin
         **UNLIMITED,
     }
     values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    return Settings(_env_file=None, **values)
 
 
 class LiveServer:
