@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -195,10 +196,20 @@ async def test_fuzzed_frames_never_crash_the_server_or_disturb_another_connectio
 
 
 @pytest.fixture
+def fuzz_server(make_settings: Any) -> Iterator[LiveServer]:
+    """The fuzzed server, with no WebSocket pings while hypothesis runs: a ping's payload
+    comes from the `random` module, and hypothesis fails a test whose global random state
+    changes while it draws an example (the server runs in a thread of the test process)."""
+    with LiveServer(make_settings(ws_ping_interval=3600.0)) as live:
+        yield live
+
+
+@pytest.fixture
 async def fuzz_target(
-    server: LiveServer,
+    fuzz_server: LiveServer,
 ) -> Any:
     """A connection to fuzz, and a bystander streaming an answer the whole time."""
+    server = fuzz_server
     async with Reader(server.url) as attacker, Reader(server.url) as bystander:
         fuzzed = await attacker.connect()
         watcher = await bystander.connect()
