@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, cast
@@ -380,6 +381,28 @@ class ChatStore:
                 session.add(row)
             _apply(row, record)
             await self._touch(session, record.chat_id)
+
+    @runs_to_completion
+    async def save_partial_answers(self, records: Sequence[MessageRecord]) -> None:
+        """Update running answers already saved once, all in one statement (executemany):
+        their text, thinking and seqs. Their rows and tool calls are `save_message`'s."""
+        if not records:
+            return
+        now = utcnow()
+        rows = [
+            {
+                "id": record.id,
+                "text": record.text,
+                "thinking": record.thinking,
+                "seq_start": record.seq_start,
+                "seq_end": record.seq_end,
+                "updated_at": now,
+            }
+            for record in records
+        ]
+        async with self.db.session() as session:
+            # A bulk UPDATE by primary key: one statement with a parameter set per answer.
+            await session.execute(update(Message), rows)
 
     @runs_to_completion
     async def get_messages(self, chat_id: str) -> list[MessageRecord]:
