@@ -152,3 +152,21 @@ async def test_the_saver_saves_on_its_own_every_interval_while_answers_run(store
     saves.forget(draft)
     assert len(saves) == 0
     await saves.aclose()
+
+
+async def test_an_answer_whose_chat_was_deleted_holds_up_none_of_the_others(
+    store: Store,
+) -> None:
+    saves = PartialSaves(store.chats, interval=3600)
+    gone, kept = await running_answer(store), await running_answer(store)
+    for draft in (gone, kept):
+        saves.track(draft)
+        say(draft, "Before. ")
+    await saves.save_now()
+    await store.chats.delete_chat(gone.record.chat_id)
+    for draft in (gone, kept):
+        say(draft, "After.")
+    await saves.save_now()
+    assert (await saved(store, kept)).text == "Before. After."
+    assert await store.chats.get_messages(gone.record.chat_id) == []
+    await saves.aclose()

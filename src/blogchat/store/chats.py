@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, cast
 
-from sqlalchemy import case, delete, exists, insert, select, update
+from sqlalchemy import Table, bindparam, case, delete, exists, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased, selectinload
 
@@ -391,7 +391,7 @@ class ChatStore:
         now = utcnow()
         rows = [
             {
-                "id": record.id,
+                "answer_id": record.id,
                 "text": record.text,
                 "thinking": record.thinking,
                 "seq_start": record.seq_start,
@@ -400,9 +400,23 @@ class ChatStore:
             }
             for record in records
         ]
+        # One Core statement with a parameter set per answer (executemany). An answer whose
+        # chat was deleted meanwhile matches no row, and holds up none of the others.
+        messages = cast(Table, Message.__table__)
+        statement = (
+            update(messages)
+            .where(messages.c.id == bindparam("answer_id"))
+            .values(
+                text=bindparam("text"),
+                thinking=bindparam("thinking"),
+                seq_start=bindparam("seq_start"),
+                seq_end=bindparam("seq_end"),
+                updated_at=bindparam("updated_at"),
+            )
+        )
         async with self.db.session() as session:
-            # A bulk UPDATE by primary key: one statement with a parameter set per answer.
-            await session.execute(update(Message), rows)
+            connection = await session.connection()
+            await connection.execute(statement, rows)
 
     @runs_to_completion
     async def get_messages(self, chat_id: str) -> list[MessageRecord]:
