@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from blogchat import policy
@@ -17,7 +18,13 @@ from blogchat.engines.base import AgentEngine
 from blogchat.eventlog import Subscriber
 from blogchat.personas import Persona, Personas
 from blogchat.quotas import QuotaExceeded, Quotas, Who
-from blogchat.session import ChatSession, ChatSessions, PendingTurn, SessionClosed
+from blogchat.session import (
+    ChatSession,
+    ChatSessions,
+    PendingTurn,
+    RewriteRefused,
+    SessionClosed,
+)
 from blogchat.settings import Settings
 from blogchat.store import ChatRecord, DuplicateClientMessage, MessageRecord, Store
 from blogchat.store.chats import Waiting
@@ -170,7 +177,14 @@ class Chats:
         claimed or saved for it.
         """
         text = message.text.strip()
-        if not text:
+        rewriting = message.regenerate is not None or message.edit is not None
+        if rewriting and message.chat_id is None:
+            raise ChatError("bad_request", "`regenerate` and `edit` need the chat's `chatId`.")
+        if message.regenerate is not None and message.edit is not None:
+            raise ChatError(
+                "bad_request", "Send `regenerate` or `edit`, not both.", message.chat_id
+            )
+        if not text and message.regenerate is None:
             raise ChatError("bad_request", "The message is empty.", message.chat_id)
         if len(text) > self.settings.max_message_chars:
             raise ChatError(
@@ -197,9 +211,13 @@ class Chats:
             if message.chat_id is None:
                 await self._admit(who, None)
                 session = await self._new_chat(visitor, message, text, sender)
+                replaces: Sequence[MessageRecord] = ()
             else:
-                session = await self._join(visitor, message, sender, who)
-            await self._accept(session, message, text, visitor, address)
+                session, replaces = await self._join(visitor, message, sender, who)
+            if message.regenerate is not None:
+                # The question is asked again as it was.
+                text = replaces[0].text
+            await self._accept(session, message, text, visitor, address, replaces)
             return session.chat.id
 
     async def _new_chat(
@@ -242,7 +260,9 @@ class Chats:
 
     async def _join(
         self, visitor: Visitor, message: wire.Chat, sender: Subscriber, who: Who
-    ) -> ChatSession:
+    ) -> tuple[ChatSession, Sequence[MessageRecord]]:
+        """The chat's session for a message to it, and the messages it replaces (a
+        regenerate or an edit: checked before the message is counted against any limit)."""
         assert message.chat_id is not None
         session = await self._session(visitor, message.chat_id)
         chat = session.chat
@@ -256,6 +276,12 @@ class Chats:
             raise ChatError(
                 "bad_request", "A chat's post is set when the chat is created.", chat.id
             )
+        replaces: list[MessageRecord] = []
+        if message.regenerate is not None or message.edit is not None:
+            try:
+                replaces = session.rewrite(regenerate=message.regenerate, edit=message.edit)
+            except ValueError as exc:
+                raise ChatError("bad_request", str(exc), chat.id) from None
         await self._admit(who, session)
         model = message.model or self.model_for(chat, visitor)
         if model != chat.model:
@@ -264,7 +290,7 @@ class Chats:
         if not session.watched_by(sender):
             # The sender always hears about its own message, as with a new chat.
             session.subscribe(sender, after_seq=session.last_seq, request_id=None, announce=False)
-        return session
+        return session, replaces
 
     async def _admit(self, who: Who, session: ChatSession | None) -> None:
         """Refuse a message the chat or the visitor may not take now; count it otherwise."""
@@ -290,6 +316,7 @@ class Chats:
         text: str,
         visitor: Visitor,
         address: str,
+        replaces: Sequence[MessageRecord] = (),
     ) -> None:
         model = message.model or self.model_for(session.chat, visitor)
         try:
@@ -300,7 +327,10 @@ class Chats:
                 model_id=policy.model_id(self.settings, model),
                 anonymous=visitor.anonymous,
                 address=address,
+                replaces=replaces,
             )
+        except RewriteRefused as exc:
+            raise ChatError("bad_request", str(exc), session.chat.id) from None
         except DuplicateClientMessage:
             raise ChatError(
                 "bad_request", "This clientMessageId was already used.", session.chat.id

@@ -142,6 +142,11 @@ class Chat(ClientModel):
     post: Annotated[str, StringConstraints(max_length=200), AfterValidator(valid_text)] | None = (
         None
     )
+    # Extension: ask the chat's last question again in place of this answer (the chat's
+    # last message); `text` is not used. Or: replace the reader's last message (this user
+    # message) and its answer with `text`. The replaced messages leave the conversation.
+    regenerate: Id | None = None
+    edit: Id | None = None
     request_id: RequestId | None = None
 
 
@@ -270,6 +275,9 @@ class UserMessage(WireModel):
     text: str
     # Extension: when it was accepted.
     created_at: datetime | None = None
+    # Extension: the messages this one replaces (a regenerated or edited question and
+    # the answers it had), which leave the transcript.
+    replaces: list[str] | None = None
 
 
 class Thinking(WireModel):

@@ -67,6 +67,10 @@ class SessionClosed(Exception):
     """The session was closed (chat deleted, idle reclaim, shutdown)."""
 
 
+class RewriteRefused(Exception):
+    """A regenerate or edit that no longer applies (the chat changed meanwhile)."""
+
+
 @dataclass(frozen=True)
 class SessionTimings:
     """How often partial answers are saved, and how long a graceful stop may take."""
@@ -99,6 +103,8 @@ class PendingTurn:
     model_alias: wire.ModelAlias
     model_id: str
     anonymous: bool
+    # It replaced the chat's last turn: the engine rebuilds its context (TurnRequest).
+    rewritten: bool = False
 
     def who(self, visitor: str) -> Who:
         """Whose allowance the turn counts against (its chat's owner, its address)."""
@@ -202,6 +208,26 @@ class ChatSession:
         """The chat's persona (the default one if the chat's is no longer configured)."""
         return self.personas.get(self.chat.persona, self.personas.default)
 
+    def rewrite(self, *, regenerate: str | None, edit: str | None) -> list[MessageRecord]:
+        """The messages a regenerate (of this answer) or an edit (of this user message)
+        replaces, first its question; ValueError says why it cannot be done. Only the chat's
+        last turn can be replaced, and only once it has ended."""
+        if self.busy:
+            raise ValueError("Wait for the answer to end (or stop it) first.")
+        messages = conversation_order(self.history)
+        if regenerate is not None:
+            last = messages[-1] if messages else None
+            if last is None or last.id != regenerate or last.role != "assistant":
+                raise ValueError("Only the chat's last answer can be asked for again.")
+            question = next((m for m in messages if m.id == last.reply_to), None)
+            if question is None:
+                raise ValueError("This answer has no question to ask again.")
+            return [question, *messages[messages.index(question) + 1 :]]
+        users = [m for m in messages if m.role == "user"]
+        if not users or users[-1].id != edit:
+            raise ValueError("Only your last message in the chat can be edited.")
+        return messages[messages.index(users[-1]) :]
+
     def prepare(self, model_id: str) -> None:
         """A reader opened the chat and may ask next: let the engine get ready, unless a
         turn is running or waiting anyway."""
@@ -282,10 +308,16 @@ class ChatSession:
         model_id: str,
         anonymous: bool,
         address: str = "",
+        replaces: Sequence[MessageRecord] = (),
     ) -> MessageRecord:
-        """Save a user message, announce it, and queue its turn."""
+        """Save a user message, announce it, and queue its turn. A message that `replaces`
+        the chat's last turn (see `rewrite`) takes its place: the replaced messages are
+        marked superseded in the same save and leave the conversation."""
         self._ensure_open()
         async with self._lock:
+            if replaces and (self.busy or any(m not in self.history for m in replaces)):
+                # (Checked again under the lock: another turn may have begun since.)
+                raise RewriteRefused("The chat changed meanwhile; try again.")
             seq = await self.seqs.next()
             record = MessageRecord(
                 id=str(uuid.uuid4()),
@@ -296,6 +328,7 @@ class ChatSession:
                 text=text,
                 client_message_id=client_message_id,
                 client_address=address or None,
+                replaces=[message.id for message in replaces],
             )
             try:
                 await self.store.chats.add_message(record)
@@ -303,9 +336,18 @@ class ChatSession:
                 # Nothing was published with this seq: the next event takes it.
                 self.seqs.give_back(seq)
                 raise
+            if replaces:
+                gone = set(record.replaces)
+                self.history = [m for m in self.history if m.id not in gone]
+                # Its size is the conversation's without the replaced answer.
+                self.context_tokens = next(
+                    (m.context_tokens for m in reversed(self.history) if m.context_tokens), 0
+                )
             self.history.append(record)
             self._publish(seq, user_message_event(record))
-        self.enqueue(PendingTurn(record, model_alias, model_id, anonymous))
+        self.enqueue(
+            PendingTurn(record, model_alias, model_id, anonymous, rewritten=bool(replaces))
+        )
         return record
 
     def enqueue(self, *turns: PendingTurn) -> None:
@@ -428,6 +470,7 @@ class ChatSession:
             history=_past(conversation_order(self.history), pending.user),
             anonymous=pending.anonymous,
             post=self.blog.post(self.chat.post_slug) if self.chat.post_slug else None,
+            rewritten=pending.rewritten,
         )
         trace = self.telemetry.start_turn(
             TurnStart(

@@ -104,6 +104,9 @@ class MessageRecord:
     created_at: datetime = field(default_factory=utcnow)
     updated_at: datetime = field(default_factory=utcnow)
     tool_calls: list[ToolCallRecord] = field(default_factory=list)
+    # On a user message that regenerated or edited the chat's last question: the ids of
+    # the messages it replaced (they are kept, marked superseded by it).
+    replaces: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -336,11 +339,21 @@ class ChatStore:
             if found is None:
                 return None
             row = await session.get(Message, found, options=[selectinload(Message.tool_calls)])
-            return None if row is None else _message_record(row)
+            if row is None:
+                return None
+            record = _message_record(row)
+            replaced = await session.scalars(
+                select(Message.id)
+                .where(Message.chat_id == row.chat_id, Message.superseded_by == row.id)
+                .order_by(Message.seq_start)
+            )
+            record.replaces = list(replaced)
+            return record
 
     @runs_to_completion
     async def add_message(self, record: MessageRecord) -> None:
-        """Insert a new message."""
+        """Insert a new message (a user message that replaces others marks them superseded
+        in the same transaction)."""
         columns = _columns(record) | {
             "id": record.id,
             "chat_id": record.chat_id,
@@ -353,6 +366,12 @@ class ChatStore:
                 # Statements rather than ORM objects: this is on the way to a turn's first
                 # token (every message a reader sends is saved before it is acknowledged).
                 await session.execute(insert(Message).values(columns))
+                if record.replaces:
+                    await session.execute(
+                        update(Message)
+                        .where(Message.chat_id == record.chat_id, Message.id.in_(record.replaces))
+                        .values(superseded_by=record.id)
+                    )
                 if record.tool_calls:
                     await session.execute(
                         insert(ToolCall),
@@ -383,7 +402,8 @@ class ChatStore:
 
     @runs_to_completion
     async def get_messages(self, chat_id: str) -> list[MessageRecord]:
-        """A chat's transcript in seq order."""
+        """A chat's transcript in conversation order, without superseded messages (each
+        message that replaced some lists them in `replaces`)."""
         async with self.db.session() as session:
             rows = await session.scalars(
                 select(Message)
@@ -391,7 +411,16 @@ class ChatStore:
                 .order_by(Message.seq_start)
                 .options(selectinload(Message.tool_calls))
             )
-            return conversation_order([_message_record(row) for row in rows])
+            live: list[MessageRecord] = []
+            replaced: dict[str, list[str]] = {}
+            for row in rows:
+                if row.superseded_by is None:
+                    live.append(_message_record(row))
+                else:
+                    replaced.setdefault(row.superseded_by, []).append(row.id)
+            for record in live:
+                record.replaces = replaced.get(record.id, [])
+            return conversation_order(live)
 
     @runs_to_completion
     async def mark_interrupted_turns(self) -> int:
@@ -416,6 +445,7 @@ class ChatStore:
                 .join(User, User.id == Chat.owner_id)
                 .where(
                     Message.role == "user",
+                    Message.superseded_by.is_(None),
                     ~exists().where(answer.reply_to == Message.id),
                 )
                 .order_by(Message.chat_id, Message.seq_start)

@@ -125,7 +125,13 @@ function wellFormed(event) {
     case "chat_created":
       return isText(event.chatId) && isText(event.clientMessageId);
     case "user_message":
-      return isText(event.chatId) && isSeq(event.seq) && isText(event.messageId) && isText(event.text);
+      return (
+        isText(event.chatId) &&
+        isSeq(event.seq) &&
+        isText(event.messageId) &&
+        isText(event.text) &&
+        (event.replaces == null || (Array.isArray(event.replaces) && event.replaces.every(isText)))
+      );
     case "thinking":
     case "token":
       return isText(event.chatId) && isSeq(event.seq) && isText(event.messageId) && isText(event.text);
@@ -264,6 +270,11 @@ function onUserMessage(state, event) {
   // while the server was still saving it can count its seq without holding it yet.
   if (known) {
     return messages.length === state.messages.length ? state : withMessages(state, messages);
+  }
+  // A regenerated or edited question takes the place of the turn it replaces.
+  if (event.replaces?.length) {
+    const replaced = new Set(event.replaces);
+    messages = messages.filter((m) => m.local || !replaced.has(m.id));
   }
   const next = event.seq > state.lastSeq ? advance(state, event.seq) : { ...state };
   const message = {
@@ -494,6 +505,8 @@ function localEcho(event) {
     local: true,
     delivery: "sending",
     failure: null,
+    // A regenerate or an edit: the messages it will replace (hidden while it is on its way).
+    replaces: Array.isArray(event.replaces) ? event.replaces : null,
   };
 }
 
@@ -698,7 +711,12 @@ export class ChatClient {
   }
 
   /** Send a user message; it is kept and resent until the server confirms it. */
-  send(text, { model = null, persona = null, post = null } = {}) {
+  /**
+   * Send a message. `regenerate` (the chat's last answer's id) asks its question again
+   * in its place, `edit` (the reader's last message's id) replaces that message with
+   * `text`; `replaces` lists the messages the page hides meanwhile.
+   */
+  send(text, { model = null, persona = null, post = null, regenerate = null, edit = null, replaces = null } = {}) {
     const clientMessageId = this.newId();
     const creating = this.state.chatId === null;
     const entry = {
@@ -712,10 +730,12 @@ export class ChatClient {
       // A second message to a chat not created yet waits for its chatId (else: two chats).
       creates: creating && !this.outbox.some((e) => e.chatId === null && e.creates),
       createdAt: new Date().toISOString(),
+      regenerate: creating ? null : regenerate,
+      edit: creating ? null : edit,
     };
     this.outbox.push(entry);
     this.#saveOutbox();
-    this.#dispatch({ type: "local/send", clientMessageId, text, createdAt: entry.createdAt });
+    this.#dispatch({ type: "local/send", clientMessageId, text, createdAt: entry.createdAt, replaces });
     this.#sendEntry(entry);
     return clientMessageId;
   }
@@ -946,6 +966,8 @@ export class ChatClient {
     if (entry.model) frame.model = entry.model;
     if (entry.persona) frame.persona = entry.persona;
     if (entry.post) frame.post = entry.post;
+    if (entry.regenerate) frame.regenerate = entry.regenerate;
+    if (entry.edit) frame.edit = entry.edit;
     this.#sendFrame(frame);
   }
 
