@@ -143,3 +143,31 @@ async def test_ask_again_after_a_failure_retries_in_place(
     saved = await saved_messages(chat)
     assert [m["role"] for m in saved] == ["user", "assistant"]
     assert saved[1]["status"] == "complete"
+
+
+async def test_the_chat_list_searches_titles_and_text_and_shows_where_it_matched(
+    server: LiveServer, page: Page, chat_page: MakeChatPage
+) -> None:
+    chat = await chat_page(page, server.url).open()
+    await chat.ask(QUESTION)
+    await chat.wait_for_answer("complete")
+    await chat.open("/chat")
+    await chat.ask("How fine should espresso be ground?")
+    await chat.wait_for_answer("complete")
+    items = page.locator("#chat-list .chat-item")
+    await expect(items).to_have_count(2)
+
+    search = page.get_by_role("searchbox", name="Search your chats")
+    await search.fill("sourdough")
+    await expect(items).to_have_count(1)
+    await expect(items.first.locator(".chat-item__title")).to_have_text(QUESTION)
+    await expect(page.locator("#chat-list .chat-group__title")).to_have_text("1 chat found")
+    await snap(page, "chat-search")
+
+    await search.fill("zzz-nothing-like-it")
+    await expect(items).to_have_count(0)
+    await expect(page.locator("#chat-list-empty")).to_have_text(
+        "No chat mentions “zzz-nothing-like-it”."
+    )
+    await search.fill("")
+    await expect(items).to_have_count(2)

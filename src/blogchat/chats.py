@@ -54,6 +54,9 @@ class ChatError(Exception):
         self.retry_after = retry_after
 
 
+# Search: the longest query taken, and the most chats one search returns.
+MAX_SEARCH_CHARS = 100
+SEARCH_RESULTS = 50
 QUEUE_FULL = "This chat already has messages waiting. Wait for its answers, then ask again."
 CHAT_TOO_LONG = "This conversation has grown too long for the assistant. Start a new chat to go on."
 
@@ -108,6 +111,21 @@ class Chats:
     async def list(self, visitor: Visitor) -> list[wire.ChatInfo]:
         """The visitor's chats, most recently active first."""
         return [chat_info(chat) for chat in await self.store.chats.list_chats(visitor.id)]
+
+    async def search(self, visitor: Visitor, query: str) -> Sequence[wire.ChatInfo]:
+        """The visitor's chats whose title or messages contain `query` (at most
+        SEARCH_RESULTS, most recently active first), each with a snippet of its first
+        matching message."""
+        query = " ".join(query.split())[:MAX_SEARCH_CHARS]
+        if not query:
+            return await self.list(visitor)
+        found = await self.store.chats.search_chats(visitor.id, query, SEARCH_RESULTS)
+        return [
+            chat_info(chat).model_copy(
+                update={"snippet": None if text is None else snippet_of(text, query)}
+            )
+            for chat, text in found
+        ]
 
     async def detail(self, visitor: Visitor, chat_id: str) -> ChatDetail:
         """A chat and its transcript, including a running answer so far."""
@@ -449,3 +467,20 @@ def title_for(text: str, limit: int = 60) -> str:
         return line
     cut = line[:limit].rsplit(" ", 1)[0] or line[:limit]
     return cut.rstrip(",.;:!?") + "…"
+
+
+def snippet_of(text: str, query: str, width: int = 120) -> str:
+    """About `width` characters of `text` around the first place it contains `query`
+    (ignoring case), cut at words, with an ellipsis where it was cut."""
+    line = " ".join(text.split())
+    at = line.lower().find(query.lower())
+    if at < 0 or len(line) <= width:
+        return line[:width] + ("…" if len(line) > width else "")
+    start = max(0, at - (width - len(query)) // 2)
+    end = min(len(line), start + width)
+    start = max(0, end - width)
+    if start > 0:
+        start = line.find(" ", start, at) + 1 or start
+    if end < len(line):
+        end = line.rfind(" ", at + len(query), end) if " " in line[at + len(query) : end] else end
+    return ("…" if start > 0 else "") + line[start:end].strip() + ("…" if end < len(line) else "")

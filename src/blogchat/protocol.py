@@ -194,6 +194,8 @@ class ChatInfo(WireModel):
     updated_at: datetime | None = None
     # Extension: the post the chat was started from.
     post: str | None = None
+    # Extension, in search results only: the words around the first match in its messages.
+    snippet: str | None = None
 
 
 class ToolCallInfo(WireModel):

@@ -218,6 +218,12 @@ def _apply(row: Message, record: MessageRecord) -> None:
     row.tool_calls = [ToolCall(**columns) for columns in _tool_call_columns(record)]
 
 
+def like_escape(text: str) -> str:
+    """Text for a LIKE pattern that matches it literally (`%`, `_` and `\\` escaped with
+    `\\`)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def conversation_order(messages: list[MessageRecord]) -> list[MessageRecord]:
     """Order a transcript as a conversation: each answer right after the message it answers."""
     by_seq = sorted(messages, key=lambda message: message.seq_start)
@@ -279,6 +285,48 @@ class ChatStore:
                 .order_by(Chat.updated_at.desc(), Chat.id)
             )
             return [_chat_record(row) for row in rows]
+
+    @runs_to_completion
+    async def search_chats(
+        self, owner_id: str, query: str, limit: int
+    ) -> list[tuple[ChatRecord, str | None]]:
+        """A visitor's chats whose title or a message (not a superseded one) contains
+        `query`, ignoring case (ASCII case only on SQLite), most recently active first; each
+        with the text of its first matching message, if a message matched."""
+        pattern = f"%{like_escape(query)}%"
+        found = Message.text.ilike(pattern, escape="\\")
+        in_messages = (
+            select(Message.id)
+            .where(Message.chat_id == Chat.id, Message.superseded_by.is_(None), found)
+            .exists()
+        )
+        async with self.db.session() as session:
+            rows = list(
+                await session.scalars(
+                    select(Chat)
+                    .where(
+                        Chat.owner_id == owner_id,
+                        Chat.title.ilike(pattern, escape="\\") | in_messages,
+                    )
+                    .order_by(Chat.updated_at.desc(), Chat.id)
+                    .limit(limit)
+                )
+            )
+            if not rows:
+                return []
+            texts: dict[str, str] = {}
+            matches = await session.execute(
+                select(Message.chat_id, Message.text)
+                .where(
+                    Message.chat_id.in_([row.id for row in rows]),
+                    Message.superseded_by.is_(None),
+                    found,
+                )
+                .order_by(Message.chat_id, Message.seq_start)
+            )
+            for chat_id, text in matches:
+                texts.setdefault(chat_id, text)
+            return [(_chat_record(row), texts.get(row.id)) for row in rows]
 
     @runs_to_completion
     async def delete_chat(self, chat_id: str) -> None:

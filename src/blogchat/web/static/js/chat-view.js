@@ -89,6 +89,7 @@ export function mountChat(root) {
     jump: byId("jump-latest"),
     problem: byId("problem"),
     composer: byId("composer"),
+    search: byId("chat-search-input"),
     input: byId("message"),
     persona: byId("persona"),
     personaLock: byId("persona-lock"),
@@ -297,12 +298,15 @@ export function mountChat(root) {
   // --- the chat list ---
 
   async function refreshChats() {
+    const query = el.search.value.trim();
     try {
-      chats = await api.chats();
+      chats = query ? await api.searchChats(query) : await api.chats();
     } catch {
       return; // the list stays as it was; the chat itself goes on over the socket
     }
-    chatList.show(chats, client.state.chatId);
+    // A newer search may have been typed meanwhile: only the latest one is shown.
+    if (query !== el.search.value.trim()) return;
+    chatList.show(chats, client.state.chatId, { query: query || null });
     schedule();
   }
 
@@ -434,6 +438,15 @@ export function mountChat(root) {
     if (model) writeModel(chatId, model);
     chatList.select(chatId);
     refreshChatsSoon();
+  });
+
+  el.search.form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    refreshChats();
+  });
+  el.search.addEventListener("input", () => {
+    clearTimeout(refreshTimer);
+    refreshTimer = setTimeout(refreshChats, 200);
   });
 
   el.composer.addEventListener("submit", (event) => {
