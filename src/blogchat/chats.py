@@ -427,7 +427,7 @@ class Chats:
             raise ChatError("not_found", NO_SUCH_CHAT, chat_id)
         session = self.sessions.get(chat_id)
         if session is not None:
-            session.set_chat(updated)
+            session.update_chat(updated)
         return chat_info(updated)
 
     async def delete(self, visitor: Visitor, chat_id: str) -> None:

@@ -379,6 +379,15 @@ class Status(WireModel):
     position: int | None = None
 
 
+class ChatUpdated(WireModel):
+    """Extension: a chat's summary changed (a generated title, a rename). Transient: no
+    `seq`, not logged, not replayed (`subscribed.chat` has the chat as it is)."""
+
+    type: Literal["chat_updated"] = "chat_updated"
+    chat_id: str
+    chat: ChatInfo
+
+
 class Pong(WireModel):
     """Extension: answer to `ping`."""
 
@@ -398,6 +407,7 @@ ServerMessage = Annotated[
     | Done
     | Error
     | Status
+    | ChatUpdated
     | Pong,
     Field(discriminator="type"),
 ]

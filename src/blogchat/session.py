@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from blogchat import protocol as wire
@@ -53,6 +53,10 @@ BUSY = "Every assistant is busy right now, and your message waited too long. Try
 NOT_ANSWERED = (
     "Not answered: nobody was watching the chat when this message's turn came. Ask again."
 )
+
+
+# Called (not awaited) when a turn's answer is saved: the session, the turn, the answer.
+AfterTurn = Callable[["ChatSession", "PendingTurn", MessageRecord], None]
 
 
 class SessionState(enum.Enum):
@@ -143,7 +147,9 @@ class ChatSession:
         limits: SessionLimits | None = None,
         gate: TurnGate | None = None,
         quotas: Quotas | None = None,
+        after_turn: AfterTurn | None = None,
     ) -> None:
+        self.after_turn = after_turn
         self.blog = blog
         self.telemetry = telemetry or Telemetry()
         self.limits = limits or SessionLimits()
@@ -372,6 +378,11 @@ class ChatSession:
         """Take a changed chat row (new model or title)."""
         self.chat = chat
 
+    def update_chat(self, chat: ChatRecord) -> None:
+        """Take a changed chat row and tell the chat's subscribers (`chat_updated`)."""
+        self.chat = chat
+        self.fanout.publish(wire.ChatUpdated(chat_id=chat.id, chat=chat_info(chat)).to_json())
+
     async def close(self) -> None:
         """Stop whatever runs, free the engine's resources and settle the seq counter.
 
@@ -450,6 +461,11 @@ class ChatSession:
             if record is not None and record.id == draft.record.id:
                 spent = (record.input_tokens or 0) + (record.output_tokens or 0)
                 self.quotas.spent(who, spent)
+        if self.after_turn is not None and self.history and self.history[-1] is draft.record:
+            try:
+                self.after_turn(self, pending, draft.record)
+            except Exception:
+                log.exception("chat %s: what follows a turn failed", self.chat.id)
 
     def _waiting_at(self, draft: Draft, place: int) -> None:
         self._announce(
@@ -810,7 +826,9 @@ class ChatSessions:
         limits: SessionLimits | None = None,
         gate: TurnGate | None = None,
         quotas: Quotas | None = None,
+        after_turn: AfterTurn | None = None,
     ) -> None:
+        self.after_turn = after_turn
         self.limits = limits or SessionLimits()
         self.gate = gate
         self.quotas = quotas
@@ -859,6 +877,7 @@ class ChatSessions:
                 limits=self.limits,
                 gate=self.gate,
                 quotas=self.quotas,
+                after_turn=self.after_turn,
             )
             self._sessions[chat.id] = session
             future.set_result(session)

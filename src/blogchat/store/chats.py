@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, cast
 
-from sqlalchemy import case, delete, exists, insert, select, update
+from sqlalchemy import case, delete, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased, selectinload
 
@@ -343,6 +343,26 @@ class ChatStore:
         """Change some of a chat's columns (model, title, ...)."""
         async with self.db.session() as session:
             await session.execute(update(Chat).where(Chat.id == chat_id).values(**values))
+
+    @runs_to_completion
+    async def retitle(self, chat_id: str, old: str, new: str) -> bool:
+        """Give a chat a new title if it still has `old` (a rename meanwhile wins); whether it
+        did. The chat's activity time stays."""
+        async with self.db.session() as session:
+            result = await session.execute(
+                update(Chat).where(Chat.id == chat_id, Chat.title == old).values(title=new)
+            )
+            return bool(getattr(result, "rowcount", 0))
+
+    @runs_to_completion
+    async def add_side_tokens(self, message_id: str, tokens: int) -> None:
+        """Count tokens spent for an answer beside its turn (its chat's title)."""
+        async with self.db.session() as session:
+            await session.execute(
+                update(Message)
+                .where(Message.id == message_id)
+                .values(side_tokens=func.coalesce(Message.side_tokens, 0) + tokens)
+            )
 
     @runs_to_completion
     async def reserve_seq(self, chat_id: str, upto: int) -> None:

@@ -1,4 +1,5 @@
-"""messages: superseded_by, the question that replaced a regenerated or edited turn
+"""messages: superseded_by (the question that replaced a regenerated or edited turn) and
+side_tokens (what writing a chat's title cost)
 
 Revision ID: 0006
 Revises: 0005
@@ -19,8 +20,10 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("messages", schema=None) as batch_op:
         batch_op.add_column(sa.Column("superseded_by", sa.String(length=36), nullable=True))
+        batch_op.add_column(sa.Column("side_tokens", sa.Integer(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("messages", schema=None) as batch_op:
+        batch_op.drop_column("side_tokens")
         batch_op.drop_column("superseded_by")

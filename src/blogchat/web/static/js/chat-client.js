@@ -108,7 +108,7 @@ export function reduce(state, event, context = {}) {
   if (!event || typeof event.type !== "string" || !wellFormed(event)) return state;
   const next = apply(state, event, context.now ?? null);
   // Any later event of the chat replaces a status message.
-  if (next.status && event.type !== "status" && event.chatId && event.chatId === next.chatId) {
+  if (next.status && event.type !== "status" && event.type !== "chat_updated" && event.chatId && event.chatId === next.chatId) {
     return { ...next, status: null };
   }
   return next;
@@ -144,6 +144,8 @@ function wellFormed(event) {
       return isText(event.message ?? "") && (event.seq == null || isSeq(event.seq));
     case "status":
       return isText(event.chatId) && STATUS_STATES.has(event.state);
+    case "chat_updated":
+      return isText(event.chatId) && event.chat !== null && typeof event.chat === "object" && isText(event.chat.title);
     default:
       return true;
   }
@@ -166,6 +168,9 @@ function apply(state, event, now) {
       return onDone(state, event, now);
     case "status":
       return onStatus(state, event, now);
+    case "chat_updated":
+      // A generated title or a rename: not part of the transcript (no seq).
+      return belongs(state, event) ? { ...state, chat: { ...state.chat, ...event.chat } } : state;
     case "error":
       return onError(state, event);
     case "local/send":

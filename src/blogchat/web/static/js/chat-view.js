@@ -419,7 +419,7 @@ export function mountChat(root) {
 
   client.on("state", (state, event) => {
     schedule();
-    if (event.type === "done") refreshChatsSoon();
+    if (event.type === "done" || event.type === "chat_updated") refreshChatsSoon();
   });
   client.on("connection", (state, detail) => {
     renderConnection(state, detail);
