@@ -155,6 +155,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.visitors = visitors
         state.chats = chats
         state.titles = titles
+
+        async def drain() -> None:
+            # Called by the server (cli.Server) on SIGTERM, before it closes connections.
+            await sessions.interrupt_all()
+            await hub.drain()
+
+        state.drain = drain
         state.hub = hub
         sessions.start()
         engine.start()

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 NOT_SAVED = "The answer could not be saved. Try again in a moment."
 NO_SEQS = "The chat could not be saved. Try again in a moment."
+RESTARTED = "The server restarted while writing this answer, so it ends here. Ask again to go on."
 BUSY = "Every assistant is busy right now, and your message waited too long. Try again soon."
 NOT_ANSWERED = (
     "Not answered: nobody was watching the chat when this message's turn came. Ask again."
@@ -179,6 +180,9 @@ class ChatSession:
         self._consumer: asyncio.Task[_Outcome] | None = None
         self._hard_stop: asyncio.TimerHandle | None = None
         self._aborted = False
+        # Shutting down: nothing new starts, and the running turn ends as interrupted.
+        self._draining = False
+        self._interrupted = False
         # Where the last finished turn began: the log keeps everything from there on.
         self._last_turn_start: int | None = None
         # When the last subscriber left (or the session opened without one).
@@ -362,6 +366,8 @@ class ChatSession:
         self._ensure_open()
         self._queue.extend(turns)
         self.last_activity = time.monotonic()
+        if self._draining:
+            return  # saved: the next start answers them
         if self._queue and (self._runner is None or self._runner.done()):
             self._runner = asyncio.create_task(self._run_queue(), name=f"chat-{self.chat.id}")
 
@@ -373,6 +379,20 @@ class ChatSession:
         self._hard_stop = asyncio.get_running_loop().call_later(
             self.timings.stop_grace, self._abort_turn
         )
+
+    async def interrupt(self) -> None:
+        """The server is shutting down: the running turn ends now (its sentence finished) as
+        stopped, with a warning that says why, while its readers are still connected; the
+        messages waiting behind it stay saved for the next start, and nothing new starts."""
+        self._draining = True
+        self._queue.clear()
+        if self.state is SessionState.RUNNING:
+            self._interrupted = True
+            self.stop()
+        runner = self._runner
+        if runner is not None and not runner.done():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(runner), self.timings.stop_grace + 2)
 
     def set_chat(self, chat: ChatRecord) -> None:
         """Take a changed chat row (new model or title)."""
@@ -623,6 +643,9 @@ class ChatSession:
         """End the turn: its `error` if it failed, the final save, then `done`. `done` is
         only ever sent for an answer that is saved; when the save fails, the readers get a
         retryable `error` and a `done` with reason `error` instead."""
+        if self._interrupted and outcome.reason == "stopped":
+            outcome.warning = RESTARTED
+        self._interrupted = False
         async with self._lock:
             try:
                 if outcome.failure is not None:
@@ -906,6 +929,12 @@ class ChatSessions:
         """Start reclaiming idle sessions in the background."""
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="session-sweeper")
+
+    async def interrupt_all(self) -> None:
+        """At shutdown, before connections close: end every running turn (see
+        ChatSession.interrupt), so that its readers get its end."""
+        sessions = list(self._sessions.values())
+        await asyncio.gather(*(s.interrupt() for s in sessions), return_exceptions=True)
 
     async def aclose(self) -> None:
         """Close every session (at shutdown)."""
