@@ -50,6 +50,7 @@ async def test_regenerate_by_keyboard_replaces_the_answer_in_place(
     await chat.ask(QUESTION)
     first = await chat.wait_for_answer("complete")
     first_id = await first.get_attribute("data-id")
+    await snap(page, "before-regenerate")
     # Only the last answer offers it.
     await expect(first.get_by_role("button", name="Write this answer again")).to_be_visible()
 
@@ -68,8 +69,9 @@ async def test_regenerate_by_keyboard_replaces_the_answer_in_place(
     await snap(page, "regenerated")
 
 
+@pytest.mark.parametrize("context_options", ["desktop", "phone-dark"], indirect=True)
 async def test_edit_by_keyboard_sends_the_changed_question_in_place_of_the_old_one(
-    server: LiveServer, page: Page, chat_page: MakeChatPage
+    server: LiveServer, page: Page, chat_page: MakeChatPage, context_options: dict[str, Any]
 ) -> None:
     chat = await chat_page(page, server.url).open()
     await chat.ask("How do I keep a starter?")
@@ -90,7 +92,7 @@ async def test_edit_by_keyboard_sends_the_changed_question_in_place_of_the_old_o
     await expect(composer).to_be_focused()
     await expect(composer).to_have_value("Is rye flour fine?")
     await expect(page.locator(".editing")).to_contain_text("Editing your message")
-    await snap(page, "editing")
+    await snap(page, f"editing-{context_options['viewport']['width']}")
     await composer.fill("Is whole wheat flour fine?")
     await composer.press("Enter")
 
@@ -100,6 +102,7 @@ async def test_edit_by_keyboard_sends_the_changed_question_in_place_of_the_old_o
     await chat.wait_for_answer("complete", count=2)
     await expect(page.locator(".msg--assistant")).to_have_count(2)
     await expect(page.locator(".editing")).to_be_hidden()
+    await snap(page, f"edited-{context_options['viewport']['width']}")
     saved = await saved_messages(chat)
     assert [m["text"] for m in saved if m["role"] == "user"] == [
         "How do I keep a starter?",
@@ -145,8 +148,9 @@ async def test_ask_again_after_a_failure_retries_in_place(
     assert saved[1]["status"] == "complete"
 
 
+@pytest.mark.parametrize("context_options", ["desktop", "phone"], indirect=True)
 async def test_the_chat_list_searches_titles_and_text_and_shows_where_it_matched(
-    server: LiveServer, page: Page, chat_page: MakeChatPage
+    server: LiveServer, page: Page, chat_page: MakeChatPage, context_options: dict[str, Any]
 ) -> None:
     chat = await chat_page(page, server.url).open()
     await chat.ask(QUESTION)
@@ -157,12 +161,15 @@ async def test_the_chat_list_searches_titles_and_text_and_shows_where_it_matched
     items = page.locator("#chat-list .chat-item")
     await expect(items).to_have_count(2)
 
+    phone = context_options["viewport"]["width"] < 600
+    if phone:
+        await page.locator("#sidebar-toggle").click()
     search = page.get_by_role("searchbox", name="Search your chats")
     await search.fill("sourdough")
     await expect(items).to_have_count(1)
     await expect(items.first.locator(".chat-item__title")).to_have_text(QUESTION)
     await expect(page.locator("#chat-list .chat-group__title")).to_have_text("1 chat found")
-    await snap(page, "chat-search")
+    await snap(page, f"chat-search-{context_options['viewport']['width']}")
 
     await search.fill("zzz-nothing-like-it")
     await expect(items).to_have_count(0)

@@ -120,12 +120,16 @@ class Chats:
         if not query:
             return await self.list(visitor)
         found = await self.store.chats.search_chats(visitor.id, query, SEARCH_RESULTS)
-        return [
-            chat_info(chat).model_copy(
-                update={"snippet": None if text is None else snippet_of(text, query)}
+        results = []
+        for chat, text in found:
+            snippet = None if text is None else snippet_of(text, query)
+            # (The first message, when it is still the title, says nothing more.)
+            results.append(
+                chat_info(chat).model_copy(
+                    update={"snippet": None if snippet == chat.title else snippet}
+                )
             )
-            for chat, text in found
-        ]
+        return results
 
     async def detail(self, visitor: Visitor, chat_id: str) -> ChatDetail:
         """A chat and its transcript, including a running answer so far."""
