@@ -238,3 +238,42 @@ async def test_a_new_chats_first_token_against_a_later_messages_measured(
     )
     print(f"spares={spares}: new chat {first} ms, later message {later} ms")
     assert len(first) == len(later) == 3
+
+
+@pytest.mark.parametrize("context_options", ["desktop", "phone"], indirect=True)
+async def test_a_restart_mid_answer_shows_it_ended_with_the_text_intact(
+    database: Any,
+    tmp_path: Any,
+    page: Page,
+    chat_page: MakeChatPage,
+    context_options: dict[str, Any],
+) -> None:
+    import signal
+
+    from tests.support.load import process_env
+    from tests.support.server import ServerProcess
+
+    env = process_env(database, tmp_path / "data", tokens_per_second=40)
+    server = ServerProcess(env).start(tmp_path / "server.log")
+    try:
+        chat = await chat_page(page, server.url).open()
+        await chat.ask(QUESTION)
+        await chat.wait_for_streamed_text(120)
+        assert server.process is not None
+        server.process.send_signal(signal.SIGTERM)
+        stopped = await chat.wait_for_answer("stopped")
+        await expect(stopped.locator(".note--warning")).to_contain_text("server restarted")
+        shown = await chat.client_state()
+        server.process.wait(timeout=30)
+        await snap(page, f"interrupted-{context_options['viewport']['width']}")
+    finally:
+        server.stop()
+    answer = next(m for m in shown["messages"] if m["kind"] == "assistant")
+    restarted = ServerProcess(env, port=server.port).start(tmp_path / "server.log")
+    try:
+        await chat.wait_connected()
+        saved = await chat.api(f"/api/chats/{await chat.chat_id()}")
+        assert saved["messages"][1]["text"] == answer["text"]
+        await expect(chat.answers("stopped")).to_have_count(1)
+    finally:
+        restarted.stop()
