@@ -10,7 +10,7 @@ import pytest
 from playwright.async_api import Page, expect
 
 from tests.support.anthropic_server import AnthropicTestServer, error
-from tests.support.browser import record_measurement, snap
+from tests.support.browser import snap
 from tests.support.server import LiveServer
 
 if TYPE_CHECKING:
@@ -178,66 +178,6 @@ async def test_the_chat_list_searches_titles_and_text_and_shows_where_it_matched
     )
     await search.fill("")
     await expect(items).to_have_count(2)
-
-
-# --- the first answer's speed -----------------------------------------------------------------
-
-FIRST_TOKEN_JS = """(text) => new Promise((resolve) => {
-    const client = document.getElementById('chat-app').chatClient;
-    const input = document.getElementById('message');
-    let start = null;
-    const off = client.on('state', (state, event) => {
-        if (start !== null && event.type === 'token') {
-            off();
-            resolve(performance.now() - start);
-        }
-    });
-    input.value = text;
-    start = performance.now();
-    input.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter', bubbles: true}));
-})"""
-
-
-@pytest.mark.claude
-@pytest.mark.parametrize("spares", [0, 1])
-async def test_a_new_chats_first_token_against_a_later_messages_measured(
-    api: AnthropicTestServer,
-    make_claude_settings: Callable[..., Any],
-    page: Page,
-    chat_page: MakeChatPage,
-    spares: int,
-) -> None:
-    """Send → first token in the page, for a new chat's first message and for a later one,
-    on the Claude engine against a test server that answers at once (reported in
-    test-artifacts/measurements.jsonl, never asserted)."""
-    from tests.support.claude import claude_server_for, engine_of, wait_until
-
-    with claude_server_for(make_claude_settings(spare_processes=spares)) as server:
-        pool = engine_of(server).pool
-        chat = chat_page(page, server.url)
-        first: list[float] = []
-        later: list[float] = []
-        for round_ in range(3):
-            # As a reader arriving after the server has been up a while: its spares are up.
-            assert wait_until(
-                lambda: (
-                    pool.spare_count >= spares
-                    and all(p.state.value == "idle" for p in pool.processes() if p.spare)
-                )
-            )
-            await chat.open("/chat")
-            first.append(await page.evaluate(FIRST_TOKEN_JS, f"First question {round_}"))
-            await chat.wait_for_answer("complete")
-            later.append(await page.evaluate(FIRST_TOKEN_JS, f"Later question {round_}"))
-            await chat.wait_for_answer("complete", count=2)
-    record_measurement(
-        "first_token_ms",
-        spares=spares,
-        new_chat=[round(ms) for ms in first],
-        later_message=[round(ms) for ms in later],
-    )
-    print(f"spares={spares}: new chat {first} ms, later message {later} ms")
-    assert len(first) == len(later) == 3
 
 
 @pytest.mark.parametrize("context_options", ["desktop", "phone"], indirect=True)
