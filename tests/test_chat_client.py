@@ -733,3 +733,48 @@ async def test_thinking_time_runs_from_the_first_thinking_to_the_first_thing_don
     )
     assert result["ms"] == 2400
     assert result["none"] is None
+
+
+async def test_a_user_message_that_replaces_the_last_turn_takes_its_place(lab: Page) -> None:
+    result = await run(
+        lab,
+        """
+        const { ev, apply, summary } = lab;
+        const answered = apply(lab.initialState("c1"), ev.subscribed(0, []),
+          ev.user(1, "u1", "k1", "first"), ev.token(2, "a1", "One."), ev.done(3, "a1"),
+          ev.user(4, "u2", "k2", "second"), ev.token(5, "a2", "Two."), ev.done(6, "a2"));
+        // A regenerate on its way: the echo says what it will replace.
+        const sending = lab.reduce(answered, { type: "local/send", clientMessageId: "k3",
+          text: "second", replaces: ["u2", "a2"] });
+        const replaced = apply(sending,
+          { ...ev.user(7, "u3", "k3", "second"), replaces: ["u2", "a2"] },
+          ev.token(8, "a3", "Two again."));
+        const malformed = lab.reduce(answered,
+          { ...ev.user(7, "u3", "k3", "x"), replaces: "u2" });
+        const retitled = lab.reduce(answered, { type: "chat_updated", chatId: "c1",
+          chat: { id: "c1", title: "A generated title" } });
+        const elsewhere = lab.reduce(answered, { type: "chat_updated", chatId: "c2",
+          chat: { id: "c2", title: "Not ours" } });
+        return {
+          echo: summary(sending).map((m) => m.id),
+          replacesOfEcho: sending.messages.at(-1).replaces,
+          after: summary(replaced).map((m) => [m.id, m.text]),
+          lastSeq: replaced.lastSeq,
+          malformed: malformed === answered,
+          title: retitled.chat.title,
+          elsewhere: elsewhere === answered,
+        };
+        """,
+    )
+    assert result["echo"] == ["u1", "a1", "u2", "a2", "local:k3"]
+    assert result["replacesOfEcho"] == ["u2", "a2"]
+    assert result["after"] == [
+        ["u1", "first"],
+        ["a1", "One."],
+        ["u3", "second"],
+        ["a3", "Two again."],
+    ]
+    assert result["lastSeq"] == 8
+    assert result["malformed"], "a `replaces` that is not a list of ids is ignored"
+    assert result["title"] == "A generated title"
+    assert result["elsewhere"], "another chat's update leaves this one"

@@ -669,7 +669,9 @@ async def test_an_answer_copies_as_markdown_and_your_message_copies_by_keyboard(
 
     await reach("Copy your message")
     await page.keyboard.press("Space")
-    await expect(page.locator(".msg--user .msg__action")).to_have_attribute("data-copied", "true")
+    await expect(
+        page.locator('.msg--user .msg__action[aria-label="Copy your message"]')
+    ).to_have_attribute("data-copied", "true")
     assert await page.evaluate("() => navigator.clipboard.readText()") == QUESTION
     await snap(page, "message-actions")
 

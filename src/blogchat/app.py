@@ -31,6 +31,7 @@ from blogchat.session import ChatSessions, SessionLimits, SessionTimings
 from blogchat.settings import Settings, load_settings
 from blogchat.store import Store
 from blogchat.telemetry import telemetry_for
+from blogchat.titles import Titles
 from blogchat.tools import BlogTools
 from blogchat.visitors import AccountLimits, Visitors
 from blogchat.web import api, pages, realtime
@@ -98,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Counters in memory: one instance. Several instances would share them on Redis.
         limiter = RateLimiter()
         quotas = Quotas(settings, limiter, store.usage.spending)
+        titles = Titles(settings, store, quotas)
         sessions = ChatSessions(
             store,
             engine,
@@ -116,6 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ),
             gate=TurnGate(settings, engine.capacity),
             quotas=quotas,
+            after_turn=titles.after_turn if settings.chat_titles else None,
         )
         visitors = Visitors(
             store,
@@ -152,6 +155,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.sessions = sessions
         state.visitors = visitors
         state.chats = chats
+        state.titles = titles
+
+        async def drain() -> None:
+            # Called by the server (cli.Server) on SIGTERM, before it closes connections.
+            await sessions.interrupt_all()
+            await hub.drain()
+
+        state.drain = drain
         state.hub = hub
         sessions.start()
         engine.start()
@@ -163,6 +174,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await hub.close_all()
             await sessions.aclose()
+            await titles.aclose()
             await engine.aclose()
             # After the sessions, so that the spans of turns cut short are sent too.
             await telemetry.aclose()

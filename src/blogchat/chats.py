@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from blogchat import policy
@@ -17,7 +18,13 @@ from blogchat.engines.base import AgentEngine
 from blogchat.eventlog import Subscriber
 from blogchat.personas import Persona, Personas
 from blogchat.quotas import QuotaExceeded, Quotas, Who
-from blogchat.session import ChatSession, ChatSessions, PendingTurn, SessionClosed
+from blogchat.session import (
+    ChatSession,
+    ChatSessions,
+    PendingTurn,
+    RewriteRefused,
+    SessionClosed,
+)
 from blogchat.settings import Settings
 from blogchat.store import ChatRecord, DuplicateClientMessage, MessageRecord, Store
 from blogchat.store.chats import Waiting
@@ -47,6 +54,9 @@ class ChatError(Exception):
         self.retry_after = retry_after
 
 
+# Search: the longest query taken, and the most chats one search returns.
+MAX_SEARCH_CHARS = 100
+SEARCH_RESULTS = 50
 QUEUE_FULL = "This chat already has messages waiting. Wait for its answers, then ask again."
 CHAT_TOO_LONG = "This conversation has grown too long for the assistant. Start a new chat to go on."
 
@@ -101,6 +111,25 @@ class Chats:
     async def list(self, visitor: Visitor) -> list[wire.ChatInfo]:
         """The visitor's chats, most recently active first."""
         return [chat_info(chat) for chat in await self.store.chats.list_chats(visitor.id)]
+
+    async def search(self, visitor: Visitor, query: str) -> Sequence[wire.ChatInfo]:
+        """The visitor's chats whose title or messages contain `query` (at most
+        SEARCH_RESULTS, most recently active first), each with a snippet of its first
+        matching message."""
+        query = " ".join(query.split())[:MAX_SEARCH_CHARS]
+        if not query:
+            return await self.list(visitor)
+        found = await self.store.chats.search_chats(visitor.id, query, SEARCH_RESULTS)
+        results = []
+        for chat, text in found:
+            snippet = None if text is None else snippet_of(text, query)
+            # (The first message, when it is still the title, says nothing more.)
+            results.append(
+                chat_info(chat).model_copy(
+                    update={"snippet": None if snippet == chat.title else snippet}
+                )
+            )
+        return results
 
     async def detail(self, visitor: Visitor, chat_id: str) -> ChatDetail:
         """A chat and its transcript, including a running answer so far."""
@@ -170,7 +199,14 @@ class Chats:
         claimed or saved for it.
         """
         text = message.text.strip()
-        if not text:
+        rewriting = message.regenerate is not None or message.edit is not None
+        if rewriting and message.chat_id is None:
+            raise ChatError("bad_request", "`regenerate` and `edit` need the chat's `chatId`.")
+        if message.regenerate is not None and message.edit is not None:
+            raise ChatError(
+                "bad_request", "Send `regenerate` or `edit`, not both.", message.chat_id
+            )
+        if not text and message.regenerate is None:
             raise ChatError("bad_request", "The message is empty.", message.chat_id)
         if len(text) > self.settings.max_message_chars:
             raise ChatError(
@@ -197,9 +233,13 @@ class Chats:
             if message.chat_id is None:
                 await self._admit(who, None)
                 session = await self._new_chat(visitor, message, text, sender)
+                replaces: Sequence[MessageRecord] = ()
             else:
-                session = await self._join(visitor, message, sender, who)
-            await self._accept(session, message, text, visitor, address)
+                session, replaces = await self._join(visitor, message, sender, who)
+            if message.regenerate is not None:
+                # The question is asked again as it was.
+                text = replaces[0].text
+            await self._accept(session, message, text, visitor, address, replaces)
             return session.chat.id
 
     async def _new_chat(
@@ -242,7 +282,9 @@ class Chats:
 
     async def _join(
         self, visitor: Visitor, message: wire.Chat, sender: Subscriber, who: Who
-    ) -> ChatSession:
+    ) -> tuple[ChatSession, Sequence[MessageRecord]]:
+        """The chat's session for a message to it, and the messages it replaces (a
+        regenerate or an edit: checked before the message is counted against any limit)."""
         assert message.chat_id is not None
         session = await self._session(visitor, message.chat_id)
         chat = session.chat
@@ -256,6 +298,12 @@ class Chats:
             raise ChatError(
                 "bad_request", "A chat's post is set when the chat is created.", chat.id
             )
+        replaces: list[MessageRecord] = []
+        if message.regenerate is not None or message.edit is not None:
+            try:
+                replaces = session.rewrite(regenerate=message.regenerate, edit=message.edit)
+            except ValueError as exc:
+                raise ChatError("bad_request", str(exc), chat.id) from None
         await self._admit(who, session)
         model = message.model or self.model_for(chat, visitor)
         if model != chat.model:
@@ -264,7 +312,7 @@ class Chats:
         if not session.watched_by(sender):
             # The sender always hears about its own message, as with a new chat.
             session.subscribe(sender, after_seq=session.last_seq, request_id=None, announce=False)
-        return session
+        return session, replaces
 
     async def _admit(self, who: Who, session: ChatSession | None) -> None:
         """Refuse a message the chat or the visitor may not take now; count it otherwise."""
@@ -290,6 +338,7 @@ class Chats:
         text: str,
         visitor: Visitor,
         address: str,
+        replaces: Sequence[MessageRecord] = (),
     ) -> None:
         model = message.model or self.model_for(session.chat, visitor)
         try:
@@ -300,7 +349,10 @@ class Chats:
                 model_id=policy.model_id(self.settings, model),
                 anonymous=visitor.anonymous,
                 address=address,
+                replaces=replaces,
             )
+        except RewriteRefused as exc:
+            raise ChatError("bad_request", str(exc), session.chat.id) from None
         except DuplicateClientMessage:
             raise ChatError(
                 "bad_request", "This clientMessageId was already used.", session.chat.id
@@ -379,7 +431,7 @@ class Chats:
             raise ChatError("not_found", NO_SUCH_CHAT, chat_id)
         session = self.sessions.get(chat_id)
         if session is not None:
-            session.set_chat(updated)
+            session.update_chat(updated)
         return chat_info(updated)
 
     async def delete(self, visitor: Visitor, chat_id: str) -> None:
@@ -419,3 +471,20 @@ def title_for(text: str, limit: int = 60) -> str:
         return line
     cut = line[:limit].rsplit(" ", 1)[0] or line[:limit]
     return cut.rstrip(",.;:!?") + "…"
+
+
+def snippet_of(text: str, query: str, width: int = 120) -> str:
+    """About `width` characters of `text` around the first place it contains `query`
+    (ignoring case), cut at words, with an ellipsis where it was cut."""
+    line = " ".join(text.split())
+    at = line.lower().find(query.lower())
+    if at < 0 or len(line) <= width:
+        return line[:width] + ("…" if len(line) > width else "")
+    start = max(0, at - (width - len(query)) // 2)
+    end = min(len(line), start + width)
+    start = max(0, end - width)
+    if start > 0:
+        start = line.find(" ", start, at) + 1 or start
+    if end < len(line):
+        end = line.rfind(" ", at + len(query), end) if " " in line[at + len(query) : end] else end
+    return ("…" if start > 0 else "") + line[start:end].strip() + ("…" if end < len(line) else "")

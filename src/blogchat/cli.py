@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import logging
 import re
+import socket
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -72,8 +73,28 @@ def _serve(settings: Settings, host: str, port: int) -> int:
         host,
         port,
     )
-    uvicorn.Server(uvicorn_config(create_app(settings), settings, host=host, port=port)).run()
+    app = create_app(settings)
+    Server(uvicorn_config(app, settings, host=host, port=port), app).run()
     return 0
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, which on shutdown (SIGTERM, SIGINT) first lets the app end its
+    running turns and send their ends, while the readers are still connected: uvicorn closes
+    every connection before the app's own shutdown runs."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.app = app
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        drain = getattr(self.app.state, "drain", None)
+        if drain is not None:
+            try:
+                await drain()
+            except Exception:
+                log.exception("the running turns could not be ended before shutdown")
+        await super().shutdown(sockets)
 
 
 def _migrate(settings: Settings) -> None:

@@ -34,6 +34,9 @@ from blogchat.visitors import COOKIE_NAME, Visitor, Visitors
 
 log = logging.getLogger(__name__)
 
+# At shutdown, how long connections may take to send the ends of the turns.
+DRAIN_SECONDS = 2.0
+
 STILL_ANSWERING = "The answer to your last subscribe to this chat is still on its way."
 # A subscribe answer this large (a history, in characters) is sent at most once at a time
 # per connection and chat; smaller ones are not worth holding a repeat off for.
@@ -230,6 +233,16 @@ class Hub:
             if session is not None:
                 session.unsubscribe(connection)
         connection.subscriptions.clear()
+
+    async def drain(self) -> None:
+        """At shutdown, once the turns have ended: let each connection send what it has
+        queued (the turns' ends), for at most DRAIN_SECONDS, then close them all."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(DRAIN_SECONDS):
+                # Polled: a connection has no "sent everything" event, and this runs once.
+                while any(c.backlog for c in self.connections.values()):  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+        await self.close_all()
 
     async def close_all(self) -> None:
         """Tell every client the server is going away (at shutdown)."""

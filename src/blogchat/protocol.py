@@ -142,6 +142,11 @@ class Chat(ClientModel):
     post: Annotated[str, StringConstraints(max_length=200), AfterValidator(valid_text)] | None = (
         None
     )
+    # Extension: ask the chat's last question again in place of this answer (the chat's
+    # last message); `text` is not used. Or: replace the reader's last message (this user
+    # message) and its answer with `text`. The replaced messages leave the conversation.
+    regenerate: Id | None = None
+    edit: Id | None = None
     request_id: RequestId | None = None
 
 
@@ -189,6 +194,8 @@ class ChatInfo(WireModel):
     updated_at: datetime | None = None
     # Extension: the post the chat was started from.
     post: str | None = None
+    # Extension, in search results only: the words around the first match in its messages.
+    snippet: str | None = None
 
 
 class ToolCallInfo(WireModel):
@@ -270,6 +277,9 @@ class UserMessage(WireModel):
     text: str
     # Extension: when it was accepted.
     created_at: datetime | None = None
+    # Extension: the messages this one replaces (a regenerated or edited question and
+    # the answers it had), which leave the transcript.
+    replaces: list[str] | None = None
 
 
 class Thinking(WireModel):
@@ -369,6 +379,15 @@ class Status(WireModel):
     position: int | None = None
 
 
+class ChatUpdated(WireModel):
+    """Extension: a chat's summary changed (a generated title, a rename). Transient: no
+    `seq`, not logged, not replayed (`subscribed.chat` has the chat as it is)."""
+
+    type: Literal["chat_updated"] = "chat_updated"
+    chat_id: str
+    chat: ChatInfo
+
+
 class Pong(WireModel):
     """Extension: answer to `ping`."""
 
@@ -388,6 +407,7 @@ ServerMessage = Annotated[
     | Done
     | Error
     | Status
+    | ChatUpdated
     | Pong,
     Field(discriminator="type"),
 ]

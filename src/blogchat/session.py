@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from blogchat import protocol as wire
@@ -50,10 +50,15 @@ log = logging.getLogger(__name__)
 
 NOT_SAVED = "The answer could not be saved. Try again in a moment."
 NO_SEQS = "The chat could not be saved. Try again in a moment."
+RESTARTED = "The server restarted while writing this answer, so it ends here. Ask again to go on."
 BUSY = "Every assistant is busy right now, and your message waited too long. Try again soon."
 NOT_ANSWERED = (
     "Not answered: nobody was watching the chat when this message's turn came. Ask again."
 )
+
+
+# Called (not awaited) when a turn's answer is saved: the session, the turn, the answer.
+AfterTurn = Callable[["ChatSession", "PendingTurn", MessageRecord], None]
 
 
 class SessionState(enum.Enum):
@@ -66,6 +71,10 @@ class SessionState(enum.Enum):
 
 class SessionClosed(Exception):
     """The session was closed (chat deleted, idle reclaim, shutdown)."""
+
+
+class RewriteRefused(Exception):
+    """A regenerate or edit that no longer applies (the chat changed meanwhile)."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,8 @@ class PendingTurn:
     model_alias: wire.ModelAlias
     model_id: str
     anonymous: bool
+    # It replaced the chat's last turn: the engine rebuilds its context (TurnRequest).
+    rewritten: bool = False
 
     def who(self, visitor: str) -> Who:
         """Whose allowance the turn counts against (its chat's owner, its address)."""
@@ -142,7 +153,9 @@ class ChatSession:
         gate: TurnGate | None = None,
         quotas: Quotas | None = None,
         saves: PartialSaves | None = None,
+        after_turn: AfterTurn | None = None,
     ) -> None:
+        self.after_turn = after_turn
         self.blog = blog
         # The process's saver of running answers (None: this session saves its own).
         self.saves = saves
@@ -174,6 +187,9 @@ class ChatSession:
         self._consumer: asyncio.Task[_Outcome] | None = None
         self._hard_stop: asyncio.TimerHandle | None = None
         self._aborted = False
+        # Shutting down: nothing new starts, and the running turn ends as interrupted.
+        self._draining = False
+        self._interrupted = False
         # Where the last finished turn began: the log keeps everything from there on.
         self._last_turn_start: int | None = None
         # When the last subscriber left (or the session opened without one).
@@ -208,6 +224,26 @@ class ChatSession:
     def persona(self) -> Persona:
         """The chat's persona (the default one if the chat's is no longer configured)."""
         return self.personas.get(self.chat.persona, self.personas.default)
+
+    def rewrite(self, *, regenerate: str | None, edit: str | None) -> list[MessageRecord]:
+        """The messages a regenerate (of this answer) or an edit (of this user message)
+        replaces, first its question; ValueError says why it cannot be done. Only the chat's
+        last turn can be replaced, and only once it has ended."""
+        if self.busy:
+            raise ValueError("Wait for the answer to end (or stop it) first.")
+        messages = conversation_order(self.history)
+        if regenerate is not None:
+            last = messages[-1] if messages else None
+            if last is None or last.id != regenerate or last.role != "assistant":
+                raise ValueError("Only the chat's last answer can be asked for again.")
+            question = next((m for m in messages if m.id == last.reply_to), None)
+            if question is None:
+                raise ValueError("This answer has no question to ask again.")
+            return [question, *messages[messages.index(question) + 1 :]]
+        users = [m for m in messages if m.role == "user"]
+        if not users or users[-1].id != edit:
+            raise ValueError("Only your last message in the chat can be edited.")
+        return messages[messages.index(users[-1]) :]
 
     def prepare(self, model_id: str) -> None:
         """A reader opened the chat and may ask next: let the engine get ready, unless a
@@ -289,10 +325,16 @@ class ChatSession:
         model_id: str,
         anonymous: bool,
         address: str = "",
+        replaces: Sequence[MessageRecord] = (),
     ) -> MessageRecord:
-        """Save a user message, announce it, and queue its turn."""
+        """Save a user message, announce it, and queue its turn. A message that `replaces`
+        the chat's last turn (see `rewrite`) takes its place: the replaced messages are
+        marked superseded in the same save and leave the conversation."""
         self._ensure_open()
         async with self._lock:
+            if replaces and (self.busy or any(m not in self.history for m in replaces)):
+                # (Checked again under the lock: another turn may have begun since.)
+                raise RewriteRefused("The chat changed meanwhile; try again.")
             seq = await self.seqs.next()
             record = MessageRecord(
                 id=str(uuid.uuid4()),
@@ -303,6 +345,7 @@ class ChatSession:
                 text=text,
                 client_message_id=client_message_id,
                 client_address=address or None,
+                replaces=[message.id for message in replaces],
             )
             try:
                 await self.store.chats.add_message(record)
@@ -310,9 +353,18 @@ class ChatSession:
                 # Nothing was published with this seq: the next event takes it.
                 self.seqs.give_back(seq)
                 raise
+            if replaces:
+                gone = set(record.replaces)
+                self.history = [m for m in self.history if m.id not in gone]
+                # Its size is the conversation's without the replaced answer.
+                self.context_tokens = next(
+                    (m.context_tokens for m in reversed(self.history) if m.context_tokens), 0
+                )
             self.history.append(record)
             self._publish(seq, user_message_event(record))
-        self.enqueue(PendingTurn(record, model_alias, model_id, anonymous))
+        self.enqueue(
+            PendingTurn(record, model_alias, model_id, anonymous, rewritten=bool(replaces))
+        )
         return record
 
     def enqueue(self, *turns: PendingTurn) -> None:
@@ -321,6 +373,8 @@ class ChatSession:
         self._ensure_open()
         self._queue.extend(turns)
         self.last_activity = time.monotonic()
+        if self._draining:
+            return  # saved: the next start answers them
         if self._queue and (self._runner is None or self._runner.done()):
             self._runner = asyncio.create_task(self._run_queue(), name=f"chat-{self.chat.id}")
 
@@ -333,9 +387,28 @@ class ChatSession:
             self.timings.stop_grace, self._abort_turn
         )
 
+    async def interrupt(self) -> None:
+        """The server is shutting down: the running turn ends now (its sentence finished) as
+        stopped, with a warning that says why, while its readers are still connected; the
+        messages waiting behind it stay saved for the next start, and nothing new starts."""
+        self._draining = True
+        self._queue.clear()
+        if self.state is SessionState.RUNNING:
+            self._interrupted = True
+            self.stop()
+        runner = self._runner
+        if runner is not None and not runner.done():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(runner), self.timings.stop_grace + 2)
+
     def set_chat(self, chat: ChatRecord) -> None:
         """Take a changed chat row (new model or title)."""
         self.chat = chat
+
+    def update_chat(self, chat: ChatRecord) -> None:
+        """Take a changed chat row and tell the chat's subscribers (`chat_updated`)."""
+        self.chat = chat
+        self.fanout.publish(wire.ChatUpdated(chat_id=chat.id, chat=chat_info(chat)).to_json())
 
     async def close(self) -> None:
         """Stop whatever runs, free the engine's resources and settle the seq counter.
@@ -415,6 +488,11 @@ class ChatSession:
             if record is not None and record.id == draft.record.id:
                 spent = (record.input_tokens or 0) + (record.output_tokens or 0)
                 self.quotas.spent(who, spent)
+        if self.after_turn is not None and self.history and self.history[-1] is draft.record:
+            try:
+                self.after_turn(self, pending, draft.record)
+            except Exception:
+                log.exception("chat %s: what follows a turn failed", self.chat.id)
 
     def _waiting_at(self, draft: Draft, place: int) -> None:
         self._announce(
@@ -435,6 +513,7 @@ class ChatSession:
             history=_past(conversation_order(self.history), pending.user),
             anonymous=pending.anonymous,
             post=self.blog.post(self.chat.post_slug) if self.chat.post_slug else None,
+            rewritten=pending.rewritten,
         )
         trace = self.telemetry.start_turn(
             TurnStart(
@@ -580,6 +659,9 @@ class ChatSession:
         """End the turn: its `error` if it failed, the final save, then `done`. `done` is
         only ever sent for an answer that is saved; when the save fails, the readers get a
         retryable `error` and a `done` with reason `error` instead."""
+        if self._interrupted and outcome.reason == "stopped":
+            outcome.warning = RESTARTED
+        self._interrupted = False
         async with self._lock:
             try:
                 if outcome.failure is not None:
@@ -783,7 +865,9 @@ class ChatSessions:
         limits: SessionLimits | None = None,
         gate: TurnGate | None = None,
         quotas: Quotas | None = None,
+        after_turn: AfterTurn | None = None,
     ) -> None:
+        self.after_turn = after_turn
         self.limits = limits or SessionLimits()
         self.gate = gate
         self.quotas = quotas
@@ -838,6 +922,7 @@ class ChatSessions:
                 gate=self.gate,
                 quotas=self.quotas,
                 saves=self.saves,
+                after_turn=self.after_turn,
             )
             self._sessions[chat.id] = session
             future.set_result(session)
@@ -866,6 +951,12 @@ class ChatSessions:
         """Start reclaiming idle sessions in the background."""
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="session-sweeper")
+
+    async def interrupt_all(self) -> None:
+        """At shutdown, before connections close: end every running turn (see
+        ChatSession.interrupt), so that its readers get its end."""
+        sessions = list(self._sessions.values())
+        await asyncio.gather(*(s.interrupt() for s in sessions), return_exceptions=True)
 
     async def aclose(self) -> None:
         """Close every session (at shutdown)."""

@@ -316,6 +316,16 @@ class Settings(BaseSettings):
         validation_alias=_env("BLOGCHAT_MODEL_OPUS"),
         description="Model id behind the `opus` alias.",
     )
+    chat_titles: bool = Field(
+        default=True,
+        validation_alias=_env("BLOGCHAT_CHAT_TITLES"),
+        description="Write a title for each chat after its first exchange.",
+    )
+    title_model: str | None = Field(
+        default=None,
+        validation_alias=_env("BLOGCHAT_TITLE_MODEL"),
+        description="Model id that writes chat titles (default: the `haiku` model).",
+    )
     max_turns: int = Field(
         default=8,
         ge=1,

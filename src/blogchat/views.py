@@ -88,4 +88,5 @@ def user_message_event(record: MessageRecord) -> wire.UserMessage:
         client_message_id=record.client_message_id or "",
         text=record.text,
         created_at=record.created_at,
+        replaces=list(record.replaces) or None,
     )

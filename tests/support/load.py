@@ -49,6 +49,8 @@ def process_env(
         "BLOGCHAT_LOG_LEVEL": "WARNING",
         "ANTHROPIC_API_KEY": "",
         "BRAINTRUST_API_KEY": "",
+        # As in settings_for: no title requests unless a test turns them on.
+        "BLOGCHAT_CHAT_TITLES": "false",
         **unlimited_env(),
         **extra,
     }

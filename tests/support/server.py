@@ -102,6 +102,9 @@ def settings_for(database: Database, data_dir: Path, **overrides: Any) -> Settin
         # Tests must never reach a real provider or telemetry backend by accident.
         "anthropic_api_key": None,
         "braintrust_api_key": None,
+        # A title request and its `chat_updated` after each first exchange would be one more
+        # request and frame in every test; the tests of titles turn them on.
+        "chat_titles": False,
         **UNLIMITED,
     }
     values.update(overrides)

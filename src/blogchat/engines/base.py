@@ -47,6 +47,10 @@ class TurnRequest:
     anonymous: bool = True
     # The post the chat was started from, if any: the agent should know the reader's context.
     post: Post | None = None
+    # The chat's last turn was replaced (regenerated, or its question edited): `history`
+    # no longer ends as the engine's own context does, so an engine that keeps one must
+    # rebuild it from `history`.
+    rewritten: bool = False
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, cast
 
-from sqlalchemy import Table, bindparam, case, delete, exists, insert, select, update
+from sqlalchemy import Table, bindparam, case, delete, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased, selectinload
 
@@ -105,6 +105,9 @@ class MessageRecord:
     created_at: datetime = field(default_factory=utcnow)
     updated_at: datetime = field(default_factory=utcnow)
     tool_calls: list[ToolCallRecord] = field(default_factory=list)
+    # On a user message that regenerated or edited the chat's last question: the ids of
+    # the messages it replaced (they are kept, marked superseded by it).
+    replaces: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,12 @@ def _apply(row: Message, record: MessageRecord) -> None:
     row.tool_calls = [ToolCall(**columns) for columns in _tool_call_columns(record)]
 
 
+def like_escape(text: str) -> str:
+    """Text for a LIKE pattern that matches it literally (`%`, `_` and `\\` escaped with
+    `\\`)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def conversation_order(messages: list[MessageRecord]) -> list[MessageRecord]:
     """Order a transcript as a conversation: each answer right after the message it answers."""
     by_seq = sorted(messages, key=lambda message: message.seq_start)
@@ -279,6 +288,48 @@ class ChatStore:
             return [_chat_record(row) for row in rows]
 
     @runs_to_completion
+    async def search_chats(
+        self, owner_id: str, query: str, limit: int
+    ) -> list[tuple[ChatRecord, str | None]]:
+        """A visitor's chats whose title or a message (not a superseded one) contains
+        `query`, ignoring case (ASCII case only on SQLite), most recently active first; each
+        with the text of its first matching message, if a message matched."""
+        pattern = f"%{like_escape(query)}%"
+        found = Message.text.ilike(pattern, escape="\\")
+        in_messages = (
+            select(Message.id)
+            .where(Message.chat_id == Chat.id, Message.superseded_by.is_(None), found)
+            .exists()
+        )
+        async with self.db.session() as session:
+            rows = list(
+                await session.scalars(
+                    select(Chat)
+                    .where(
+                        Chat.owner_id == owner_id,
+                        Chat.title.ilike(pattern, escape="\\") | in_messages,
+                    )
+                    .order_by(Chat.updated_at.desc(), Chat.id)
+                    .limit(limit)
+                )
+            )
+            if not rows:
+                return []
+            texts: dict[str, str] = {}
+            matches = await session.execute(
+                select(Message.chat_id, Message.text)
+                .where(
+                    Message.chat_id.in_([row.id for row in rows]),
+                    Message.superseded_by.is_(None),
+                    found,
+                )
+                .order_by(Message.chat_id, Message.seq_start)
+            )
+            for chat_id, text in matches:
+                texts.setdefault(chat_id, text)
+            return [(_chat_record(row), texts.get(row.id)) for row in rows]
+
+    @runs_to_completion
     async def delete_chat(self, chat_id: str) -> None:
         """Delete a chat with its whole transcript, the agent's copy included."""
         async with self.db.session() as session:
@@ -293,6 +344,26 @@ class ChatStore:
         """Change some of a chat's columns (model, title, ...)."""
         async with self.db.session() as session:
             await session.execute(update(Chat).where(Chat.id == chat_id).values(**values))
+
+    @runs_to_completion
+    async def retitle(self, chat_id: str, old: str, new: str) -> bool:
+        """Give a chat a new title if it still has `old` (a rename meanwhile wins); whether it
+        did. The chat's activity time stays."""
+        async with self.db.session() as session:
+            result = await session.execute(
+                update(Chat).where(Chat.id == chat_id, Chat.title == old).values(title=new)
+            )
+            return bool(getattr(result, "rowcount", 0))
+
+    @runs_to_completion
+    async def add_side_tokens(self, message_id: str, tokens: int) -> None:
+        """Count tokens spent for an answer beside its turn (its chat's title)."""
+        async with self.db.session() as session:
+            await session.execute(
+                update(Message)
+                .where(Message.id == message_id)
+                .values(side_tokens=func.coalesce(Message.side_tokens, 0) + tokens)
+            )
 
     @runs_to_completion
     async def reserve_seq(self, chat_id: str, upto: int) -> None:
@@ -337,11 +408,21 @@ class ChatStore:
             if found is None:
                 return None
             row = await session.get(Message, found, options=[selectinload(Message.tool_calls)])
-            return None if row is None else _message_record(row)
+            if row is None:
+                return None
+            record = _message_record(row)
+            replaced = await session.scalars(
+                select(Message.id)
+                .where(Message.chat_id == row.chat_id, Message.superseded_by == row.id)
+                .order_by(Message.seq_start)
+            )
+            record.replaces = list(replaced)
+            return record
 
     @runs_to_completion
     async def add_message(self, record: MessageRecord) -> None:
-        """Insert a new message."""
+        """Insert a new message (a user message that replaces others marks them superseded
+        in the same transaction)."""
         columns = _columns(record) | {
             "id": record.id,
             "chat_id": record.chat_id,
@@ -354,6 +435,12 @@ class ChatStore:
                 # Statements rather than ORM objects: this is on the way to a turn's first
                 # token (every message a reader sends is saved before it is acknowledged).
                 await session.execute(insert(Message).values(columns))
+                if record.replaces:
+                    await session.execute(
+                        update(Message)
+                        .where(Message.chat_id == record.chat_id, Message.id.in_(record.replaces))
+                        .values(superseded_by=record.id)
+                    )
                 if record.tool_calls:
                     await session.execute(
                         insert(ToolCall),
@@ -420,7 +507,8 @@ class ChatStore:
 
     @runs_to_completion
     async def get_messages(self, chat_id: str) -> list[MessageRecord]:
-        """A chat's transcript in seq order."""
+        """A chat's transcript in conversation order, without superseded messages (each
+        message that replaced some lists them in `replaces`)."""
         async with self.db.session() as session:
             rows = await session.scalars(
                 select(Message)
@@ -428,7 +516,16 @@ class ChatStore:
                 .order_by(Message.seq_start)
                 .options(selectinload(Message.tool_calls))
             )
-            return conversation_order([_message_record(row) for row in rows])
+            live: list[MessageRecord] = []
+            replaced: dict[str, list[str]] = {}
+            for row in rows:
+                if row.superseded_by is None:
+                    live.append(_message_record(row))
+                else:
+                    replaced.setdefault(row.superseded_by, []).append(row.id)
+            for record in live:
+                record.replaces = replaced.get(record.id, [])
+            return conversation_order(live)
 
     @runs_to_completion
     async def mark_interrupted_turns(self) -> int:
@@ -453,6 +550,7 @@ class ChatStore:
                 .join(User, User.id == Chat.owner_id)
                 .where(
                     Message.role == "user",
+                    Message.superseded_by.is_(None),
                     ~exists().where(answer.reply_to == Message.id),
                 )
                 .order_by(Message.chat_id, Message.seq_start)

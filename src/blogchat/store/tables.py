@@ -148,6 +148,12 @@ class Message(Base):
     # get their seq) while an earlier answer still streams, so seq order alone does not
     # give the conversation's order.
     reply_to: Mapped[str | None] = mapped_column(String(36))
+    # Set when a regenerated or edited question replaced this message: the user message
+    # that did. Such a message stays (its tokens were spent) but leaves the conversation.
+    superseded_by: Mapped[str | None] = mapped_column(String(36))
+    # On an answer: tokens of requests made for it beside the turn (its chat's generated
+    # title). They count in the visitor's usage, not in the answer's own.
+    side_tokens: Mapped[int | None] = mapped_column(Integer)
     # The seq of the message's first and last transcript event.
     seq_start: Mapped[int] = mapped_column(Integer)
     seq_end: Mapped[int] = mapped_column(Integer)

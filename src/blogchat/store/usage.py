@@ -35,7 +35,11 @@ class UsageReport:
 
 
 def _tokens() -> Any:
-    return func.coalesce(Message.input_tokens, 0) + func.coalesce(Message.output_tokens, 0)
+    return (
+        func.coalesce(Message.input_tokens, 0)
+        + func.coalesce(Message.output_tokens, 0)
+        + func.coalesce(Message.side_tokens, 0)
+    )
 
 
 class UsageStore:

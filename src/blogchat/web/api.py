@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Request, Response, status
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
@@ -13,7 +14,7 @@ from pydantic.alias_generators import to_camel
 from blogchat import policy
 from blogchat import protocol as wire
 from blogchat.addresses import client_address
-from blogchat.chats import ChatError
+from blogchat.chats import MAX_SEARCH_CHARS, ChatError
 from blogchat.ratelimit import Decision, Rate
 from blogchat.rendering import MAX_HIGHLIGHT_CHARS, highlight
 from blogchat.visitors import AuthError, Visitor
@@ -241,14 +242,29 @@ async def personas(all_personas: PersonasDep) -> list[PersonaOut]:
     ]
 
 
+def _no_nul(value: str | None) -> str | None:
+    return None if value is None else wire.valid_text(value)
+
+
 def _not_found(exc: ChatError) -> HTTPException:
     # Another visitor's chat is answered exactly like one that does not exist.
     return HTTPException(status.HTTP_404_NOT_FOUND, exc.message)
 
 
-@router.get("/chats", response_model=list[wire.ChatInfo], response_model_by_alias=True)
-async def chats(visitor: CurrentVisitor, service: ChatsDep) -> list[wire.ChatInfo]:
-    """This visitor's chats, most recently active first."""
+@router.get(
+    "/chats",
+    response_model=list[wire.ChatInfo],
+    response_model_by_alias=True,
+)
+async def chats(
+    visitor: CurrentVisitor,
+    service: ChatsDep,
+    q: Annotated[str | None, Query(max_length=MAX_SEARCH_CHARS), AfterValidator(_no_nul)] = None,
+) -> Sequence[wire.ChatInfo]:
+    """This visitor's chats, most recently active first; with `q`, only those whose title or
+    messages contain it (extension: search)."""
+    if q is not None and q.strip():
+        return await service.search(visitor, q)
     return await service.list(visitor)
 
 

@@ -132,6 +132,8 @@ class ClaudeEngine(AgentEngine):
         delay = self.settings.provider_retry_delay
         outcome: DoneReason = "error"
         failure: TurnFailed | None = None
+        if request.rewritten:
+            await self._forget_context(request.chat_id)
         while True:
             # Where the stored conversation ends before this attempt: a retry goes back here.
             mark = await self.transcripts.mark(self.project_key, request.chat_id)
@@ -288,6 +290,15 @@ class ClaudeEngine(AgentEngine):
         await self.transcripts.truncate(self.project_key, chat_id, after=mark)
         # What was cut is gone: the transcript is sound again.
         self._start_over.discard(chat_id)
+
+    async def _forget_context(self, chat_id: str) -> None:
+        """The chat's last turn was replaced: its process and stored transcript still hold
+        it, so both go, and the next process starts over from the chat's own messages."""
+        process = self.pool.get(chat_id)
+        if process is not None:
+            await self.pool.discard(process)
+        await self.pool.gone(chat_id)
+        self._start_over.add(chat_id)
 
     def _return_unused(self, acquiring: asyncio.Future[AgentProcess]) -> None:
         if not acquiring.cancelled() and acquiring.exception() is None:

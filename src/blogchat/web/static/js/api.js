@@ -32,6 +32,7 @@ export const api = {
   models: () => call("GET", "/api/models"),
   personas: () => call("GET", "/api/personas"),
   chats: () => call("GET", "/api/chats"),
+  searchChats: (query) => call("GET", `/api/chats?q=${encodeURIComponent(query)}`),
   rename: (chatId, title) => call("PATCH", `/api/chats/${encodeURIComponent(chatId)}`, { title }),
   remove: (chatId) => call("DELETE", `/api/chats/${encodeURIComponent(chatId)}`),
   highlight: (code, language) => call("POST", "/api/highlight", { code, language }),

@@ -108,7 +108,7 @@ export function reduce(state, event, context = {}) {
   if (!event || typeof event.type !== "string" || !wellFormed(event)) return state;
   const next = apply(state, event, context.now ?? null);
   // Any later event of the chat replaces a status message.
-  if (next.status && event.type !== "status" && event.chatId && event.chatId === next.chatId) {
+  if (next.status && event.type !== "status" && event.type !== "chat_updated" && event.chatId && event.chatId === next.chatId) {
     return { ...next, status: null };
   }
   return next;
@@ -125,7 +125,13 @@ function wellFormed(event) {
     case "chat_created":
       return isText(event.chatId) && isText(event.clientMessageId);
     case "user_message":
-      return isText(event.chatId) && isSeq(event.seq) && isText(event.messageId) && isText(event.text);
+      return (
+        isText(event.chatId) &&
+        isSeq(event.seq) &&
+        isText(event.messageId) &&
+        isText(event.text) &&
+        (event.replaces == null || (Array.isArray(event.replaces) && event.replaces.every(isText)))
+      );
     case "thinking":
     case "token":
       return isText(event.chatId) && isSeq(event.seq) && isText(event.messageId) && isText(event.text);
@@ -138,6 +144,8 @@ function wellFormed(event) {
       return isText(event.message ?? "") && (event.seq == null || isSeq(event.seq));
     case "status":
       return isText(event.chatId) && STATUS_STATES.has(event.state);
+    case "chat_updated":
+      return isText(event.chatId) && event.chat !== null && typeof event.chat === "object" && isText(event.chat.title);
     default:
       return true;
   }
@@ -160,6 +168,9 @@ function apply(state, event, now) {
       return onDone(state, event, now);
     case "status":
       return onStatus(state, event, now);
+    case "chat_updated":
+      // A generated title or a rename: not part of the transcript (no seq).
+      return belongs(state, event) ? { ...state, chat: { ...state.chat, ...event.chat } } : state;
     case "error":
       return onError(state, event);
     case "local/send":
@@ -264,6 +275,11 @@ function onUserMessage(state, event) {
   // while the server was still saving it can count its seq without holding it yet.
   if (known) {
     return messages.length === state.messages.length ? state : withMessages(state, messages);
+  }
+  // A regenerated or edited question takes the place of the turn it replaces.
+  if (event.replaces?.length) {
+    const replaced = new Set(event.replaces);
+    messages = messages.filter((m) => m.local || !replaced.has(m.id));
   }
   const next = event.seq > state.lastSeq ? advance(state, event.seq) : { ...state };
   const message = {
@@ -494,6 +510,8 @@ function localEcho(event) {
     local: true,
     delivery: "sending",
     failure: null,
+    // A regenerate or an edit: the messages it will replace (hidden while it is on its way).
+    replaces: Array.isArray(event.replaces) ? event.replaces : null,
   };
 }
 
@@ -698,7 +716,12 @@ export class ChatClient {
   }
 
   /** Send a user message; it is kept and resent until the server confirms it. */
-  send(text, { model = null, persona = null, post = null } = {}) {
+  /**
+   * Send a message. `regenerate` (the chat's last answer's id) asks its question again
+   * in its place, `edit` (the reader's last message's id) replaces that message with
+   * `text`; `replaces` lists the messages the page hides meanwhile.
+   */
+  send(text, { model = null, persona = null, post = null, regenerate = null, edit = null, replaces = null } = {}) {
     const clientMessageId = this.newId();
     const creating = this.state.chatId === null;
     const entry = {
@@ -712,10 +735,12 @@ export class ChatClient {
       // A second message to a chat not created yet waits for its chatId (else: two chats).
       creates: creating && !this.outbox.some((e) => e.chatId === null && e.creates),
       createdAt: new Date().toISOString(),
+      regenerate: creating ? null : regenerate,
+      edit: creating ? null : edit,
     };
     this.outbox.push(entry);
     this.#saveOutbox();
-    this.#dispatch({ type: "local/send", clientMessageId, text, createdAt: entry.createdAt });
+    this.#dispatch({ type: "local/send", clientMessageId, text, createdAt: entry.createdAt, replaces });
     this.#sendEntry(entry);
     return clientMessageId;
   }
@@ -946,6 +971,8 @@ export class ChatClient {
     if (entry.model) frame.model = entry.model;
     if (entry.persona) frame.persona = entry.persona;
     if (entry.post) frame.post = entry.post;
+    if (entry.regenerate) frame.regenerate = entry.regenerate;
+    if (entry.edit) frame.edit = entry.edit;
     this.#sendFrame(frame);
   }
 

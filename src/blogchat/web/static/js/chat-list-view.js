@@ -39,10 +39,14 @@ export class ChatListView {
     this.current = null;
   }
 
-  /** Show these chats (newest first), marking the open one. */
-  show(chats, current = this.current) {
+  /**
+   * Show these chats (newest first), marking the open one. With `query`, they are the
+   * results of a search for it: one list, each with the words that matched.
+   */
+  show(chats, current = this.current, { query = null } = {}) {
     this.#chats = chats;
     this.current = current;
+    this.query = query;
     this.#draw();
   }
 
@@ -54,6 +58,25 @@ export class ChatListView {
 
   #draw() {
     this.empty.hidden = this.#chats.length > 0;
+    if (this.query) {
+      this.empty.textContent = `No chat mentions “${this.query}”.`;
+      const id = "chat-group-results";
+      const count = this.#chats.length;
+      this.list.replaceChildren(
+        ...(count
+          ? [
+              h(
+                "section",
+                { class: "chat-group", dataset: { group: "results" } },
+                h("h3", { class: "chat-group__title", id }, count === 1 ? "1 chat found" : `${count} chats found`),
+                h("ol", { class: "chat-group__list", "aria-labelledby": id }, this.#chats.map((chat) => this.#item(chat))),
+              ),
+            ]
+          : []),
+      );
+      return;
+    }
+    this.empty.textContent = "Your conversations will appear here.";
     const now = new Date();
     const groups = new Map(GROUPS.map((name) => [name, []]));
     for (const chat of this.#chats) groups.get(dateGroup(chat.updatedAt ?? chat.createdAt, now)).push(chat);
@@ -136,6 +159,7 @@ export class ChatListView {
       "a",
       { class: "chat-item__link", href: `/chat/${encodeURIComponent(chat.id)}`, "aria-current": current ? "page" : null },
       h("span", { class: "chat-item__title" }, chat.title || "Untitled chat"),
+      this.query && chat.snippet ? h("span", { class: "chat-item__snippet" }, chat.snippet) : null,
       h("span", { class: "chat-item__time" }, h("time", { datetime: when }, relativeTime(when))),
     );
     li.append(link);

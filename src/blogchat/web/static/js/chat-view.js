@@ -6,7 +6,7 @@ import { ChatClient, Connection, browserNetwork, isRunning } from "./chat-client
 import { ChatListView } from "./chat-list-view.js";
 import { h, icon } from "./dom.js";
 import { ModelPicker } from "./model-picker.js";
-import { TranscriptView } from "./transcript-view.js";
+import { TranscriptView, rewritable } from "./transcript-view.js";
 
 const CONNECTION_LABELS = {
   connecting: "Connecting…",
@@ -89,6 +89,7 @@ export function mountChat(root) {
     jump: byId("jump-latest"),
     problem: byId("problem"),
     composer: byId("composer"),
+    search: byId("chat-search-input"),
     input: byId("message"),
     persona: byId("persona"),
     personaLock: byId("persona-lock"),
@@ -132,6 +133,16 @@ export function mountChat(root) {
       retry: (id) => client.retry(id),
       discard: (id) => client.discard(id),
       ask: (text) => send(text),
+      regenerate: (answer) => regenerate(answer),
+      edit: (message) => startEditing(message),
+      askAgain: (answer) => {
+        // A failed last answer is asked again in its place; an older one as a new message.
+        if (rewritable(client.state).lastAnswer === answer.id) regenerate(answer);
+        else {
+          const question = client.state.messages.find((m) => m.id === answer.replyTo);
+          if (question) send(question.text);
+        }
+      },
     },
   });
 
@@ -287,12 +298,15 @@ export function mountChat(root) {
   // --- the chat list ---
 
   async function refreshChats() {
+    const query = el.search.value.trim();
     try {
-      chats = await api.chats();
+      chats = query ? await api.searchChats(query) : await api.chats();
     } catch {
       return; // the list stays as it was; the chat itself goes on over the socket
     }
-    chatList.show(chats, client.state.chatId);
+    // A newer search may have been typed meanwhile: only the latest one is shown.
+    if (query !== el.search.value.trim()) return;
+    chatList.show(chats, client.state.chatId, { query: query || null });
     schedule();
   }
 
@@ -318,7 +332,77 @@ export function mountChat(root) {
     return true;
   }
 
+  /** The messages from `id` to the end: what a regenerate or an edit replaces. */
+  function turnFrom(id) {
+    const settled = client.state.messages.filter((m) => !m.local);
+    const start = settled.findIndex((m) => m.id === id);
+    return start < 0 ? [] : settled.slice(start).map((m) => m.id);
+  }
+
+  function regenerate(answer) {
+    const question = client.state.messages.find((m) => m.id === answer.replyTo);
+    if (!question || client.state.gone) return;
+    stopEditing();
+    client.send(question.text, {
+      model: config.anonymous ? null : models.value,
+      regenerate: answer.id,
+      replaces: turnFrom(question.id),
+    });
+    forceStick = true;
+    schedule();
+    el.input.focus();
+  }
+
+  // --- editing the reader's last message: it goes back into the composer ---
+
+  let editing = null;
+  const editBar = h(
+    "div",
+    { class: "editing", hidden: true },
+    h("span", { class: "editing__label", id: "editing-label" }, icon("pencil"), " Editing your message"),
+    h("button", { type: "button", class: "text-button", onclick: () => stopEditing({ clear: true }) }, "Cancel"),
+  );
+  el.composer.before(editBar);
+
+  function startEditing(message) {
+    editing = { id: message.id, before: el.input.value };
+    editBar.hidden = false;
+    el.input.value = message.text;
+    el.input.setAttribute("aria-describedby", "editing-label composer-hint");
+    autosize();
+    el.input.focus();
+    el.input.setSelectionRange(el.input.value.length, el.input.value.length);
+  }
+
+  function stopEditing({ clear = false } = {}) {
+    if (!editing) return;
+    if (clear) el.input.value = editing.before;
+    editing = null;
+    editBar.hidden = true;
+    el.input.setAttribute("aria-describedby", "composer-hint");
+    autosize();
+  }
+
   function submitComposer() {
+    if (editing) {
+      const text = el.input.value.trim();
+      if (!text || client.state.gone) return;
+      const { id } = editing;
+      if (rewritable(client.state).lastQuestion !== id) {
+        // Something ran meanwhile: the edit goes as a new message instead.
+        stopEditing();
+        if (send(text)) el.input.value = "";
+      } else {
+        client.send(text, { model: config.anonymous ? null : models.value, edit: id, replaces: turnFrom(id) });
+        stopEditing();
+        el.input.value = "";
+        forceStick = true;
+        schedule();
+      }
+      autosize();
+      el.input.focus();
+      return;
+    }
     if (send(el.input.value)) {
       el.input.value = "";
       autosize();
@@ -335,7 +419,7 @@ export function mountChat(root) {
 
   client.on("state", (state, event) => {
     schedule();
-    if (event.type === "done") refreshChatsSoon();
+    if (event.type === "done" || event.type === "chat_updated") refreshChatsSoon();
   });
   client.on("connection", (state, detail) => {
     renderConnection(state, detail);
@@ -354,6 +438,15 @@ export function mountChat(root) {
     if (model) writeModel(chatId, model);
     chatList.select(chatId);
     refreshChatsSoon();
+  });
+
+  el.search.form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    refreshChats();
+  });
+  el.search.addEventListener("input", () => {
+    clearTimeout(refreshTimer);
+    refreshTimer = setTimeout(refreshChats, 200);
   });
 
   el.composer.addEventListener("submit", (event) => {
@@ -415,6 +508,12 @@ export function mountChat(root) {
     if (el.sidebar.dataset.open === "true") {
       setSidebar(false);
       el.sidebarToggle.focus();
+      return;
+    }
+    if (editing) {
+      event.preventDefault();
+      stopEditing({ clear: true });
+      el.input.focus();
       return;
     }
     if (isRunning(client.state)) {

@@ -4,7 +4,7 @@
 // only the block that grows; at `done` the server's HTML takes its place, node for node the
 // same tree.
 
-import { FINAL_STATUSES, isOrphan, visibleText } from "./chat-client.js";
+import { FINAL_STATUSES, isOrphan, isRunning, visibleText } from "./chat-client.js";
 import { decorateCodeBlock, decorateCodeBlocks, highlightCode } from "./code-blocks.js";
 import { copyText, h, icon, ordinal } from "./dom.js";
 import { LiveMarkdown } from "./markdown.js";
@@ -73,6 +73,30 @@ export function userPhases(state) {
   return phases;
 }
 
+/**
+ * What a regenerate or an edit may act on: `lastAnswer` (the id of the chat's last answer)
+ * and `lastQuestion` (the reader's last message), both null while a turn runs or a message
+ * is on its way; and `hidden`, the messages a regenerate or edit on its way will replace.
+ */
+export function rewritable(state) {
+  const hidden = new Set();
+  let pending = false;
+  for (const m of state.messages) {
+    if (!m.local) continue;
+    if (m.delivery !== "failed") pending = true;
+    if (m.replaces && m.delivery !== "failed") for (const id of m.replaces) hidden.add(id);
+  }
+  const settled = state.messages.filter((m) => !m.local);
+  if (pending || isRunning(state) || !settled.length) return { hidden, lastAnswer: null, lastQuestion: null };
+  const last = settled[settled.length - 1];
+  const questions = settled.filter((m) => m.kind === "user");
+  return {
+    hidden,
+    lastAnswer: last.kind === "assistant" && last.status !== "streaming" ? last.id : null,
+    lastQuestion: questions.length ? questions[questions.length - 1].id : null,
+  };
+}
+
 export class TranscriptView {
   #nodes = new Map();
   #placeholder = null;
@@ -114,7 +138,9 @@ export class TranscriptView {
       previous = el;
     };
     let waitingFor = null;
+    const { hidden, lastAnswer, lastQuestion } = rewritable(state);
     for (const message of state.messages) {
+      if (hidden.has(message.id)) continue;
       const key = keyOf(message);
       let node = this.#nodes.get(key);
       const phase = phases.get(message.id) ?? null;
@@ -145,6 +171,12 @@ export class TranscriptView {
         // The answer about to start: hold its place so nothing jumps when it arrives.
         place(this.#pendingAnswer(state));
       }
+    }
+    // Regenerate on the last answer, edit on the reader's last message, and only while
+    // nothing runs: the server refuses them anywhere else.
+    for (const node of this.#nodes.values()) {
+      if (node.regenerate) node.regenerate.hidden = node.message?.id !== lastAnswer;
+      if (node.edit) node.edit.hidden = node.message?.id !== lastQuestion;
     }
     if (!waitingFor && this.#placeholder) {
       this.#placeholder.remove();
@@ -246,9 +278,10 @@ export class TranscriptView {
       this.#actionButton("copy", "Copy", "Copy your message", (event) =>
         this.#copy(event.currentTarget, node.message.text, "Your message was copied."),
       ),
-      // Edit and resend needs the protocol's support; the hook is ready for it.
       this.actions.edit
-        ? this.#actionButton("pencil", "Edit", "Edit and send again", () => this.actions.edit(node.message))
+        ? (node.edit = this.#actionButton("pencil", "Edit", "Edit your message and send it again", () =>
+            this.actions.edit(node.message),
+          ))
         : null,
     );
     const el = h("li", { class: "msg msg--user", dataset: { id: message.id } }, text, status, actions);
@@ -573,7 +606,16 @@ export class TranscriptView {
             h("p", {}, h("strong", {}, "The answer failed. "), text ?? "Something went wrong."),
             advice ? h("p", { class: "note__advice" }, advice) : null,
             retryable !== false && question
-              ? h("button", { type: "button", class: "text-button", onclick: () => this.actions.ask(question) }, "Ask again")
+              ? h(
+                  "button",
+                  {
+                    type: "button",
+                    class: "text-button",
+                    // In place when it can be (the page decides): no second copy of the question.
+                    onclick: () => (this.actions.askAgain ? this.actions.askAgain(message) : this.actions.ask(question)),
+                  },
+                  "Ask again",
+                )
               : null,
           ),
         ),
@@ -596,9 +638,10 @@ export class TranscriptView {
         this.#actionButton("copy", "Copy", "Copy the answer as Markdown", (event) =>
           this.#copy(event.currentTarget, visibleText(node.message), "The answer was copied as Markdown."),
         ),
-        // Regenerate needs the protocol's support; the hook is ready for it.
         this.actions.regenerate
-          ? this.#actionButton("refresh", "Regenerate", "Write this answer again", () => this.actions.regenerate(node.message))
+          ? (node.regenerate = this.#actionButton("refresh", "Regenerate", "Write this answer again", () =>
+              this.actions.regenerate(node.message),
+            ))
           : null,
       );
       node.metaInfo = h("span", { class: "msg__info" });

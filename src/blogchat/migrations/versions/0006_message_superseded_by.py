@@ -1,0 +1,29 @@
+"""messages: superseded_by (the question that replaced a regenerated or edited turn) and
+side_tokens (what writing a chat's title cost)
+
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-12-02 09:00:00.000000
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0006"
+down_revision = "0005"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("messages", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("superseded_by", sa.String(length=36), nullable=True))
+        batch_op.add_column(sa.Column("side_tokens", sa.Integer(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("messages", schema=None) as batch_op:
+        batch_op.drop_column("side_tokens")
+        batch_op.drop_column("superseded_by")
