@@ -104,6 +104,9 @@ class MessageRecord:
     created_at: datetime = field(default_factory=utcnow)
     updated_at: datetime = field(default_factory=utcnow)
     tool_calls: list[ToolCallRecord] = field(default_factory=list)
+    # An answer's messages in the API's shape, when its engine gave them (engines/base.py,
+    # `Exchange`): what the provider saw, signatures included.
+    content: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,7 @@ def _message_record(row: Message) -> MessageRecord:
         error=row.error,
         created_at=row.created_at,
         updated_at=row.updated_at,
+        content=row.content,
         tool_calls=[
             ToolCallRecord(
                 tool_use_id=call.tool_use_id,
@@ -188,6 +192,7 @@ def _columns(record: MessageRecord) -> dict[str, Any]:
         "seq_end": record.seq_end,
         "warning": record.warning,
         "error": record.error,
+        "content": record.content,
         "updated_at": utcnow(),
     }
 
