@@ -19,6 +19,7 @@ from tests.support.anthropic_server import (
     RecordedRequest,
     error,
     reply,
+    stall,
     text,
     thinking,
     tool_use,
@@ -464,3 +465,88 @@ async def test_a_chat_moves_between_engines_with_its_context(
     sent = api.last_request().raw_body.decode()
     assert "How do I keep a starter alive?" in sent
     assert "Feed it daily." in sent
+
+
+# --- the Messages engine's own ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ["messages"])
+async def test_the_next_turn_sends_the_conversation_as_the_provider_saw_it_with_caching(
+    api: AnthropicTestServer, engine_server: LiveServer, engine_reader: Reader
+) -> None:
+    api.when_user_says(
+        "rye",
+        [
+            reply(thinking("Search first."), tool_use("searchBlogContent", {"query": "rye"})),
+            reply(thinking("Found it."), text("Rye ferments fast.")),
+        ],
+    )
+    ws = await engine_reader.connect()
+    chat_id, first = await ask(ws, "Tell me about rye")
+    _, _ = await ask(ws, "Why?", chat_id)
+
+    turn_one = api.main_requests()[1]
+    later = api.last_request()
+    # Everything the first turn's second request sent, then its answer, went out again
+    # as it was: thinking blocks with their signatures, the tool call and its result.
+    sent_before = list(turn_one.messages)
+    assert [m["role"] for m in later.messages] == ["user", "assistant", "user", "assistant", "user"]
+    strip = _without_cache_control
+    assert strip(later.messages[:3]) == strip(sent_before)
+    thoughts = later.blocks("thinking", role="assistant")
+    assert [t["thinking"] for t in thoughts] == ["Search first.", "Found it."]
+    assert all(t["signature"] for t in thoughts)
+    (result,) = later.blocks("tool_result", role="user")
+    (call,) = of_type(first, "tool_use")
+    assert result["tool_use_id"] == call["toolUseId"]
+    # The prompt cache: the system prompt, the tools and the conversation so far.
+    body = later.json
+    assert body["system"][-1]["cache_control"] == {"type": "ephemeral"}
+    assert body["tools"][-1]["cache_control"] == {"type": "ephemeral"}
+    assert later.messages[-1]["content"][-1]["cache_control"] == {"type": "ephemeral"}
+    marked = json.dumps(later.messages).count("cache_control")
+    assert marked == 1, "one breakpoint in the conversation, at its end"
+    # The answer's messages are kept with it in the database.
+    records = await engine_server.state.store.chats.get_messages(chat_id)
+    kept = next(r.content for r in records if r.role == "assistant")
+    assert kept is not None
+    assert [m["role"] for m in kept] == ["assistant", "user", "assistant"]
+
+
+@pytest.mark.parametrize("engine", ["messages"])
+async def test_a_stall_before_the_first_token_is_retried_and_one_after_it_ends_the_turn(
+    api: AnthropicTestServer, make_engine_settings: Callable[..., Settings]
+) -> None:
+    api.when_user_says(
+        "slow",
+        [
+            reply(stall(5), text("Never shown.")),
+            text("Here after a stall."),
+        ],
+    )
+    api.when_user_says("halting", reply(text("Half an answer. "), stall(5), text("never")))
+    with claude_server_for(make_engine_settings(stall_seconds=0.5)) as server:
+        async with Reader(server.url) as visitor:
+            ws = await visitor.connect()
+            chat_id, events = await ask(ws, "Are you slow?")
+            _, halted = await ask(ws, "Are you halting?", chat_id)
+            answers = (await chat_detail(visitor, chat_id))["messages"]
+
+    assert answer_text(events) == "Here after a stall."
+    assert len(of_type(events, "status")) == 1
+    (failure,) = of_type(halted, "error")
+    assert failure["retryable"] is True
+    assert answer_text(halted) == "Half an answer. "
+    assert (answers[-1]["status"], answers[-1]["text"]) == ("error", "Half an answer. ")
+
+
+def _without_cache_control(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            content = [
+                {k: v for k, v in block.items() if k != "cache_control"} for block in content
+            ]
+        out.append({**message, "content": content})
+    return out
