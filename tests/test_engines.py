@@ -6,6 +6,7 @@ WebSocket and database (SQLite and PostgreSQL).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -507,7 +508,9 @@ async def test_the_next_turn_sends_the_conversation_as_the_provider_saw_it_with_
     marked = json.dumps(later.messages).count("cache_control")
     assert marked == 1, "one breakpoint in the conversation, at its end"
     # The answer's messages are kept with it in the database.
-    records = await engine_server.state.store.chats.get_messages(chat_id)
+    records = await asyncio.to_thread(
+        engine_server.call, engine_server.state.store.chats.get_messages(chat_id)
+    )
     kept = next(r.content for r in records if r.role == "assistant")
     assert kept is not None
     assert [m["role"] for m in kept] == ["assistant", "user", "assistant"]
