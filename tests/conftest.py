@@ -16,6 +16,7 @@ import pytest
 import time_machine
 
 from blogchat.settings import Settings
+from tests.support.claude import claude_engine
 from tests.support.client import Reader
 from tests.support.server import Database, LiveServer, settings_for
 
@@ -26,6 +27,17 @@ POSTGRES_URL = os.environ.get(
     "BLOGCHAT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
 IN_CI = bool(os.environ.get("CI"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With BLOGCHAT_ENGINE=messages, the Claude tests run on the Messages engine; those of
+    the Agent SDK engine's own machinery (marked agent_sdk) are skipped."""
+    if claude_engine() == "agent-sdk":
+        return
+    skip = pytest.mark.skip(reason="tests the Agent SDK engine's own machinery")
+    for item in items:
+        if item.get_closest_marker("agent_sdk") is not None:
+            item.add_marker(skip)
 
 
 async def _postgres(statement: str) -> None:

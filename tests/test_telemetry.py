@@ -400,6 +400,7 @@ async def test_a_provider_failure_after_retries_fails_the_turn_span_with_the_pro
 
 
 @pytest.mark.claude
+@pytest.mark.agent_sdk
 async def test_an_agent_crash_during_a_tool_names_the_stage_and_the_tool_with_its_input(
     api: AnthropicTestServer, make_claude_settings: Callable[..., Settings], spans: Spans
 ) -> None:
