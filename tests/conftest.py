@@ -16,7 +16,6 @@ import pytest
 import time_machine
 
 from blogchat.settings import Settings
-from tests.support.claude import claude_engine
 from tests.support.client import Reader
 from tests.support.server import Database, LiveServer, settings_for
 
@@ -32,6 +31,8 @@ IN_CI = bool(os.environ.get("CI"))
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """With BLOGCHAT_ENGINE=messages, the Claude tests run on the Messages engine; those of
     the Agent SDK engine's own machinery (marked agent_sdk) are skipped."""
+    from tests.support.claude import claude_engine  # a plugin: imported by now, rewritten
+
     if claude_engine() == "agent-sdk":
         return
     skip = pytest.mark.skip(reason="tests the Agent SDK engine's own machinery")

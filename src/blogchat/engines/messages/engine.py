@@ -238,6 +238,7 @@ class _Turn:
             names = tuple(tool.name for tool in self.tools)
             question = f"{post_context(request.post, names)}\n\n{question}"
         # The conversation up to the reader's new message, then what this turn added.
+        self.question = question
         self.before = messages_for(request, question)
         self.exchange: list[Message] = []
         self.phase: Phase = "streaming"
@@ -327,7 +328,9 @@ class _Turn:
         if thinking is not None:
             params["thinking"] = thinking
         runner = engine.client.beta.messages.tool_runner(**params)
-        pending_input: object = (self.exchange or self.before)[-1:]
+        pending_input = _telemetry_input(
+            self.exchange[-1] if self.exchange else None, self.question
+        )
         stream: Any = None
         started = time.time()
         try:
@@ -361,7 +364,7 @@ class _Turn:
                     self._decide("stopped")
                     return
                 started = time.time()
-                pending_input = self.exchange[-1:]
+                pending_input = _telemetry_input(self.exchange[-1], self.question)
         except Exception as exc:
             if not _is_provider_error(exc):
                 raise
@@ -432,6 +435,7 @@ class _Turn:
                 self._stop_now()
             if self.phase == "done":
                 self.call = None
+                call.stop_reason = call.stop_reason or "interrupted"
                 yield call.report(self._keep_shown(call, stream))
                 return
 
@@ -558,7 +562,9 @@ class _Turn:
             input_tokens=sum(call.input for call in calls),
             output_tokens=sum(call.output for call in calls),
             warning=warning,
-            metadata={"engine": MessagesEngine.name, "attempts": self.attempts},
+            # A turn is never started over (a failed request is sent again, as the Agent
+            # SDK engine's CLI does), so it has one attempt, as the spans count them.
+            metadata={"engine": MessagesEngine.name, "attempts": 1, "tries": self.attempts},
             stop_reason=self.stop_reason if outcome != "stopped" else None,
             cache_read_tokens=sum(call.cache_read for call in calls),
             cache_creation_tokens=sum(call.cache_creation for call in calls),
@@ -569,6 +575,24 @@ class _Turn:
 def runner_names(tools: Sequence[_BlogTool]) -> set[str]:
     """The names of the tools offered."""
     return {tool.name for tool in tools}
+
+
+def _telemetry_input(last: Message | None, question: str) -> object:
+    """What a request added to the conversation, for its span (as the Agent SDK engine
+    reports it): the reader's message, or the tool results."""
+    if last is None or last["role"] != "user":
+        return [{"role": "user", "content": question}]
+    results = [
+        {
+            "type": "tool_result",
+            "tool_use_id": block.get("tool_use_id"),
+            "content": _tool_output(block.get("content")),
+            "is_error": bool(block.get("is_error")),
+        }
+        for block in last["content"]
+        if isinstance(block, Mapping) and block.get("type") == "tool_result"
+    ]
+    return [{"role": "user", "content": results}]
 
 
 def _block_param(block: Any) -> dict[str, Any]:
