@@ -69,7 +69,7 @@ from blogchat.app import load_content
 from blogchat.engines.base import TextDelta, TurnEnded, TurnRequest
 from blogchat.engines.messages import MessagesEngine
 
-BENCH = "4. messages engine"
+BENCH = "7. messages engine"
 GOAL_TTFT_P50_MS = 5.0
 GOAL_WHOLE = 0.97
 GOAL_CPU_US = 260.0
