@@ -221,9 +221,12 @@ class Seen:
     errors: list[str] = field(default_factory=list)
 
 
-async def read_answer(ws: ClientConnection, text: str, chat_id: str | None) -> tuple[str, Seen]:
-    """Ask, and read to `done`, timing every stamped token."""
+async def read_answer(
+    ws: ClientConnection, text: str, chat_id: str | None, delay: float = 0.0
+) -> tuple[str, Seen]:
+    """Ask after `delay` seconds, and read to `done`, timing every stamped token."""
     seen = Seen()
+    await asyncio.sleep(delay)
     await ws.send(chat_frame(text, chat_id))
     try:
         while True:
@@ -292,6 +295,7 @@ class Load:
     cpu: float
     rss_before: int
     rss_peak: int
+    seconds: float
     baseline: Seen | None = None
 
     @property
@@ -304,7 +308,12 @@ class Load:
 
 
 async def under_load(
-    engine: str, chats: int, tokens: int, rate: float, *, with_baseline: bool = False
+    engine: str,
+    chats: int,
+    tokens: int,
+    rate: float,
+    *,
+    with_baseline: bool = False,
 ) -> Load:
     """`chats` chats at once on a server of this engine: one warm-up turn each, then one
     measured turn each, with the server's CPU (children included) and memory."""
@@ -320,47 +329,49 @@ async def under_load(
         process = bench.ps
         rss_before, _ = process_memory(process)
         cpu_before = cpu_seconds(process) + sum(cpu_seconds(c) for c in process.children(True))
+        started = time.monotonic()
         with PeakMemory(process) as peak:
+            # The chats start spread over one token's interval, as in bench_concurrency.py.
             turns = [
-                read_answer(ws, QUESTION, chat_id)
-                for ws, chat_id in zip(sockets, chat_ids, strict=True)
+                read_answer(ws, QUESTION, chat_id, index / chats / rate if rate else 0.0)
+                for index, (ws, chat_id) in enumerate(zip(sockets, chat_ids, strict=True))
             ]
             baseline_task = direct_stamped(base_url) if with_baseline else None
             if baseline_task is not None:
                 *results, baseline = await asyncio.gather(*turns, baseline_task)
             else:
                 results, baseline = list(await asyncio.gather(*turns)), None
+        seconds = time.monotonic() - started
         cpu_after = cpu_seconds(process) + sum(cpu_seconds(c) for c in process.children(True))
         await asyncio.gather(*(ws.close() for ws in sockets))
     seen = [s for _, s in results]  # type: ignore[misc]
     for s in seen:
         if s.tokens != tokens:
             s.errors.append(f"{s.tokens} tokens of {tokens}")
-    return Load(seen, cpu_after - cpu_before, rss_before, max(peak.peak, rss_before), baseline)
+    peak_rss = max(peak.peak, rss_before)
+    return Load(seen, cpu_after - cpu_before, rss_before, peak_rss, seconds, baseline)
 
 
-def load_rows(
-    cpu: dict[str, Load], crowd: Load, chats: int, crowd_chats: int, rate: float, crowd_rate: float
-) -> list[Row]:
-    """CPU per token on both engines, and the 200-chat figures of the Messages engine."""
+def cpu_row(name: str, load: Load, chats: int, rate: float) -> Row:
+    """Server CPU per delivered token on one engine."""
+    per_token = load.cpu / max(1, load.tokens) * 1e6
+    metric = f"server CPU per delivered token, {chats} chats x {rate:g} tokens/s"
+    shown = f"{per_token:,.0f} µs ({load.tokens} tokens, {len(load.errors)} errors)"
+    if name != "messages":
+        return info_row(BENCH, f"{metric}, Agent SDK engine (CLIs included)", shown)
+    return goal_row(
+        BENCH,
+        f"{metric}, Messages engine",
+        measured=per_token,
+        goal=GOAL_CPU_US,
+        unit="µs",
+        shown=shown,
+    )
+
+
+def crowd_rows(crowd: Load, crowd_chats: int, crowd_rate: float) -> list[Row]:
+    """The figures of many chats at once on the Messages engine."""
     rows: list[Row] = []
-    for name, load in cpu.items():
-        per_token = load.cpu / max(1, load.tokens) * 1e6
-        metric = f"server CPU per delivered token, {chats} chats x {rate:g} tokens/s"
-        shown = f"{per_token:,.0f} µs ({load.tokens} tokens, {len(load.errors)} errors)"
-        if name == "messages":
-            rows.append(
-                goal_row(
-                    BENCH,
-                    f"{metric}, Messages engine",
-                    measured=per_token,
-                    goal=GOAL_CPU_US,
-                    unit="µs",
-                    shown=shown,
-                )
-            )
-        else:
-            rows.append(info_row(BENCH, f"{metric}, Agent SDK engine (CLIs included)", shown))
     per_chat = (crowd.rss_peak - crowd.rss_before) / crowd_chats / MB
     rows.append(
         goal_row(
@@ -405,6 +416,14 @@ def load_rows(
                 f"{base.p50 * 1000:.1f} / {base.p99 * 1000:.1f} ms p50 / p99",
             )
         )
+    rows.append(
+        info_row(
+            BENCH,
+            f"server CPU, {crowd_chats} chats at once",
+            f"{crowd.cpu / crowd.seconds:.0%} of one core over {crowd.seconds:.0f} s "
+            f"({crowd.cpu / max(1, crowd.tokens) * 1e6:,.0f} µs per token)",
+        )
+    )
     return rows
 
 
@@ -429,21 +448,36 @@ def main(argv: list[str] | None = None) -> list[Row]:
         action="store_true",
         help="leave out the Agent SDK engine's CPU figure (it starts one CLI per chat)",
     )
-    args = parser.parse_args(argv)
-    raise_file_limit()
-    with anthropic_api(500) as base_url:
-        unpaced = asyncio.run(latency_rounds(base_url, args.rounds))
-    with anthropic_api(500, args.paced_rate) as base_url:
-        paced = asyncio.run(latency_rounds(base_url, args.paced_rounds))
-    rows = latency_rows(unpaced, paced, args.paced_rate)
-    engines = ["messages"] if args.skip_agent_sdk_load else ["messages", "agent-sdk"]
-    cpu = {
-        name: asyncio.run(under_load(name, args.chats, args.tokens, args.rate)) for name in engines
-    }
-    crowd = asyncio.run(
-        under_load("messages", args.crowd, args.tokens, args.crowd_rate, with_baseline=True)
+    parser.add_argument("--crowd-tokens", type=int, default=100, help="tokens per crowd answer")
+    parser.add_argument(
+        "--only", default="latency,cpu,crowd", help="parts to run: latency, cpu, crowd"
     )
-    rows += load_rows(cpu, crowd, args.chats, args.crowd, args.rate, args.crowd_rate)
+    args = parser.parse_args(argv)
+    parts = set(args.only.split(","))
+    raise_file_limit()
+    rows: list[Row] = []
+    if "latency" in parts:
+        with anthropic_api(500) as base_url:
+            unpaced = asyncio.run(latency_rounds(base_url, args.rounds))
+        with anthropic_api(500, args.paced_rate) as base_url:
+            paced = asyncio.run(latency_rounds(base_url, args.paced_rounds))
+        rows += latency_rows(unpaced, paced, args.paced_rate)
+    if "cpu" in parts:
+        engines = ["messages"] if args.skip_agent_sdk_load else ["messages", "agent-sdk"]
+        for name in engines:
+            load = asyncio.run(under_load(name, args.chats, args.tokens, args.rate))
+            rows.append(cpu_row(name, load, args.chats, args.rate))
+    if "crowd" in parts:
+        crowd = asyncio.run(
+            under_load(
+                "messages",
+                args.crowd,
+                args.crowd_tokens,
+                args.crowd_rate,
+                with_baseline=True,
+            )
+        )
+        rows += crowd_rows(crowd, args.crowd, args.crowd_rate)
     print_rows("Messages engine beside the Agent SDK engine and direct", rows)
     return rows
 
