@@ -314,6 +314,7 @@ async def under_load(
     rate: float,
     *,
     with_baseline: bool = False,
+    spread: float | None = None,
 ) -> Load:
     """`chats` chats at once on a server of this engine: one warm-up turn each, then one
     measured turn each, with the server's CPU (children included) and memory."""
@@ -331,9 +332,12 @@ async def under_load(
         cpu_before = cpu_seconds(process) + sum(cpu_seconds(c) for c in process.children(True))
         started = time.monotonic()
         with PeakMemory(process) as peak:
-            # The chats start spread over one token's interval, as in bench_concurrency.py.
+            # The chats start spread over `spread` seconds: by default one token's interval,
+            # as in bench_concurrency.py.
+            if spread is None:
+                spread = 1 / rate if rate else 0.0
             turns = [
-                read_answer(ws, QUESTION, chat_id, index / chats / rate if rate else 0.0)
+                read_answer(ws, QUESTION, chat_id, index / chats * spread)
                 for index, (ws, chat_id) in enumerate(zip(sockets, chat_ids, strict=True))
             ]
             baseline_task = direct_stamped(base_url) if with_baseline else None
@@ -448,6 +452,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
         action="store_true",
         help="leave out the Agent SDK engine's CPU figure (it starts one CLI per chat)",
     )
+    parser.add_argument(
+        "--crowd-spread",
+        type=float,
+        help="seconds over which the crowd's chats start (default: one delta's interval)",
+    )
     parser.add_argument("--crowd-tokens", type=int, default=100, help="tokens per crowd answer")
     parser.add_argument(
         "--only", default="latency,cpu,crowd", help="parts to run: latency, cpu, crowd"
@@ -475,6 +484,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 args.crowd_tokens,
                 args.crowd_rate,
                 with_baseline=True,
+                spread=args.crowd_spread,
             )
         )
         rows += crowd_rows(crowd, args.crowd, args.crowd_rate)

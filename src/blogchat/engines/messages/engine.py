@@ -262,6 +262,7 @@ class _Turn:
     # --- the turn ---------------------------------------------------------------------------
 
     async def events(self) -> AsyncGenerator[EngineEvent, None]:
+        """The turn's events: runners until one ends the turn, the last event TurnEnded."""
         retries = self.settings.provider_retries
         delay = self.settings.provider_retry_delay
         while True:
