@@ -15,6 +15,16 @@ token being produced and being received. In one run:
 Idle memory is also measured on two fresh servers, one whose clients negotiate
 permessage-deflate (as browsers do) and one whose clients do not, because compression keeps
 a zlib context per connection.
+
+`--compare-saves` measures instead the two ways of saving running answers side by side: two
+servers, one saving every running answer of the process in one statement a second
+(`BLOGCHAT_BATCHED_SAVES=true`, the default) and one where each answer saves itself in a
+transaction of its own (`false`, the former way), each under the same load on a server of
+its own, in turn (`--rounds` pairs, each way first every other round, so that a pair shares
+the machine's drift; at once, the one client process would be the bottleneck). It prints
+the server CPU per delivered token of each, their paired ratio, and blogchat's own time to
+the first token of a message in a running chat after each load (sent to received, on the
+scripted engine, whose first token costs it nothing: all of that time is blogchat's).
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -294,6 +305,140 @@ async def measure(
     return rows
 
 
+async def first_token(ws: ClientConnection, chat_id: str) -> float:
+    """Seconds from sending a message in this chat to its first token; reads to `done`."""
+    sent = time.monotonic_ns()
+    await ws.send(chat_frame("tokens=2 rate=0", chat_id))
+    received: int | None = None
+    while True:
+        event = json.loads(await ws.recv())
+        if event["type"] == "token" and received is None:
+            received = time.monotonic_ns()
+        elif event["type"] == "done":
+            break
+        elif event["type"] == "error":
+            raise RuntimeError(f"error {event['code']}: {event['message']}")
+    assert received is not None, "no token"
+    return (received - sent) / 1e9
+
+
+async def chat_of(ws: ClientConnection) -> str:
+    """Start a chat on this connection (a short answer, read to its end); its id."""
+    await ws.send(chat_frame("tokens=2 rate=0"))
+    chat_id: str | None = None
+    while True:
+        event = json.loads(await ws.recv())
+        if event["type"] == "chat_created":
+            chat_id = event["chatId"]
+        elif event["type"] == "done":
+            assert chat_id is not None
+            return chat_id
+
+
+@dataclass
+class SavesRun:
+    """One way of saving, under load on a server of its own."""
+
+    cpu_per_token: float
+    share: float
+    delays: list[float]
+    errors: list[str]
+    first_tokens: list[float]
+
+
+async def saves_run(
+    flag: str, chats: int, rate: float, seconds: float, database: str, samples: int
+) -> SavesRun:
+    """`chats` chats streaming on a server with BLOGCHAT_BATCHED_SAVES=`flag`, then blogchat's
+    own time to first token of a message in a running chat, `samples` times."""
+    tokens = int(rate * seconds)
+    env = {"BLOGCHAT_BATCHED_SAVES": flag}
+    with server(engine="scripted", database=database, env=env) as bench:
+        sockets = await open_many(bench, await visitors(bench, chats + 1))
+        probe = sockets.pop()
+        chat_id = await chat_of(probe)
+        await first_token(probe, chat_id)  # warm: a message in a running chat
+        before = cpu_seconds(bench.ps)
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(stream(ws, tokens, rate, index / chats / rate) for index, ws in enumerate(sockets))
+        )
+        elapsed = time.monotonic() - started
+        cpu = cpu_seconds(bench.ps) - before
+        first_tokens = [await first_token(probe, chat_id) for _ in range(samples)]
+        await asyncio.gather(*(ws.close() for ws in [*sockets, probe]))
+    delivered = sum(result.tokens for result in results)
+    return SavesRun(
+        cpu_per_token=cpu / max(delivered, 1),
+        share=cpu / elapsed,
+        delays=[delay for result in results for delay in result.delays],
+        errors=[error for result in results for error in result.errors],
+        first_tokens=first_tokens,
+    )
+
+
+async def compare_saves(
+    chats: int, rate: float, seconds: float, database: str, samples: int, rounds: int
+) -> list[Row]:
+    """Batched against per-answer saves of running answers, in turn (module docstring)."""
+    raise_file_limit()
+    ways = {"batched": "true", "per answer": "false"}
+    runs: dict[str, list[SavesRun]] = {way: [] for way in ways}
+    for index in range(rounds):
+        # In turn, each first every other round: the client serves one server at a time,
+        # and pairs of runs share the machine's drift.
+        order = list(ways) if index % 2 == 0 else list(reversed(ways))
+        for way in order:
+            runs[way].append(await saves_run(ways[way], chats, rate, seconds, database, samples))
+
+    rows: list[Row] = []
+    for way in ways:
+        done = runs[way]
+        per_token = statistics.median(run.cpu_per_token for run in done)
+        delays = summarize([delay for run in done for delay in run.delays])
+        errors = [error for run in done for error in run.errors]
+        rows.append(
+            info_row(
+                BENCH,
+                f"{way}: server CPU per delivered token ({chats} chats × {rate:g} tok/s)",
+                f"{per_token * 1e6:.0f} µs median of {len(done)}"
+                f" ({', '.join(f'{run.cpu_per_token * 1e6:.0f}' for run in done)};"
+                f" {statistics.median(run.share for run in done):.0%} of one core;"
+                f" token delay p50 {delays.p50 * 1000:.1f} ms, p99 {delays.p99 * 1000:.1f} ms)",
+                note=f"{len(errors)} error(s)" + (f": {errors[0]}" if errors else ""),
+            )
+        )
+    paired = [
+        batched.cpu_per_token / each.cpu_per_token
+        for batched, each in zip(runs["batched"], runs["per answer"], strict=True)
+    ]
+    saved = 1 - statistics.median(paired)
+    rows.append(
+        Row(
+            bench=BENCH,
+            metric="server CPU per delivered token: batched / per answer (paired rounds)",
+            goal="≤ 0.70",
+            measured=f"{1 - saved:.2f} ({', '.join(f'{ratio:.2f}' for ratio in paired)})",
+            ratio=(1 - saved) / 0.70,
+            passed=saved >= 0.30,
+            note="the issue's goal: at least 30% less CPU per token at 100 streaming chats",
+        )
+    )
+    for way in ways:
+        own = summarize([value for run in runs[way] for value in run.first_tokens])
+        rows.append(
+            goal_row(
+                BENCH,
+                f"{way}: blogchat's own time to first token, p50 (a message in a running chat)",
+                measured=own.p50 * 1000,
+                goal=3.0,
+                unit="ms",
+                shown=f"{own.p50 * 1000:.2f} ms (p99 {own.p99 * 1000:.2f}, n={own.n})",
+            )
+        )
+    return rows
+
+
 async def idle_rows(connections: int, database: str) -> list[Row]:
     """Idle memory per connection with and without compression, on fresh servers."""
     with_deflate = await idle_memory(connections, "deflate", database)
@@ -318,7 +463,26 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--skip-idle", action="store_true", help="skip the deflate comparison")
     parser.add_argument("--profile", type=Path, help="profile the loaded server into this file")
+    parser.add_argument(
+        "--compare-saves",
+        action="store_true",
+        help="batched against per-answer saves of running answers, side by side",
+    )
+    parser.add_argument("--samples", type=int, default=50, help="first-token samples a run")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each way, in turn")
     args = parser.parse_args(argv)
+    if args.compare_saves:
+        rows = asyncio.run(
+            compare_saves(
+                args.chats, args.rate, args.seconds, args.database, args.samples, args.rounds
+            )
+        )
+        print_rows(
+            f"Partial saves, batched and per answer ({args.chats} chats each at {args.rate:g}"
+            f" tokens/s for {args.seconds:g} s, {args.database})",
+            rows,
+        )
+        return rows
     rows = asyncio.run(
         measure(args.connections, args.chats, args.rate, args.seconds, args.database, args.profile)
     )

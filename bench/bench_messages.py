@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -121,7 +121,7 @@ async def latency_rounds(base_url: str, rounds: int) -> dict[str, list[Take]]:
             await agent_sdk_turn(agent, agent_chat)
             await messages.turn()
             await direct(http)
-            paths = {
+            paths: dict[str, Callable[[], Awaitable[Take]]] = {
                 "direct": lambda: direct(http),
                 "messages": messages.turn,
                 "agent-sdk": lambda: agent_sdk_turn(agent, agent_chat),
@@ -340,15 +340,15 @@ async def under_load(
                 read_answer(ws, QUESTION, chat_id, index / chats * spread)
                 for index, (ws, chat_id) in enumerate(zip(sockets, chat_ids, strict=True))
             ]
-            baseline_task = direct_stamped(base_url) if with_baseline else None
-            if baseline_task is not None:
-                *results, baseline = await asyncio.gather(*turns, baseline_task)
-            else:
-                results, baseline = list(await asyncio.gather(*turns)), None
+            answers = asyncio.gather(*turns)
+            baseline: Seen | None = None
+            if with_baseline:
+                baseline = await direct_stamped(base_url)
+            results = await answers
         seconds = time.monotonic() - started
         cpu_after = cpu_seconds(process) + sum(cpu_seconds(c) for c in process.children(True))
         await asyncio.gather(*(ws.close() for ws in sockets))
-    seen = [s for _, s in results]  # type: ignore[misc]
+    seen = [s for _, s in results]
     for s in seen:
         if s.tokens != tokens:
             s.errors.append(f"{s.tokens} tokens of {tokens}")

@@ -37,7 +37,7 @@ def app_for(tokens: int, rate: float) -> Starlette:
     """The stand-in: every request streams `tokens` stamped deltas."""
 
     async def answer(model: str) -> AsyncIterator[bytes]:
-        message = {
+        message: dict[str, Any] = {
             "id": f"msg_{uuid.uuid4().hex[:24]}",
             "type": "message",
             "role": "assistant",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import datetime as dt
 import json
@@ -332,7 +333,10 @@ def _drop_schema(schema: str) -> None:
         finally:
             await connection.close()
 
-    asyncio.run(drop())
+    # In a thread of its own: the caller may be running an event loop (a server started
+    # and stopped from inside a benchmark's coroutine).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(asyncio.run, drop()).result()
 
 
 @contextlib.contextmanager

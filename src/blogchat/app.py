@@ -27,7 +27,7 @@ from blogchat.quotas import Quotas, TurnGate
 from blogchat.ratelimit import RateLimiter
 from blogchat.rendering import render_answer
 from blogchat.search import SearchIndex
-from blogchat.session import ChatSessions, SessionLimits
+from blogchat.session import ChatSessions, SessionLimits, SessionTimings
 from blogchat.settings import Settings, load_settings
 from blogchat.store import Store
 from blogchat.telemetry import telemetry_for
@@ -111,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Histories render every finished answer each time they are sent.
             functools.lru_cache(maxsize=1024)(render_answer),
             idle_seconds=settings.session_idle_seconds,
+            timings=SessionTimings(batched_saves=settings.batched_saves),
             telemetry=telemetry,
             limits=SessionLimits(
                 queue=settings.chat_queue_limit,

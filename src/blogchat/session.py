@@ -40,6 +40,7 @@ from blogchat.engines.base import (
 from blogchat.eventlog import EventLog, Fanout, MemoryEventLog, MemoryFanout, Subscriber
 from blogchat.personas import Persona, Personas
 from blogchat.quotas import GateTimeout, Quotas, TurnGate, Who
+from blogchat.saves import PartialSaves
 from blogchat.seqs import SeqCounter, SeqsExhausted
 from blogchat.store import ChatRecord, MessageRecord, Store
 from blogchat.store.chats import Status, conversation_order
@@ -73,6 +74,9 @@ class SessionTimings:
     """How often partial answers are saved, and how long a graceful stop may take."""
 
     save_interval: float = 1.0
+    # One saver for every running answer of the process (saves.py); False: each turn saves
+    # its own answer, the way it was done before, kept to measure the two side by side.
+    batched_saves: bool = True
     # A turn still running this long after a stop is cut; the engines' graceful stops are
     # built to end before it (engines/base.py).
     stop_grace: float = STOP_DEADLINE
@@ -138,8 +142,11 @@ class ChatSession:
         limits: SessionLimits | None = None,
         gate: TurnGate | None = None,
         quotas: Quotas | None = None,
+        saves: PartialSaves | None = None,
     ) -> None:
         self.blog = blog
+        # The process's saver of running answers (None: this session saves its own).
+        self.saves = saves
         self.telemetry = telemetry or Telemetry()
         self.limits = limits or SessionLimits()
         self.gate = gate
@@ -442,13 +449,19 @@ class ChatSession:
             )
         )
         finished = asyncio.Event()
-        saver = asyncio.create_task(self._save_periodically(draft, finished))
+        saver = None
+        if self.saves is not None:
+            self.saves.track(draft)
+        else:
+            saver = asyncio.create_task(self._save_periodically(draft, finished))
         self._consumer = asyncio.create_task(self._consume(request, draft, trace))
         try:
             outcome = await self._consumer
         except asyncio.CancelledError:
             if not self._aborted:
                 finished.set()
+                if self.saves is not None:
+                    self.saves.forget(draft)
                 trace.abandon()
                 raise
             # The graceful stop ran out of time: end the turn here with what we have.
@@ -467,7 +480,10 @@ class ChatSession:
         # Let a save in progress finish rather than cutting it off mid-transaction: a
         # partial save landing after the final one would overwrite the answer.
         finished.set()
-        await saver
+        if saver is not None:
+            await saver
+        if self.saves is not None:
+            await self.saves.settle(draft)
         await self._finish(draft, pending, outcome, trace)
 
     async def _consume(
@@ -783,6 +799,11 @@ class ChatSessions:
         self.idle_seconds = idle_seconds
         self.timings = timings or SessionTimings()
         self.telemetry = telemetry or Telemetry()
+        self.saves = (
+            PartialSaves(store.chats, self.timings.save_interval)
+            if self.timings.batched_saves
+            else None
+        )
         self._sessions: dict[str, ChatSession] = {}
         self._opening: dict[str, asyncio.Future[ChatSession]] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -820,6 +841,7 @@ class ChatSessions:
                 limits=self.limits,
                 gate=self.gate,
                 quotas=self.quotas,
+                saves=self.saves,
             )
             self._sessions[chat.id] = session
             future.set_result(session)
@@ -859,6 +881,8 @@ class ChatSessions:
         sessions = list(self._sessions.values())
         self._sessions.clear()
         await asyncio.gather(*(session.close() for session in sessions), return_exceptions=True)
+        if self.saves is not None:
+            await self.saves.aclose()
 
     async def sweep(self) -> int:
         """Close sessions that are idle, unwatched and past the idle time; return how many."""

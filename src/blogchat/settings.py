@@ -177,6 +177,14 @@ class Settings(BaseSettings):
         validation_alias=_env("BLOGCHAT_SESSION_IDLE_SECONDS"),
         description="An idle chat session with no subscribers is closed after this long.",
     )
+    batched_saves: bool = Field(
+        default=True,
+        validation_alias=_env("BLOGCHAT_BATCHED_SAVES"),
+        description=(
+            "Save every running answer of the process together, each second (false: each "
+            "answer saves itself, the former way, kept for the benchmark's comparison)."
+        ),
+    )
     send_queue_limit: int = Field(
         default=10000,
         ge=16,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, cast
 
-from sqlalchemy import case, delete, exists, insert, select, update
+from sqlalchemy import Table, bindparam, case, delete, exists, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased, selectinload
 
@@ -385,6 +386,42 @@ class ChatStore:
                 session.add(row)
             _apply(row, record)
             await self._touch(session, record.chat_id)
+
+    @runs_to_completion
+    async def save_partial_answers(self, records: Sequence[MessageRecord]) -> None:
+        """Update running answers already saved once, all in one statement (executemany):
+        their text, thinking and seqs. Their rows and tool calls are `save_message`'s."""
+        if not records:
+            return
+        now = utcnow()
+        rows = [
+            {
+                "answer_id": record.id,
+                "text": record.text,
+                "thinking": record.thinking,
+                "seq_start": record.seq_start,
+                "seq_end": record.seq_end,
+                "updated_at": now,
+            }
+            for record in records
+        ]
+        # One Core statement with a parameter set per answer (executemany). An answer whose
+        # chat was deleted meanwhile matches no row, and holds up none of the others.
+        messages = cast(Table, Message.__table__)
+        statement = (
+            update(messages)
+            .where(messages.c.id == bindparam("answer_id"))
+            .values(
+                text=bindparam("text"),
+                thinking=bindparam("thinking"),
+                seq_start=bindparam("seq_start"),
+                seq_end=bindparam("seq_end"),
+                updated_at=bindparam("updated_at"),
+            )
+        )
+        async with self.db.session() as session:
+            connection = await session.connection()
+            await connection.execute(statement, rows)
 
     @runs_to_completion
     async def get_messages(self, chat_id: str) -> list[MessageRecord]:
