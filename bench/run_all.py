@@ -73,10 +73,19 @@ def ratelimit(quick: bool) -> list[Row]:
     return bench_ratelimit.main(["--hits", "4000" if quick else "20000"])
 
 
+def messages(quick: bool) -> list[Row]:
+    """4. The Messages engine beside the Agent SDK engine and direct."""
+    from bench import bench_messages
+
+    small = ["--rounds", "10", "--paced-rounds", "3", "--chats", "5", "--crowd", "50"]
+    return bench_messages.main(small if quick else [])
+
+
 RUNNERS: dict[str, Callable[[bool], list[Row]]] = {
     "relay": relay,
     "concurrency": concurrency,
     "claude": claude,
+    "messages": messages,
     "resume": resume,
     "search": search,
     "ratelimit": ratelimit,

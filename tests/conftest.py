@@ -28,6 +28,19 @@ POSTGRES_URL = os.environ.get(
 )
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With BLOGCHAT_ENGINE=messages, the Claude tests run on the Messages engine; those of
+    the Agent SDK engine's own machinery (marked agent_sdk) are skipped."""
+    from tests.support.claude import claude_engine  # a plugin: imported by now, rewritten
+
+    if claude_engine() == "agent-sdk":
+        return
+    skip = pytest.mark.skip(reason="tests the Agent SDK engine's own machinery")
+    for item in items:
+        if item.get_closest_marker("agent_sdk") is not None:
+            item.add_marker(skip)
+
+
 async def _postgres(statement: str) -> None:
     connection = await asyncpg.connect(POSTGRES_URL, timeout=5)
     try:

@@ -40,7 +40,7 @@ from tests.support.claude import (
 from tests.support.client import ChatSocket, Event, Reader, answer_text
 from tests.support.server import Database, LiveServer
 
-pytestmark = pytest.mark.claude
+pytestmark = [pytest.mark.claude, pytest.mark.agent_sdk]
 
 LONG_ANSWER = "Starters like warmth. " + " ".join(
     f"Sentence number {n} keeps going for a while." for n in range(200)

@@ -31,7 +31,7 @@ from tests.support.claude import OPUS_ID, claude_server_for, cli_processes, engi
 from tests.support.client import ChatSocket, Event, Reader, answer_text
 from tests.support.server import Database, LiveServer, settings_for
 
-pytestmark = pytest.mark.claude
+pytestmark = [pytest.mark.claude, pytest.mark.agent_sdk]
 
 # What a reader might type to reach the agent program rather than the model: its slash
 # commands (settings, model, diagnostics, built-in prompts), bash and memory shortcuts,

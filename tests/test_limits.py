@@ -303,6 +303,7 @@ async def test_a_chat_whose_context_grew_past_the_limit_takes_no_more_messages(
 
 
 @pytest.mark.claude
+@pytest.mark.agent_sdk
 @pytest.mark.parametrize("database", ["sqlite"], indirect=True)
 async def test_invalid_text_claims_no_spare_agent_process(
     make_claude_settings: Callable[..., Settings],

@@ -140,6 +140,20 @@ def test_an_empty_api_key_means_the_offline_engine(monkeypatch: pytest.MonkeyPat
     assert not load_settings(_env_file=None).claude_enabled
 
 
+def test_the_engine_is_the_agent_sdk_unless_the_messages_engine_is_chosen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert load_settings(_env_file=None).engine == "agent-sdk"
+    monkeypatch.setenv("BLOGCHAT_ENGINE", "messages")
+    assert load_settings(_env_file=None).engine == "messages"
+
+
+def test_an_unknown_engine_is_refused_by_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BLOGCHAT_ENGINE", "chainlit")
+    with pytest.raises(SettingsError, match="BLOGCHAT_ENGINE"):
+        load_settings(_env_file=None)
+
+
 # --- the .env file ----------------------------------------------------------------------------
 
 

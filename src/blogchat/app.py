@@ -64,7 +64,12 @@ def load_content(settings: Settings) -> Content:
 
 
 def make_engine(settings: Settings, content: Content, store: Store) -> AgentEngine:
-    """Claude when credentials are configured, otherwise the offline engine."""
+    """Claude when credentials are configured (on the engine `BLOGCHAT_ENGINE` names),
+    otherwise the offline engine."""
+    if settings.claude_enabled and settings.engine == "messages":
+        from blogchat.engines.messages import MessagesEngine
+
+        return MessagesEngine(settings, content.tools)
     if settings.claude_enabled:
         from blogchat.engines.claude import ClaudeEngine
         from blogchat.store.transcripts import TranscriptStore

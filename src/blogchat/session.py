@@ -25,6 +25,7 @@ from blogchat.engines.base import (
     STOP_DEADLINE,
     AgentEngine,
     EngineEvent,
+    Exchange,
     ModelCall,
     PastMessage,
     Retrying,
@@ -575,6 +576,9 @@ class ChatSession:
                 match event:
                     case ModelCall():
                         continue  # For telemetry only: readers never see it.
+                    case Exchange(messages=messages):
+                        # The conversation as the provider saw it, kept with the answer.
+                        draft.record.content = [dict(message) for message in messages]
                     case TurnEnded():
                         outcome.reason = event.reason
                         outcome.model = event.model or request.model_id
@@ -844,7 +848,7 @@ def _past(messages: list[MessageRecord], user: MessageRecord) -> Sequence[PastMe
     for message in messages:
         if message is user:
             break
-        past.append(PastMessage(message.role, message.text))
+        past.append(PastMessage(message.role, message.text, message.content))
     return past
 
 

@@ -9,7 +9,7 @@ import re
 import secrets
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AliasChoices,
@@ -300,6 +300,15 @@ class Settings(BaseSettings):
         default=None,
         validation_alias=_env("ANTHROPIC_BASE_URL"),
         description="Base URL of an Anthropic-compatible Messages API.",
+    )
+    engine: Literal["agent-sdk", "messages"] = Field(
+        default="agent-sdk",
+        validation_alias=_env("BLOGCHAT_ENGINE"),
+        description=(
+            "Which Claude engine runs the chats when an API key is set: `agent-sdk` (the "
+            "Claude Agent SDK, one CLI process per active chat) or `messages` (the Messages "
+            "API through the `anthropic` SDK, in process). docs/engines.md compares them."
+        ),
     )
     model_haiku: str = Field(
         default="claude-haiku-4-5",

@@ -455,6 +455,9 @@ class RecordedRequest:
 def is_side_request(request: RecordedRequest) -> bool:
     """Whether a Messages request is outside the agent loop (must not consume a script).
 
+    The Messages engine's requests are the anthropic SDK tool runner's, which names itself
+    in the ``x-stainless-helper`` header: all of them belong to the agent loop.
+
     Every request of the agent loop carries the SDK's identity block in ``system``, also with
     a custom system prompt, without tools, and in the non-streaming fallback the CLI uses
     after failed streams. Requests without it were made for another purpose. Session-title
@@ -462,6 +465,8 @@ def is_side_request(request: RecordedRequest) -> bool:
     they constrain the answer with ``output_config.format`` and wrap the prompt in
     ``<session>`` tags, which the agent loop never does.
     """
+    if _TOOL_RUNNER in (request.header("x-stainless-helper") or ""):
+        return False  # The Messages engine's loop: the anthropic SDK's tool runner.
     if not any(block.startswith(_IDENTITY_PREFIXES) for block in request.system_blocks):
         return True
     if _output_schema(request) is not None:
@@ -473,6 +478,7 @@ def is_side_request(request: RecordedRequest) -> bool:
 
 
 _IDENTITY_PREFIXES = ("You are a Claude agent", "You are Claude Code")
+_TOOL_RUNNER = "BetaToolRunner"
 
 
 def _output_schema(request: RecordedRequest) -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ tests/conftest.py loads these fixtures for every test module.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
@@ -42,11 +43,18 @@ TEST_OVERRIDES: dict[str, Any] = {
 }
 
 
+def claude_engine() -> str:
+    """The Claude engine the live-server tests run on: `BLOGCHAT_ENGINE`, else agent-sdk
+    (docs/engines.md, "Running the tests on either engine")."""
+    return os.environ.get("BLOGCHAT_ENGINE") or "agent-sdk"
+
+
 def claude_overrides(api: AnthropicTestServer, **overrides: Any) -> dict[str, Any]:
-    """Settings that select the Claude engine, talking to this test server."""
+    """Settings that select a Claude engine, talking to this test server."""
     return {
         "anthropic_api_key": "test-key",
         "anthropic_base_url": api.base_url,
+        "engine": claude_engine(),
         **TEST_OVERRIDES,
         **overrides,
     }

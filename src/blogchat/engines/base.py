@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 from blogchat.content import Post
 from blogchat.personas import Persona
@@ -20,6 +20,10 @@ class PastMessage:
 
     role: Literal["user", "assistant"]
     text: str
+    # An answer's messages in the Messages API's shape, as an engine gave them in its
+    # `Exchange` (thinking with signatures, tool calls with their results); None for a
+    # question, and for an answer of an engine that gives none (then `text` is what is known).
+    content: Sequence[Mapping[str, Any]] | None = None
 
 
 # A stop's time budget, in seconds. The protocol promises `done` within STOP_PROMISE of a
@@ -166,12 +170,24 @@ class ModelCall:
     message_id: str | None = None
 
 
+@dataclass(frozen=True)
+class Exchange:
+    """The turn's messages in the Messages API's shape, exactly as the provider saw them
+    (assistant messages with thinking blocks and their signatures, user messages with tool
+    results), ending with what the reader was shown. The session keeps them with the
+    answer, and hands them back in `PastMessage.content`: the database history is the
+    conversation. Sent once, before TurnEnded, by engines that have it."""
+
+    messages: tuple[Mapping[str, Any], ...]
+
+
 EngineEvent = (
     ThinkingDelta
     | TextDelta
     | ToolStarted
     | ToolFinished
     | ModelCall
+    | Exchange
     | Retrying
     | TurnFailed
     | TurnEnded

@@ -108,6 +108,9 @@ class MessageRecord:
     # On a user message that regenerated or edited the chat's last question: the ids of
     # the messages it replaced (they are kept, marked superseded by it).
     replaces: list[str] = field(default_factory=list)
+    # An answer's messages in the API's shape, when its engine gave them (engines/base.py,
+    # `Exchange`): what the provider saw, signatures included.
+    content: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,7 @@ def _message_record(row: Message) -> MessageRecord:
         error=row.error,
         created_at=row.created_at,
         updated_at=row.updated_at,
+        content=row.content,
         tool_calls=[
             ToolCallRecord(
                 tool_use_id=call.tool_use_id,
@@ -192,6 +196,7 @@ def _columns(record: MessageRecord) -> dict[str, Any]:
         "seq_end": record.seq_end,
         "warning": record.warning,
         "error": record.error,
+        "content": record.content,
         "updated_at": utcnow(),
     }
 

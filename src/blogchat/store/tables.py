@@ -161,6 +161,10 @@ class Message(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # On an answer the Messages engine wrote: the turn's messages exactly as the provider
+    # saw them (thinking blocks with their signatures, tool calls and their results), in
+    # the API's shape, so the next turn sends the conversation as it was.
+    content: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
 
     chat: Mapped[Chat] = relationship(back_populates="messages")
     tool_calls: Mapped[list[ToolCall]] = relationship(

@@ -1,0 +1,496 @@
+"""The Messages engine beside the Agent SDK engine and the direct API, in one run.
+
+Run with `uv run python bench/bench_messages.py` (options: `--help`). Every figure is paired
+with its baseline, measured side by side under the same machine noise:
+
+1. latency, in this process: the Anthropic test server (a process of its own) answers with
+   500 text deltas at once; round after round, in rotating order, a plain HTTP client
+   reading the stream (direct), the Messages engine and the Agent SDK engine (a warm
+   chat: its CLI process is running) each take the answer. The time to the first token
+   each engine adds over direct is paired by round. A second pass paces the model at 1000
+   tokens/s and compares whole answers (tokens over the time from question to last token).
+2. CPU per delivered token: a blogchat server in a process of its own, on each engine in
+   turn, streams 20 chats at once from a model paced at 50 tokens/s
+   (`bench/stamped_model.py`); the server's CPU time (its child processes' included: the
+   agent CLIs) over the tokens its readers received. Each chat has had one turn before,
+   so the Agent SDK engine's processes are running.
+3. 200 chats at once on the Messages engine, 10 text deltas/s each (the API sends a few
+   tokens a delta; 200 chats at 50 deltas/s would need more CPU than two cores have at
+   the engine's cost per delta, see docs/performance.md): every token carries the
+   moment the model stand-in sent it, so each reader computes the token's delay from the
+   model to itself; p99 over all tokens, and every error. A direct reader of the same
+   model, in the same client process, takes its own stream at the same time: its delays
+   are the baseline. The server's RSS before and at its peak gives the memory each running
+   chat costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bench_claude import Bench, settings_for
+from bench.bench_concurrency import PeakMemory, open_many, visitors
+from bench.bench_relay import QUESTION, Take, direct, direct_client, take
+from bench.bench_relay import engine as agent_sdk_turn
+from bench.support import (
+    MB,
+    REPO,
+    Row,
+    anthropic_api,
+    chat_frame,
+    cpu_seconds,
+    goal_row,
+    info_row,
+    print_rows,
+    process_memory,
+    raise_file_limit,
+    server,
+    summarize,
+)
+from blogchat.app import load_content
+from blogchat.engines.base import TextDelta, TurnEnded, TurnRequest
+from blogchat.engines.messages import MessagesEngine
+
+BENCH = "7. messages engine"
+GOAL_TTFT_P50_MS = 5.0
+GOAL_WHOLE = 0.97
+GOAL_CPU_US = 260.0
+GOAL_MEMORY_MB = 1.0
+GOAL_P99_MS = 50.0
+
+
+# --- 1. latency ----------------------------------------------------------------------------
+
+
+class MessagesBench:
+    """The Messages engine in this process, as a chat session drives it."""
+
+    def __init__(self, base_url: str, data: Path) -> None:
+        api = SimpleNamespace(base_url=base_url)
+        self.settings = settings_for(api, data, thinking_budget=0, engine="messages")  # type: ignore[arg-type]
+        self.content = load_content(self.settings)
+        self.engine = MessagesEngine(self.settings, self.content.tools)
+
+    async def turn(self) -> Take:
+        """One answer, from run_turn() to its last token."""
+        request = TurnRequest(
+            chat_id=str(uuid.uuid4()),
+            text=QUESTION,
+            persona=self.content.personas.default,
+            model_alias="haiku",
+            model_id=self.settings.model_haiku,
+        )
+        stamps: list[float] = []
+        started = time.perf_counter()
+        async for event in self.engine.run_turn(request, asyncio.Event()):
+            if isinstance(event, TextDelta):
+                stamps.append(time.perf_counter())
+            elif isinstance(event, TurnEnded) and event.reason != "complete":
+                raise RuntimeError(f"messages engine turn ended {event.reason}")
+        return take(started, stamps)
+
+
+async def latency_rounds(base_url: str, rounds: int) -> dict[str, list[Take]]:
+    """Direct, Messages engine and Agent SDK engine, in rotating order each round."""
+    samples: dict[str, list[Take]] = {"direct": [], "messages": [], "agent-sdk": []}
+    with tempfile.TemporaryDirectory(prefix="bench-messages-") as tmp:
+        api = SimpleNamespace(base_url=base_url)
+        agent_settings = settings_for(api, Path(tmp) / "agent", thinking_budget=0)  # type: ignore[arg-type]
+        messages = MessagesBench(base_url, Path(tmp) / "messages")
+        async with Bench(agent_settings) as agent, direct_client(base_url) as http:
+            agent_chat = str(uuid.uuid4())
+            # Warm up: the agent chat's process starts, every client connects once.
+            await agent_sdk_turn(agent, agent_chat)
+            await messages.turn()
+            await direct(http)
+            paths: dict[str, Callable[[], Awaitable[Take]]] = {
+                "direct": lambda: direct(http),
+                "messages": messages.turn,
+                "agent-sdk": lambda: agent_sdk_turn(agent, agent_chat),
+            }
+            names = list(paths)
+            for index in range(rounds):
+                shift = index % len(names)
+                for name in names[shift:] + names[:shift]:
+                    samples[name].append(await paths[name]())
+        await messages.engine.aclose()
+    return samples
+
+
+def latency_rows(
+    unpaced: dict[str, list[Take]], paced: dict[str, list[Take]], rate: float
+) -> list[Row]:
+    """TTFT over direct, and whole answers paced at `rate`, for both engines."""
+    rows: list[Row] = []
+    for name in ("messages", "agent-sdk"):
+        added = summarize(
+            [e.ttft - d.ttft for e, d in zip(unpaced[name], unpaced["direct"], strict=True)]
+        )
+        whole = summarize(
+            [e.whole / d.whole for e, d in zip(paced[name], paced["direct"], strict=True)]
+        )
+        if name == "messages":
+            rows.append(
+                goal_row(
+                    BENCH,
+                    "TTFT added over direct, Messages engine, p50",
+                    measured=added.p50 * 1000,
+                    goal=GOAL_TTFT_P50_MS,
+                    unit="ms",
+                    shown=f"{added.p50 * 1000:.1f} ms (p99 {added.p99 * 1000:.1f}, n={added.n})",
+                )
+            )
+            rows.append(
+                goal_row(
+                    BENCH,
+                    f"whole answer at {rate:g} tokens/s / direct, Messages engine",
+                    measured=whole.p50,
+                    goal=GOAL_WHOLE,
+                    unit="",
+                    shown=f"{whole.p50:.3f} p50 (n={whole.n})",
+                    higher_is_better=True,
+                )
+            )
+        else:
+            rows.append(
+                info_row(
+                    BENCH,
+                    "TTFT added over direct, Agent SDK engine (warm chat)",
+                    f"{added.p50 * 1000:.1f} / {added.p99 * 1000:.1f} ms p50 / p99",
+                )
+            )
+            rows.append(
+                info_row(
+                    BENCH,
+                    f"whole answer at {rate:g} tokens/s / direct, Agent SDK engine",
+                    f"{whole.p50:.3f} p50",
+                )
+            )
+    for name, takes in unpaced.items():
+        ttft = summarize([t.ttft for t in takes])
+        rows.append(info_row(BENCH, f"{name}: TTFT, 500 tokens unpaced", ttft.ms()))
+    return rows
+
+
+# --- 2 and 3. a server under load ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def stamped_model(tokens: int, rate: float) -> Iterator[str]:
+    """bench/stamped_model.py in a process of its own; yields its base URL."""
+    command = [sys.executable, "-m", "bench.stamped_model", "--tokens", str(tokens)]
+    model = subprocess.Popen(
+        [*command, "--rate", str(rate)], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert model.stdout is not None
+        base_url = model.stdout.readline().decode().strip()
+        if not base_url.startswith("http"):
+            raise RuntimeError(f"the stamped model did not start: {base_url!r}")
+        yield base_url
+    finally:
+        assert model.stdin is not None
+        model.stdin.close()
+        model.wait(timeout=15)
+
+
+@dataclass
+class Seen:
+    """What one reader saw of one answer."""
+
+    delays: list[float] = field(default_factory=list)
+    tokens: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+async def read_answer(
+    ws: ClientConnection, text: str, chat_id: str | None, delay: float = 0.0
+) -> tuple[str, Seen]:
+    """Ask after `delay` seconds, and read to `done`, timing every stamped token."""
+    seen = Seen()
+    await asyncio.sleep(delay)
+    await ws.send(chat_frame(text, chat_id))
+    try:
+        while True:
+            frame = await ws.recv()
+            received = time.monotonic()
+            event = json.loads(frame)
+            kind = event["type"]
+            chat_id = event.get("chatId", chat_id)
+            if kind == "token":
+                for stamp in event["text"].split():
+                    seen.delays.append(received - float(stamp))
+                    seen.tokens += 1
+            elif kind == "done":
+                if event["reason"] != "complete":
+                    seen.errors.append(f"done with reason {event['reason']}")
+                break
+            elif kind == "error":
+                seen.errors.append(f"error {event.get('code')}: {event.get('message')}")
+    except ConnectionClosed as exc:
+        seen.errors.append(f"connection closed: {exc}")
+    assert chat_id is not None
+    return chat_id, seen
+
+
+async def direct_stamped(base_url: str) -> Seen:
+    """A plain HTTP client reading the stamped model's stream: the baseline's delays."""
+    seen = Seen()
+    body = {
+        "model": "claude-haiku-4-5",
+        "max_tokens": 4096,
+        "stream": True,
+        "messages": [{"role": "user", "content": QUESTION}],
+    }
+    async with (
+        httpx.AsyncClient(base_url=base_url, timeout=120) as http,
+        http.stream("POST", "/v1/messages", json=body) as response,
+    ):
+        async for line in response.aiter_lines():
+            if line.startswith("data: ") and '"text_delta"' in line:
+                received = time.monotonic()
+                stamp = json.loads(line[6:])["delta"]["text"]
+                seen.delays.append(received - float(stamp))
+                seen.tokens += 1
+    return seen
+
+
+def engine_env(engine: str, base_url: str, chats: int) -> dict[str, str]:
+    """A bench server's environment for this engine and model."""
+    return {
+        "ANTHROPIC_API_KEY": "bench-key",
+        "ANTHROPIC_BASE_URL": base_url,
+        "BLOGCHAT_ENGINE": engine,
+        "BLOGCHAT_PROVIDER_RETRIES": "0",
+        "BLOGCHAT_THINKING_BUDGET": "0",
+        "BLOGCHAT_MAX_LIVE_CLIENTS": str(max(chats, 8)),
+        "BLOGCHAT_SPARE_PROCESSES": "0",
+        "BLOGCHAT_STALL_SECONDS": "120",
+    }
+
+
+@dataclass
+class Load:
+    """A server's figures for one measured round of chats."""
+
+    seen: list[Seen]
+    cpu: float
+    rss_before: int
+    rss_peak: int
+    seconds: float
+    baseline: Seen | None = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.seen)
+
+    @property
+    def errors(self) -> list[str]:
+        return [e for s in self.seen for e in s.errors]
+
+
+async def under_load(
+    engine: str,
+    chats: int,
+    tokens: int,
+    rate: float,
+    *,
+    with_baseline: bool = False,
+    spread: float | None = None,
+) -> Load:
+    """`chats` chats at once on a server of this engine: one warm-up turn each, then one
+    measured turn each, with the server's CPU (children included) and memory."""
+    with (
+        stamped_model(tokens, rate) as base_url,
+        server(engine="default", env=engine_env(engine, base_url, chats)) as bench,
+    ):
+        cookies = await visitors(bench, chats)
+        sockets = await open_many(bench, cookies)
+        warm = await asyncio.gather(*(read_answer(ws, QUESTION, None) for ws in sockets))
+        chat_ids = [chat_id for chat_id, _ in warm]
+        await asyncio.sleep(1)
+        process = bench.ps
+        rss_before, _ = process_memory(process)
+        cpu_before = cpu_seconds(process) + sum(cpu_seconds(c) for c in process.children(True))
+        started = time.monotonic()
+        with PeakMemory(process) as peak:
+            # The chats start spread over `spread` seconds: by default one token's interval,
+            # as in bench_concurrency.py.
+            if spread is None:
+                spread = 1 / rate if rate else 0.0
+            turns = [
+                read_answer(ws, QUESTION, chat_id, index / chats * spread)
+                for index, (ws, chat_id) in enumerate(zip(sockets, chat_ids, strict=True))
+            ]
+            answers = asyncio.gather(*turns)
+            baseline: Seen | None = None
+            if with_baseline:
+                baseline = await direct_stamped(base_url)
+            results = await answers
+        seconds = time.monotonic() - started
+        cpu_after = cpu_seconds(process) + sum(cpu_seconds(c) for c in process.children(True))
+        await asyncio.gather(*(ws.close() for ws in sockets))
+    seen = [s for _, s in results]
+    for s in seen:
+        if s.tokens != tokens:
+            s.errors.append(f"{s.tokens} tokens of {tokens}")
+    peak_rss = max(peak.peak, rss_before)
+    return Load(seen, cpu_after - cpu_before, rss_before, peak_rss, seconds, baseline)
+
+
+def cpu_row(name: str, load: Load, chats: int, rate: float) -> Row:
+    """Server CPU per delivered token on one engine."""
+    per_token = load.cpu / max(1, load.tokens) * 1e6
+    metric = f"server CPU per delivered token, {chats} chats x {rate:g} tokens/s"
+    shown = f"{per_token:,.0f} µs ({load.tokens} tokens, {len(load.errors)} errors)"
+    if name != "messages":
+        return info_row(BENCH, f"{metric}, Agent SDK engine (CLIs included)", shown)
+    return goal_row(
+        BENCH,
+        f"{metric}, Messages engine",
+        measured=per_token,
+        goal=GOAL_CPU_US,
+        unit="µs",
+        shown=shown,
+    )
+
+
+def crowd_rows(crowd: Load, crowd_chats: int, crowd_rate: float) -> list[Row]:
+    """The figures of many chats at once on the Messages engine."""
+    rows: list[Row] = []
+    per_chat = (crowd.rss_peak - crowd.rss_before) / crowd_chats / MB
+    rows.append(
+        goal_row(
+            BENCH,
+            f"memory per running chat ({crowd_chats} at once), Messages engine",
+            measured=per_chat,
+            goal=GOAL_MEMORY_MB,
+            unit="MB",
+            shown=(
+                f"{per_chat:.2f} MB (RSS {crowd.rss_before / MB:.0f} -> "
+                f"{crowd.rss_peak / MB:.0f} MB)"
+            ),
+        )
+    )
+    delays = summarize([d for s in crowd.seen for d in s.delays])
+    rows.append(
+        goal_row(
+            BENCH,
+            f"{crowd_chats} chats at once x {crowd_rate:g} deltas/s: token delay p99",
+            measured=delays.p99 * 1000,
+            goal=GOAL_P99_MS,
+            unit="ms",
+            shown=f"{delays.p99 * 1000:.1f} ms (p50 {delays.p50 * 1000:.1f}, n={delays.n})",
+        )
+    )
+    errors = crowd.errors
+    rows.append(
+        Row(
+            bench=BENCH,
+            metric=f"{crowd_chats} chats at once: errors",
+            goal="0",
+            measured=f"{len(errors)}" + (f" (first: {errors[0]})" if errors else ""),
+            passed=not errors,
+        )
+    )
+    if crowd.baseline is not None:
+        base = summarize(crowd.baseline.delays)
+        rows.append(
+            info_row(
+                BENCH,
+                "direct reader of the same model at the same time: token delay",
+                f"{base.p50 * 1000:.1f} / {base.p99 * 1000:.1f} ms p50 / p99",
+            )
+        )
+    rows.append(
+        info_row(
+            BENCH,
+            f"server CPU, {crowd_chats} chats at once",
+            f"{crowd.cpu / crowd.seconds:.0%} of one core over {crowd.seconds:.0f} s "
+            f"({crowd.cpu / max(1, crowd.tokens) * 1e6:,.0f} µs per token)",
+        )
+    )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    """Parse arguments, run, print; returns the rows for the runner."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--paced-rounds", type=int, default=10)
+    parser.add_argument("--paced-rate", type=float, default=1000)
+    parser.add_argument("--chats", type=int, default=20, help="chats for the CPU figure")
+    parser.add_argument("--crowd", type=int, default=200, help="chats at once, Messages engine")
+    parser.add_argument("--rate", type=float, default=50, help="the model's pace, CPU figure")
+    parser.add_argument(
+        "--crowd-rate",
+        type=float,
+        default=10,
+        help="deltas per second of each of the crowd's chats (the API sends a few tokens a delta)",
+    )
+    parser.add_argument("--tokens", type=int, default=200, help="tokens per answer under load")
+    parser.add_argument(
+        "--skip-agent-sdk-load",
+        action="store_true",
+        help="leave out the Agent SDK engine's CPU figure (it starts one CLI per chat)",
+    )
+    parser.add_argument(
+        "--crowd-spread",
+        type=float,
+        help="seconds over which the crowd's chats start (default: one delta's interval)",
+    )
+    parser.add_argument("--crowd-tokens", type=int, default=100, help="tokens per crowd answer")
+    parser.add_argument(
+        "--only", default="latency,cpu,crowd", help="parts to run: latency, cpu, crowd"
+    )
+    args = parser.parse_args(argv)
+    parts = set(args.only.split(","))
+    raise_file_limit()
+    rows: list[Row] = []
+    if "latency" in parts:
+        with anthropic_api(500) as base_url:
+            unpaced = asyncio.run(latency_rounds(base_url, args.rounds))
+        with anthropic_api(500, args.paced_rate) as base_url:
+            paced = asyncio.run(latency_rounds(base_url, args.paced_rounds))
+        rows += latency_rows(unpaced, paced, args.paced_rate)
+    if "cpu" in parts:
+        engines = ["messages"] if args.skip_agent_sdk_load else ["messages", "agent-sdk"]
+        for name in engines:
+            load = asyncio.run(under_load(name, args.chats, args.tokens, args.rate))
+            rows.append(cpu_row(name, load, args.chats, args.rate))
+    if "crowd" in parts:
+        crowd = asyncio.run(
+            under_load(
+                "messages",
+                args.crowd,
+                args.crowd_tokens,
+                args.crowd_rate,
+                with_baseline=True,
+                spread=args.crowd_spread,
+            )
+        )
+        rows += crowd_rows(crowd, args.crowd, args.crowd_rate)
+    print_rows("Messages engine beside the Agent SDK engine and direct", rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
