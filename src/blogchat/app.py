@@ -95,8 +95,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "" if settings.claude_enabled else " (no ANTHROPIC_API_KEY: answers come from search)",
         )
         telemetry = telemetry_for(settings)
-        # Counters in memory: one instance. Several instances would share them on Redis.
-        limiter = RateLimiter()
+        # Counters in memory for one instance; several instances share them on Redis.
+        limiter = RateLimiter(settings.rate_limit_storage, prefix=settings.redis_prefix)
         quotas = Quotas(settings, limiter, store.usage.spending)
         sessions = ChatSessions(
             store,
