@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,6 +38,9 @@ from blogchat.web import api, pages, realtime
 from blogchat.web.bodies import BodyLimit
 from blogchat.web.headers import SecurityHeaders
 from blogchat.web.identity import VisitorMiddleware
+
+if TYPE_CHECKING:
+    from blogchat.cluster.node import ClusterNode
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,16 @@ def make_engine(settings: Settings, content: Content, store: Store) -> AgentEngi
     return OfflineEngine(content.tools, tokens_per_second=settings.offline_tokens_per_second)
 
 
+async def _mark_interrupted_elsewhere(store: Store, cluster: ClusterNode) -> int:
+    """At start-up with several instances: answers left streaming become incomplete, but
+    only in chats no live instance holds (the others are still being written)."""
+    streaming = await store.chats.streaming_answers()
+    held = await cluster.held({chat_id for _, chat_id in streaming})
+    return await store.chats.mark_incomplete(
+        [message_id for message_id, chat_id in streaming if chat_id not in held]
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; everything that needs I/O happens in its lifespan."""
     settings = settings or load_settings()
@@ -85,7 +99,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         content = load_content(settings)
         store = await Store.open(settings.database, schema=settings.database_schema)
-        interrupted = await store.chats.mark_interrupted_turns()
+        cluster = None
+        if settings.clustered:
+            # Imported only here: one instance never needs the Redis client.
+            from blogchat.cluster.node import ClusterNode
+
+            cluster = ClusterNode(settings, store)
+        if cluster is None:
+            interrupted = await store.chats.mark_interrupted_turns()
+        else:
+            interrupted = await _mark_interrupted_elsewhere(store, cluster)
         if interrupted:
             log.warning("marked %d answer(s) cut off by a crash as incomplete", interrupted)
         engine = make_engine(settings, content, store)
@@ -115,6 +138,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ),
             gate=TurnGate(settings, engine.capacity),
             quotas=quotas,
+            placement=cluster,
         )
         visitors = Visitors(
             store,
@@ -136,6 +160,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             personas=content.personas,
             blog=content.blog,
             quotas=quotas,
+            cluster=cluster,
         )
         hub = Hub(settings=settings, visitors=visitors, chats=chats, sessions=sessions)
         state = app.state
@@ -152,6 +177,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.visitors = visitors
         state.chats = chats
         state.hub = hub
+        state.cluster = cluster
+        if cluster is not None:
+            await cluster.start(sessions, chats)
         sessions.start()
         engine.start()
         waiting = await chats.answer_waiting()
@@ -162,6 +190,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await hub.close_all()
             await sessions.aclose()
+            if cluster is not None:
+                await cluster.aclose()
             await engine.aclose()
             # After the sessions, so that the spans of turns cut short are sent too.
             await telemetry.aclose()

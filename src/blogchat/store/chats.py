@@ -405,6 +405,28 @@ class ChatStore:
         return int(result.rowcount)  # type: ignore[attr-defined]
 
     @runs_to_completion
+    async def streaming_answers(self) -> list[tuple[str, str]]:
+        """The answers still marked streaming: (message id, chat id) pairs."""
+        async with self.db.session() as session:
+            rows = await session.execute(
+                select(Message.id, Message.chat_id).where(Message.status == STREAMING)
+            )
+            return [(message_id, chat_id) for message_id, chat_id in rows]
+
+    @runs_to_completion
+    async def mark_incomplete(self, message_ids: list[str]) -> int:
+        """These answers, if still streaming, were cut off: they become incomplete."""
+        if not message_ids:
+            return 0
+        async with self.db.session() as session:
+            result = await session.execute(
+                update(Message)
+                .where(Message.id.in_(message_ids), Message.status == STREAMING)
+                .values(status="incomplete", updated_at=utcnow())
+            )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+    @runs_to_completion
     async def unanswered(self) -> list[Waiting]:
         """User messages with no answer at all (not even a stopped or cut one): those that
         were waiting in a chat's queue when the server stopped. By chat, in order."""

@@ -113,7 +113,11 @@ class Chat(Base):
         order_by="Message.seq_start",
     )
 
-    __table_args__ = (Index("ix_chats_owner_updated", "owner_id", "updated_at"),)
+    __table_args__ = (
+        Index("ix_chats_owner_updated", "owner_id", "updated_at"),
+        # One clientMessageId creates one chat, even sent to two instances at once.
+        Index("uq_chats_owner_created_by", "owner_id", "created_by", unique=True),
+    )
 
 
 class Message(Base):
