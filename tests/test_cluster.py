@@ -414,3 +414,70 @@ async def test_an_instance_starting_up_leaves_the_answers_others_are_writing_alo
         assert await answer_status() == ["streaming"], "b's start-up sweep cut a's answer"
         await owner.send(type="stop", chatId=chat_id)
         assert (await owner.until("done", timeout=10))[-1]["reason"] == "stopped"
+
+
+# --- an owner that dies ----------------------------------------------------------------------
+
+
+async def test_an_owner_killed_mid_answer_is_taken_over_and_nothing_acknowledged_is_lost(
+    fleet_of: Any, postgres_database: Database
+) -> None:
+    fleet = fleet_of(speed=20)
+    async with Visitor(fleet) as visitor:
+        owner = await visitor.connect("a")
+        await owner.chat(QUESTION)
+        chat_id = (await owner.expect("chat_created"))["chatId"]
+        await owner.expect("user_message")
+        await owner.until("token")
+        # A second question waits behind the running answer: acknowledged, not answered.
+        queued_id = await owner.chat("And at what hydration?", chat_id)
+        queued = (await owner.until("user_message", clientMessageId=queued_id))[-1]
+        watcher = await visitor.connect("b")
+        await watcher.send(type="subscribe", chatId=chat_id, afterSeq=0)
+        seen = await watcher.until("user_message", clientMessageId=queued_id)
+        seen += await watcher.until("token")
+        fleet.servers["a"].kill()
+        killed = asyncio.get_running_loop().time()
+        # At once, a third instance gets the next question: it waits for a's lease to lapse.
+        late = await visitor.connect("c")
+        late_id = await late.chat("And in winter?", chat_id)
+
+        seen += await watcher.until("done", timeout=30)
+        ended = asyncio.get_running_loop().time() - killed
+        print(f"\nowner killed: error and done reached another instance after {ended:.2f} s")
+        error, done = seen[-2], seen[-1]
+        assert error["type"] == "error"
+        assert error["retryable"] is True
+        assert done["reason"] == "error"
+        cut_id = done["messageId"]
+        streamed = answer_text(seen, cut_id)
+        assert streamed, "nothing was streamed before the kill"
+        # The queued question is answered by the new owner, then the late one.
+        seen += await watcher.until("done", timeout=60)
+        assert seen[-1]["reason"] == "complete"
+        seen += await watcher.until("done", timeout=60)
+        assert seen[-1]["reason"] == "complete"
+        late_events = await late.until("done", timeout=60)
+        assert any(e.get("clientMessageId") == late_id for e in late_events)
+
+    # No seq is used twice: the new owner continues after every seq the dead one may have
+    # handed out (its reservation in the database), so the log jumps once, at the `error`.
+    seqs = seqs_of(seen)
+    jump = seqs.index(error["seq"])
+    assert contiguous(seqs[:jump])
+    assert contiguous(seqs[jump:])
+    assert seqs[jump] > seqs[jump - 1]
+    rows = await sql(
+        postgres_database,
+        "SELECT id, role, text, status, reply_to FROM messages "
+        "WHERE chat_id = $1 ORDER BY seq_start",
+        chat_id,
+    )
+    answers = {row["reply_to"]: row for row in rows if row["role"] == "assistant"}
+    cut = next(row for row in rows if row["id"] == cut_id)
+    assert cut["status"] == "incomplete"
+    assert cut["text"] == streamed, "the cut answer is saved exactly as streamed"
+    assert answers[queued["messageId"]]["status"] == "complete"
+    users = [row for row in rows if row["role"] == "user"]
+    assert len(users) == 3
+    assert all(answers[user["id"]] for user in users), "every question has its answer"

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from blogchat import policy
 from blogchat import protocol as wire
-from blogchat.cluster.commands import ForwardRefused
+from blogchat.cluster.commands import ForwardRefused, OwnerGone, unreachable
 from blogchat.content import Blog
 from blogchat.engines.base import AgentEngine
 from blogchat.eventlog import Subscriber
@@ -231,25 +231,37 @@ class Chats:
         if self.cluster is None:
             return False
         session = await self._session(visitor, message.chat_id)
-        session = await self.cluster.claim(session, self.sessions)
-        if not self.cluster.follows(session):
-            return False
-        _check_same_chat(session.chat, message)
-        if not session.watched_by(sender):
-            session.subscribe(sender, after_seq=session.last_seq, request_id=None, announce=False)
-        try:
-            await self.cluster.forward_chat(
-                session.chat.id, visitor.id, visitor.anonymous, message, address
-            )
-        except ForwardRefused as exc:
+        # Twice at most: an owner that does not answer (it died) has its lease lapse soon,
+        # and then this instance, or whichever took the chat over, runs the message.
+        for attempt in range(2):
+            session = await self.cluster.claim(session, self.sessions)
+            if not self.cluster.follows(session):
+                return False
+            _check_same_chat(session.chat, message)
+            if not session.watched_by(sender):
+                session.subscribe(
+                    sender, after_seq=session.last_seq, request_id=None, announce=False
+                )
+            try:
+                await self.cluster.forward_chat(
+                    session.chat.id, visitor.id, visitor.anonymous, message, address
+                )
+                return True
+            except OwnerGone:
+                if attempt == 0 and await self.cluster.lapsed(session.chat.id):
+                    session = await self._session(visitor, message.chat_id)
+                    continue
+                exc = unreachable()
+            except ForwardRefused as refused:
+                exc = refused
             raise ChatError(
                 exc.code,
                 exc.message,
                 session.chat.id,
                 retryable=exc.retryable,
                 retry_after=exc.retry_after,
-            ) from None
-        return True
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def take_forwarded(
         self, visitor_id: str, anonymous: bool, message: wire.Chat, address: str

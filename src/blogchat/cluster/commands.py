@@ -36,3 +36,7 @@ def unreachable() -> ForwardRefused:
     return ForwardRefused(
         "busy", "The instance running this chat did not answer. Try again in a moment.", True
     )
+
+
+class OwnerGone(Exception):
+    """Nobody listens at the owner's inbox: it died (its lease lapses soon) or just left."""

@@ -21,19 +21,27 @@ from typing import Any
 import redis.asyncio
 from redis.asyncio.client import PubSub
 
+from blogchat import policy
 from blogchat import protocol as wire
 from blogchat.cluster.bus import Bus, Lease
-from blogchat.cluster.commands import Commands, ForwardRefused, unreachable
-from blogchat.cluster.sessions import FollowerSession, OwnedSession, starting_record
+from blogchat.cluster.commands import Commands, ForwardRefused, OwnerGone, unreachable
+from blogchat.cluster.sessions import (
+    FollowerSession,
+    OwnedSession,
+    cut_answer,
+    starting_record,
+)
 from blogchat.eventlog import MemoryEventLog
-from blogchat.session import ChatSession, ChatSessions
+from blogchat.session import ChatSession, ChatSessions, PendingTurn
 from blogchat.settings import Settings
-from blogchat.store import ChatRecord, Store
+from blogchat.store import STREAMING, ChatRecord, Store
 
 log = logging.getLogger(__name__)
 
 # How long a forwarded `chat` may take to be acknowledged by the owner.
 FORWARD_TIMEOUT = 10.0
+# How often a sender whose owner died looks whether its lease lapsed.
+LAPSE_POLL_SECONDS = 0.1
 # How long a resume on a follower may wait for the events its reader saw on the owner.
 CATCH_UP_SECONDS = 1.0
 # How long a reader's message may wait for the same reader's previous one, on any instance.
@@ -45,6 +53,7 @@ class ClusterNode:
 
     def __init__(self, settings: Settings, store: Store) -> None:
         assert settings.redis_url is not None
+        self.settings = settings
         self.instance = settings.instance_id
         self.lease_seconds = settings.chat_lease_seconds
         self.client = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=True)
@@ -65,6 +74,7 @@ class ClusterNode:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listener: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
+        self._taking_over: set[str] = set()
 
     # --- life -------------------------------------------------------------------------
 
@@ -136,6 +146,15 @@ class ClusterNode:
             for seq, frame in read.events:
                 memory.append(seq, frame)
         history = await self.store.chats.get_messages(chat.id)
+        cut = cut_answer(read.events, history, chat.id)
+        # Answers left streaming by an owner that died before they reached the log.
+        stale = [
+            message.id
+            for message in history
+            if message.status == STREAMING and (cut is None or message.id != cut.id)
+        ]
+        if stale:
+            await self.store.chats.mark_incomplete(stale)
         session = OwnedSession(
             starting_record(chat, lease.seq),
             history,
@@ -147,6 +166,24 @@ class ClusterNode:
             **sessions.session_options(),
         )
         self.owned[chat.id] = session
+        if cut is not None:
+            log.warning("chat %s: taken over from a dead owner mid-answer", chat.id)
+            await session.end_cut_answer(cut)
+        # Messages acknowledged but not answered yet (their owner died, or stopped with
+        # them waiting) are answered here, in order.
+        waiting = await self.store.chats.unanswered(chat.id)
+        if waiting:
+            session.enqueue(
+                *(
+                    PendingTurn(
+                        item.message,
+                        chat.model,
+                        policy.model_id(self.settings, chat.model),
+                        anonymous=not item.registered,
+                    )
+                    for item in waiting
+                )
+            )
         return session
 
     async def _follow(self, chat: ChatRecord, sessions: ChatSessions) -> ChatSession:
@@ -208,6 +245,7 @@ class ClusterNode:
     async def _renew_forever(self) -> None:
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
+            await self._check_followed()
             for chat_id, session in list(self.owned.items()):
                 try:
                     renewed = await self.bus.renew(session.lease)
@@ -216,6 +254,39 @@ class ClusterNode:
                     continue
                 if not renewed:
                     self._lost(chat_id)
+
+    async def _check_followed(self) -> None:
+        """A chat followed here whose lease lapsed (its owner died or hangs) is taken
+        over: its readers here must not wait forever."""
+        for follower in list(self.followed.values()):
+            chat_id = follower.chat.id
+            try:
+                if await self.bus.holder(chat_id) is None and chat_id not in self._taking_over:
+                    self._spawn(self._take_over(chat_id))
+            except Exception:
+                log.exception("chat %s: could not check its lease", chat_id)
+
+    async def _take_over(self, chat_id: str) -> None:
+        if self._sessions is None:
+            return
+        self._taking_over.add(chat_id)
+        try:
+            session = self._sessions.get(chat_id)
+            if isinstance(session, FollowerSession):
+                await self._sessions.reopen(chat_id)
+        finally:
+            self._taking_over.discard(chat_id)
+
+    async def lapsed(self, chat_id: str) -> bool:
+        """Wait, at most a lease's length, for the chat's lease to lapse (its holder is not
+        listening: it died); whether it did."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.lease_seconds + 1
+        while loop.time() < deadline:
+            if await self.bus.holder(chat_id) is None:
+                return True
+            await asyncio.sleep(LAPSE_POLL_SECONDS)
+        return False
 
     async def held(self, chat_ids: Collection[str]) -> set[str]:
         """Which of these chats some live instance holds now."""
@@ -247,7 +318,7 @@ class ClusterNode:
         """Have the chat's owner carry out a `chat`; returns once it saved the message."""
         holder = await self.bus.holder(chat_id)
         if holder is None or holder.instance == self.instance:
-            raise unreachable()
+            raise OwnerGone(chat_id)
         request = str(uuid.uuid4())
         reply: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._replies[request] = reply
@@ -262,7 +333,7 @@ class ClusterNode:
         }
         try:
             if not await self.client.publish(self.bus.inbox(holder.instance), json.dumps(command)):
-                raise unreachable()
+                raise OwnerGone(chat_id)
             try:
                 answer = await asyncio.wait_for(reply, FORWARD_TIMEOUT)
             except TimeoutError:

@@ -20,15 +20,17 @@ from typing import Any, Literal
 
 from blogchat import protocol as wire
 from blogchat.cluster.bus import Bus, Fenced, Lease, LiveEvent
-from blogchat.drafts import Draft, new_answer
+from blogchat.drafts import Draft, draft_of, new_answer
 from blogchat.eventlog import MemoryEventLog
 from blogchat.session import ChatSession, PendingTurn, SessionState
 from blogchat.store import STREAMING, ChatRecord, MessageRecord
 from blogchat.store.chats import conversation_order
 from blogchat.store.tables import utcnow
+from blogchat.views import usage_of
 
 log = logging.getLogger(__name__)
 
+CUT_OFF = "The server answering this chat stopped; the answer was cut short. Ask again."
 # The most events one append to Redis carries.
 BATCH = 256
 # Retries of an append that failed on the connection, before the owner gives the chat up.
@@ -153,6 +155,35 @@ class OwnedSession(ChatSession):
         self.shared = FencedLog(memory, bus, lease, on_lost)
         self.log = self.shared
         self._on_closed = on_closed
+
+    async def end_cut_answer(self, cut: MessageRecord) -> None:
+        """The previous owner died while writing `cut` (rebuilt from the shared log, as
+        streamed): every watcher gets `error` then `done`, and it is saved incomplete."""
+        async with self._lock:
+            draft = Draft(cut)
+            error = wire.Error(
+                code="internal",
+                message=CUT_OFF,
+                chat_id=self.chat.id,
+                seq=await self.seqs.next(ending=True),
+                retryable=True,
+            )
+            draft.apply(error)
+            done = wire.Done(
+                chat_id=self.chat.id,
+                seq=await self.seqs.next(ending=True),
+                message_id=cut.id,
+                reason="error",
+                model=cut.model or "",
+                usage=usage_of(cut.input_tokens, cut.output_tokens),
+                html=self.render(cut.text),
+            )
+            record = draft.apply(done)
+            record.status = "incomplete"
+            await self.store.chats.save_message(draft.snapshot())
+            self.history = [m for m in self.history if m.id != record.id] + [record]
+            self._publish(error.seq or 0, error)
+            self._publish(done.seq, done)
 
     async def close(self) -> None:
         """Close as any session, then flush the shared log and give the lease up."""
@@ -358,6 +389,37 @@ class FollowerSession(ChatSession):
         self.state = SessionState.CLOSED
         self.fanout.clear()
         await self._on_closed(self)
+
+
+def cut_answer(
+    events: list[tuple[int, str]], history: list[MessageRecord], chat_id: str
+) -> MessageRecord | None:
+    """The answer the shared log shows being written but never finished (its owner died),
+    rebuilt exactly as streamed; None if every answer in the log was finished."""
+    parsed = [wire.parse_server_message(frame) for _, frame in events]
+    finished = {event.message_id for event in parsed if isinstance(event, wire.Done)}
+    answers = (wire.Token, wire.Thinking, wire.ToolUse, wire.ToolResult)
+    cut_id = None
+    for event in parsed:
+        if isinstance(event, answers) and event.message_id not in finished:
+            cut_id = event.message_id
+    if cut_id is None:
+        return None
+    saved = next((m for m in history if m.id == cut_id), None)
+    # (Marked incomplete already by an instance's start-up sweep: its watchers still wait.)
+    if saved is not None and saved.status not in (STREAMING, "incomplete"):
+        return None
+    if saved is not None:
+        start = new_answer(cut_id, chat_id, saved.reply_to or "", saved.model or "")
+        start.created_at = saved.created_at
+        start.client_address = saved.client_address
+    else:
+        answered = {m.reply_to for m in history if m.role == "assistant"}
+        waiting = [m for m in conversation_order(history) if m.role == "user"]
+        reply_to = next((m.id for m in waiting if m.id not in answered), "")
+        start = new_answer(cut_id, chat_id, reply_to, "")
+    own = [event for event in parsed if isinstance(event, answers) and event.message_id == cut_id]
+    return draft_of(start, own)
 
 
 def _settled(row: MessageRecord, top: int) -> bool:

@@ -427,21 +427,27 @@ class ChatStore:
         return int(result.rowcount)  # type: ignore[attr-defined]
 
     @runs_to_completion
-    async def unanswered(self) -> list[Waiting]:
+    async def unanswered(self, chat_id: str | None = None) -> list[Waiting]:
         """User messages with no answer at all (not even a stopped or cut one): those that
-        were waiting in a chat's queue when the server stopped. By chat, in order."""
+        were waiting in a chat's queue when the server stopped. By chat, in order; only
+        one chat's if `chat_id` is given."""
         answer = aliased(Message)
+        query = (
+            select(Message, User.email.is_not(None))
+            .join(Chat, Chat.id == Message.chat_id)
+            .join(User, User.id == Chat.owner_id)
+            .where(
+                Message.role == "user",
+                ~exists().where(answer.reply_to == Message.id),
+            )
+        )
+        if chat_id is not None:
+            query = query.where(Message.chat_id == chat_id)
         async with self.db.session() as session:
             rows = await session.execute(
-                select(Message, User.email.is_not(None))
-                .join(Chat, Chat.id == Message.chat_id)
-                .join(User, User.id == Chat.owner_id)
-                .where(
-                    Message.role == "user",
-                    ~exists().where(answer.reply_to == Message.id),
+                query.order_by(Message.chat_id, Message.seq_start).options(
+                    selectinload(Message.tool_calls)
                 )
-                .order_by(Message.chat_id, Message.seq_start)
-                .options(selectinload(Message.tool_calls))
             )
             return [Waiting(_message_record(row), bool(registered)) for row, registered in rows]
 
