@@ -271,7 +271,7 @@ async def test_reconnecting_to_another_instance_at_random_points_loses_nothing(
                 # The next question goes through whichever instance the mover is on.
                 await mover.chat(f"And question {turn + 2}?", chat_id)
     print(f"\n{moves} reconnects to another instance mid-answer")
-    assert moves >= 10
+    assert moves >= 200
     assert transcript(mover_seen) == transcript(witnessed)
     seqs = seqs_of(witnessed)
     assert contiguous(seqs)

@@ -75,6 +75,8 @@ class ClusterNode:
         self._listener: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
         self._taking_over: set[str] = set()
+        # Followed channels to read back once subscribed again (after a lost connection).
+        self._stale: set[str] = set()
 
     # --- life -------------------------------------------------------------------------
 
@@ -413,6 +415,9 @@ class ClusterNode:
                 raise
             except Exception:
                 log.exception("the cluster's pub/sub connection failed; listening again")
+                # redis-py subscribes again when it reconnects; once a channel is back, what
+                # was published on it meanwhile is read from the log.
+                self._stale.update(self.followed)
                 await asyncio.sleep(0.5)
 
     def _dispatch(self, inbox: str, message: dict[str, Any]) -> None:
@@ -421,6 +426,11 @@ class ClusterNode:
             for confirmed in self._confirmations.pop(channel, []):
                 if not confirmed.done():
                     confirmed.set_result(None)
+            if channel in self._stale:
+                self._stale.discard(channel)
+                follower = self.followed.get(channel)
+                if follower is not None:
+                    follower.resync()
         elif kind != "message":
             return
         elif channel == inbox:

@@ -276,6 +276,13 @@ class FollowerSession(ChatSession):
             return
         self._take(event.seq, event.frame)
 
+    def resync(self) -> None:
+        """Live events may have been missed (the pub/sub connection was lost): read the
+        log after `last_seq`, holding what arrives meanwhile."""
+        if not self.filling and self.state is not SessionState.CLOSED:
+            self.filling = True
+            self._fill(self)
+
     def filled(self, events: list[tuple[int, str]]) -> None:
         """The log's events after `last_seq`, read to fill a gap; then what was held."""
         held, self.held = self.held, []
