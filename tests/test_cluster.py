@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -481,3 +482,61 @@ async def test_an_owner_killed_mid_answer_is_taken_over_and_nothing_acknowledged
     users = [row for row in rows if row["role"] == "user"]
     assert len(users) == 3
     assert all(answers[user["id"]] for user in users), "every question has its answer"
+
+
+async def test_a_zombie_owner_writes_nothing_after_its_chat_was_taken_over(
+    fleet_of: Any, postgres_database: Database, redis_client: redis.asyncio.Redis
+) -> None:
+    fleet = fleet_of("a", "b", speed=20)
+    async with Visitor(fleet) as visitor:
+        owner = await visitor.connect("a")
+        await owner.chat(QUESTION)
+        chat_id = (await owner.expect("chat_created"))["chatId"]
+        await owner.until("token")
+        watcher = await visitor.connect("b")
+        await watcher.send(type="subscribe", chatId=chat_id, afterSeq=0)
+        seen = await watcher.until("token")
+        zombie = fleet.servers["a"]
+        assert zombie.process is not None
+        # Paused past its lease (a long GC pause, a frozen VM): b takes the chat over.
+        zombie.process.send_signal(signal.SIGSTOP)
+        try:
+            seen += await watcher.until("done", timeout=30)
+        finally:
+            zombie.process.send_signal(signal.SIGCONT)
+        cut_id = seen[-1]["messageId"]
+        streamed = answer_text(seen, cut_id)
+        # a wakes up, still streaming its turn: every write it tries is refused, and it
+        # gives the chat up.
+        await logged(zombie, f"chat {chat_id}: given up here after losing its lease")
+        lease = await redis_client.get(f"{fleet.prefix}:{{{chat_id}}}:lease")
+        assert (lease or "").startswith("b:")
+        await watcher.send(type="ping", requestId="after")
+        assert await watcher.until("pong") == [{"type": "pong", "requestId": "after"}], (
+            "a frame of the zombie reached another instance after the takeover"
+        )
+        rows = await sql(
+            postgres_database,
+            "SELECT status, text, seq_end FROM messages WHERE id = $1",
+            cut_id,
+        )
+        assert rows[0]["status"] == "incomplete"
+        assert rows[0]["text"] == streamed, "the zombie's save overwrote the cut answer"
+        assert rows[0]["seq_end"] == seen[-1]["seq"]
+        # The chat goes on, through the zombie too (it follows the chat now).
+        await owner.close()
+        again = await visitor.connect("a")
+        await again.chat("And at what hydration?", chat_id)
+        answered = await again.until("done", timeout=60)
+        assert answered[-1]["reason"] == "complete"
+        assert min(seqs_of(answered)) > seen[-1]["seq"]
+
+
+async def logged(server: ServerProcess, line: str) -> None:
+    """Wait until a server's log has this line (its lifecycle events are logged)."""
+    assert server.log_path is not None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while line not in server.log_path.read_text(errors="replace"):
+        assert loop.time() < deadline, f"{server.log_path} never said {line!r}"
+        await asyncio.sleep(0.05)

@@ -187,3 +187,23 @@ async def test_two_instances_racing_for_a_chat_get_one_lease(client: redis.async
         for result in results
         if not isinstance(result, Lease)
     )
+
+
+async def test_after_a_lost_log_tokens_stay_above_what_the_database_saw(
+    client: redis.asyncio.Redis,
+) -> None:
+    a, b = bus(client, "a"), bus(client, "b")
+    for _ in range(3):
+        lease = await a.acquire(CHAT, floor=0)
+        assert isinstance(lease, Lease)
+        await lapse(client, a)
+    assert lease.fence == 3
+    await forget_prefix(client, a.prefix)
+    # The database's chat row says token 3 saved last: the next one must be higher.
+    new = await b.acquire(CHAT, floor=0, fence_floor=3)
+    assert isinstance(new, Lease)
+    assert new.fence == 4
+    await lapse(client, b)
+    following = await a.acquire(CHAT, floor=0, fence_floor=3)
+    assert isinstance(following, Lease)
+    assert following.fence == 5

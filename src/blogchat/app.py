@@ -98,7 +98,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         content = load_content(settings)
-        store = await Store.open(settings.database, schema=settings.database_schema)
+        store = await Store.open(
+            settings.database,
+            schema=settings.database_schema,
+            # An instance paused past its leases must not hold locks their new owners need.
+            idle_transaction_seconds=settings.chat_lease_seconds if settings.clustered else None,
+        )
         cluster = None
         if settings.clustered:
             # Imported only here: one instance never needs the Redis client.

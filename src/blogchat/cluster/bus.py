@@ -40,6 +40,11 @@ if holder then
   return {0, holder}
 end
 local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+-- Above every token that ever saved to the database, even from a lost log's epoch.
+if fence <= tonumber(ARGV[6]) then
+  fence = tonumber(ARGV[6]) + 1
+  redis.call('HSET', KEYS[1], 'fence', fence)
+end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '-1')
 local floor = tonumber(ARGV[3])
@@ -191,10 +196,11 @@ class Bus:
 
     # --- the lease --------------------------------------------------------------------
 
-    async def acquire(self, chat_id: str, floor: int) -> Lease | Holder:
+    async def acquire(self, chat_id: str, floor: int, fence_floor: int = 0) -> Lease | Holder:
         """Take the chat's lease if nobody holds it: a Lease with a new, higher token.
         `floor` is the last seq the database may have seen used: the log continues after
-        it. Otherwise the current Holder."""
+        it; `fence_floor` the last token the database saw: the new one is higher.
+        Otherwise the current Holder."""
         keys = [self.key(chat_id, "meta"), self.key(chat_id, "lease"), self.key(chat_id, "ev")]
         args: list[str | int] = [
             self.instance,
@@ -202,6 +208,7 @@ class Bus:
             floor,
             secrets.token_hex(8),
             META_TTL_SECONDS,
+            fence_floor,
         ]
         answer = await self._acquire(keys=keys, args=args)
         if int(answer[0]) == 0:

@@ -75,6 +75,7 @@ class ClusterNode:
         self._listener: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
         self._taking_over: set[str] = set()
+        self._giving_up: set[str] = set()
         # Followed channels to read back once subscribed again (after a lost connection).
         self._stale: set[str] = set()
 
@@ -107,7 +108,7 @@ class ClusterNode:
         """The chat's session here: the owner's if nobody holds its lease, else a
         follower of the instance that does."""
         fresh = await self.store.chats.get_chat(chat.id) or chat
-        claim = await self.bus.acquire(chat.id, floor=fresh.last_seq)
+        claim = await self.bus.acquire(chat.id, floor=fresh.last_seq, fence_floor=fresh.lease_fence)
         if isinstance(claim, Lease):
             try:
                 return await self._own(fresh, claim, sessions)
@@ -142,11 +143,11 @@ class ClusterNode:
         # The log so far is kept here too, so a reader moving to this instance resumes
         # exactly from it.
         read = await self.bus.read(chat.id)
-        memory = MemoryEventLog(lease.seq)
-        if read.events and read.events[-1][0] == lease.seq:
-            memory = MemoryEventLog(read.events[0][0] - 1)
-            for seq, frame in read.events:
-                memory.append(seq, frame)
+        # (After a dead owner's reservation the seqs jump: nothing was ever published in
+        # between, so a replay across the jump is still exact.)
+        memory = MemoryEventLog(read.events[0][0] - 1 if read.events else lease.seq)
+        for seq, frame in read.events:
+            memory.append(seq, frame)
         history = await self.store.chats.get_messages(chat.id)
         cut = cut_answer(read.events, history, chat.id)
         # Answers left streaming by an owner that died before they reached the log.
@@ -230,10 +231,18 @@ class ClusterNode:
     def _lost(self, chat_id: str) -> None:
         """Another instance holds the chat now: this one must stop speaking for it."""
         session = self.owned.get(chat_id)
-        if session is None or self._sessions is None:
+        if session is None or self._sessions is None or chat_id in self._giving_up:
             return
         log.error("chat %s: lease lost; closing its session here", chat_id)
-        self._spawn(self._sessions.close(chat_id))
+        self._giving_up.add(chat_id)
+        self._spawn(self._give_up(chat_id, self._sessions))
+
+    async def _give_up(self, chat_id: str, sessions: ChatSessions) -> None:
+        try:
+            await sessions.close(chat_id)
+        finally:
+            self._giving_up.discard(chat_id)
+        log.warning("chat %s: given up here after losing its lease", chat_id)
 
     def _fill(self, follower: FollowerSession) -> None:
         async def fill() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import logging
 import time
@@ -23,8 +24,8 @@ from blogchat.cluster.bus import Bus, Fenced, Lease, LiveEvent
 from blogchat.drafts import Draft, draft_of, new_answer
 from blogchat.eventlog import MemoryEventLog
 from blogchat.session import ChatSession, PendingTurn, SessionState
-from blogchat.store import STREAMING, ChatRecord, MessageRecord
-from blogchat.store.chats import conversation_order
+from blogchat.store import STREAMING, ChatRecord, ChatStore, Database, MessageRecord, Store
+from blogchat.store.chats import StaleOwner, conversation_order
 from blogchat.store.tables import utcnow
 from blogchat.views import usage_of
 
@@ -134,6 +135,39 @@ class FencedLog:
                 await asyncio.sleep(0.05 * 2**attempt)
 
 
+class FencedChatStore(ChatStore):
+    """The chat store as an owner writes to it: every message save carries its token, so a
+    save by an owner that was taken over is refused by the database itself."""
+
+    def __init__(self, db: Database, fence: int, on_lost: Callable[[], None]) -> None:
+        super().__init__(db)
+        self.fence = fence
+        self._on_lost = on_lost
+
+    async def add_message(self, record: MessageRecord, *, fence: int | None = None) -> None:
+        """Insert a new message, fenced."""
+        try:
+            await super().add_message(record, fence=self.fence)
+        except StaleOwner:
+            self._on_lost()
+            raise
+
+    async def save_message(self, record: MessageRecord, *, fence: int | None = None) -> None:
+        """Save a message, fenced."""
+        try:
+            await super().save_message(record, fence=self.fence)
+        except StaleOwner:
+            self._on_lost()
+            raise
+
+
+def fenced_store(store: Store, fence: int, on_lost: Callable[[], None]) -> Store:
+    """The store with its chats fenced by an owner's token."""
+    fenced = copy.copy(store)
+    fenced.chats = FencedChatStore(store.db, fence, on_lost)
+    return fenced
+
+
 class OwnedSession(ChatSession):
     """The session of a chat this instance owns: it runs the turns; its events go to the
     shared log too. Closing it gives the lease up once the log has everything."""
@@ -150,6 +184,7 @@ class OwnedSession(ChatSession):
         on_closed: Callable[[OwnedSession], Awaitable[None]],
         **options: Any,
     ) -> None:
+        options["store"] = fenced_store(options["store"], lease.fence, lambda: on_lost(chat.id))
         super().__init__(chat, history, **options)
         self.lease = lease
         self.shared = FencedLog(memory, bus, lease, on_lost)

@@ -32,6 +32,10 @@ class DuplicateClientMessage(Exception):
     """This chat already holds a message with that clientMessageId."""
 
 
+class StaleOwner(Exception):
+    """A save by an instance whose claim on the chat was taken over (a higher token saved)."""
+
+
 def _violates(error: IntegrityError, constraint: str) -> bool:
     """Whether an integrity error is this constraint's (not, say, a foreign key's)."""
     cause = error.orig
@@ -55,6 +59,8 @@ class ChatRecord:
     model: ModelAlias
     last_seq: int = 0
     created_by: str | None = None
+    # The fencing token of the instance that last saved to the chat (several instances).
+    lease_fence: int = 0
     post_slug: str | None = None
     created_at: datetime = field(default_factory=utcnow)
     updated_at: datetime = field(default_factory=utcnow)
@@ -124,6 +130,7 @@ def _chat_record(row: Chat) -> ChatRecord:
         model=cast(ModelAlias, row.model),
         last_seq=row.last_seq,
         created_by=row.created_by,
+        lease_fence=row.lease_fence,
         post_slug=row.post_slug,
         created_at=row.created_at,
         updated_at=row.updated_at,
@@ -339,8 +346,9 @@ class ChatStore:
             return None if row is None else _message_record(row)
 
     @runs_to_completion
-    async def add_message(self, record: MessageRecord) -> None:
-        """Insert a new message."""
+    async def add_message(self, record: MessageRecord, *, fence: int | None = None) -> None:
+        """Insert a new message; with a `fence`, only if no higher token saved to the chat
+        (StaleOwner)."""
         columns = _columns(record) | {
             "id": record.id,
             "chat_id": record.chat_id,
@@ -358,15 +366,16 @@ class ChatStore:
                         insert(ToolCall),
                         [{"message_id": record.id, **call} for call in _tool_call_columns(record)],
                     )
-                await self._touch(session, record.chat_id)
+                await self._touch(session, record.chat_id, fence)
         except IntegrityError as exc:
             if _violates(exc, DUPLICATE_CLIENT_MESSAGE):
                 raise DuplicateClientMessage(record.client_message_id) from None
             raise
 
     @runs_to_completion
-    async def save_message(self, record: MessageRecord) -> None:
-        """Insert or update a message with its tool calls (partial or final answers)."""
+    async def save_message(self, record: MessageRecord, *, fence: int | None = None) -> None:
+        """Insert or update a message with its tool calls (partial or final answers); with
+        a `fence`, only if no higher token saved to the chat (StaleOwner)."""
         async with self.db.session() as session:
             row = await session.get(Message, record.id, options=[selectinload(Message.tool_calls)])
             if row is None:
@@ -379,7 +388,7 @@ class ChatStore:
                 )
                 session.add(row)
             _apply(row, record)
-            await self._touch(session, record.chat_id)
+            await self._touch(session, record.chat_id, fence)
 
     @runs_to_completion
     async def get_messages(self, chat_id: str) -> list[MessageRecord]:
@@ -452,5 +461,18 @@ class ChatStore:
             return [Waiting(_message_record(row), bool(registered)) for row, registered in rows]
 
     @staticmethod
-    async def _touch(session: Any, chat_id: str) -> None:
-        await session.execute(update(Chat).where(Chat.id == chat_id).values(updated_at=utcnow()))
+    async def _touch(session: Any, chat_id: str, fence: int | None = None) -> None:
+        if fence is None:
+            await session.execute(
+                update(Chat).where(Chat.id == chat_id).values(updated_at=utcnow())
+            )
+            return
+        # The same statement checks the token and advances it: no extra round trip. Refused,
+        # the whole save rolls back.
+        result = await session.execute(
+            update(Chat)
+            .where(Chat.id == chat_id, Chat.lease_fence <= fence)
+            .values(updated_at=utcnow(), lease_fence=fence)
+        )
+        if not result.rowcount:
+            raise StaleOwner(chat_id)

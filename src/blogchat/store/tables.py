@@ -98,6 +98,9 @@ class Chat(Base):
     # The highest seq ever handed out for this chat (or reserved ahead of use), so that a
     # seq is never reused, even after a crash.
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
+    # With several instances: the fencing token of the last instance that saved to this
+    # chat. A save with a lower token (an owner presumed dead) is refused.
+    lease_fence: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # The clientMessageId of the `chat` message that created this chat: a resend of it
     # gets the original `chat_created` again.
     created_by: Mapped[str | None] = mapped_column(String(64))
