@@ -233,13 +233,15 @@ class ClusterNode:
         session = self.owned.get(chat_id)
         if session is None or self._sessions is None or chat_id in self._giving_up:
             return
-        log.error("chat %s: lease lost; closing its session here", chat_id)
+        log.error("chat %s: lease lost; reopening its session here", chat_id)
         self._giving_up.add(chat_id)
         self._spawn(self._give_up(chat_id, self._sessions))
 
     async def _give_up(self, chat_id: str, sessions: ChatSessions) -> None:
+        # Reopened: its readers here go on with whichever session the chat gets now (a
+        # follower of the new owner, or the owner again if nobody holds it).
         try:
-            await sessions.close(chat_id)
+            await sessions.reopen(chat_id)
         finally:
             self._giving_up.discard(chat_id)
         log.warning("chat %s: given up here after losing its lease", chat_id)
