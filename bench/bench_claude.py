@@ -58,7 +58,7 @@ def settings_for(api: AnthropicTestServer, data: Path, **overrides: Any) -> Sett
         "spare_processes": 0,
         **overrides,
     }
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    return Settings(_env_file=None, **values)
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from playwright.async_api import async_playwright
-from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.support.browser import CHROMIUM_ARGS, chromium_path
 from tests.support.lab import open_lab, run
 
 from bench.support import REPO, info_row, machine, print_rows, summarize
@@ -128,7 +128,8 @@ async def browser_side(texts: list[str]) -> tuple[list[float], list[float]]:
     per_update: list[float] = []
     per_answer: list[float] = []
     async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        executable = chromium_path(playwright.chromium.executable_path)
+        browser = await playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         page = await browser.new_page()
         await open_lab(page, LAB)
         for text in texts:

@@ -25,7 +25,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,7 @@ class ScriptedEngine(AgentEngine):
 
     async def run_turn(
         self, request: TurnRequest, stop: asyncio.Event
-    ) -> AsyncIterator[EngineEvent]:
+    ) -> AsyncGenerator[EngineEvent, None]:
         """Yield the tokens the question asks for, then end the turn."""
         options = {key: float(value) for key, value in _OPTION.findall(request.text)}
         count = int(options.get("tokens", self.tokens))

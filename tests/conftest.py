@@ -18,6 +18,7 @@ import time_machine
 from blogchat.settings import Settings
 from tests.support.client import Reader
 from tests.support.server import Database, LiveServer, settings_for
+from tests.support.services import unavailable
 
 # Fixture modules shared by several test files.
 pytest_plugins = ["tests.support.browser", "tests.support.claude"]
@@ -25,7 +26,6 @@ pytest_plugins = ["tests.support.browser", "tests.support.claude"]
 POSTGRES_URL = os.environ.get(
     "BLOGCHAT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
-IN_CI = bool(os.environ.get("CI"))
 
 
 async def _postgres(statement: str) -> None:
@@ -59,9 +59,7 @@ def _postgres_problem() -> str | None:
 def _private_postgres_schema() -> Iterator[Database]:
     problem = _postgres_problem()
     if problem:
-        if IN_CI:
-            pytest.fail(f"{problem}; CI must run every test on PostgreSQL too")
-        pytest.skip(problem)
+        unavailable(problem, ci_must="run every test on PostgreSQL too")
     schema = f"t_{uuid.uuid4().hex[:16]}"
     asyncio.run(_postgres(f"CREATE SCHEMA {schema}"))
     try:

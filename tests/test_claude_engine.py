@@ -12,6 +12,7 @@ from typing import Any
 
 import psutil
 import pytest
+from claude_agent_sdk.types import SessionKey
 
 from tests.support.anthropic_server import (
     AnthropicTestServer,
@@ -19,8 +20,8 @@ from tests.support.anthropic_server import (
     RecordedRequest,
     cut,
     error,
+    gate,
     reply,
-    stall,
     text,
     thinking,
     tool_use,
@@ -32,6 +33,7 @@ from tests.support.claude import (
     cli_processes,
     engine_of,
     reader_with_cookie,
+    ready_spare,
     slow_down_tool,
     wait_until,
 )
@@ -362,26 +364,28 @@ async def test_a_refused_api_key_is_not_retried_and_says_it_is_a_configuration_p
 
 
 @pytest.mark.parametrize(
-    "broken",
-    [
-        # The pause makes sure the first part reached the reader before the break (without
-        # it, a busy machine may see the break first, and then a retry is right).
-        pytest.param(
-            (text("The first part. ", delay=0.05), stall(1.0), error(529)), id="error-event"
-        ),
-        pytest.param(
-            (text("The first part. ", delay=0.05), stall(1.0), cut()), id="connection-cut"
-        ),
-    ],
+    "break_step",
+    [pytest.param(error(529), id="error-event"), pytest.param(cut(), id="connection-cut")],
 )
 async def test_a_failure_after_the_first_token_ends_the_turn_and_keeps_the_partial_answer(
-    api: AnthropicTestServer, claude_reader: Reader, broken: tuple[Any, ...]
+    api: AnthropicTestServer, claude_reader: Reader, break_step: Any
 ) -> None:
-    api.when_user_says("break", [reply(*broken), text("The whole answer, again.")])
+    # The break waits until the reader has the start of the answer (had it come first, a
+    # retry would be right).
+    first_part_seen = gate()
+    api.when_user_says(
+        "break",
+        [
+            reply(text("The first part. ", delay=0.05), first_part_seen, break_step),
+            text("The whole answer, again."),
+        ],
+    )
     ws = await claude_reader.connect()
     await ws.chat("Will this break?")
     created = await ws.expect("chat_created")
-    events = await ws.until("done", timeout=60)
+    events = await ws.until("token", timeout=60)
+    first_part_seen.open()
+    events += await ws.until("done", timeout=60)
 
     (failure,) = of_type(events, "error")
     assert failure["code"] == "model_error"
@@ -405,8 +409,15 @@ async def test_a_failure_after_the_first_token_ends_the_turn_and_keeps_the_parti
 async def test_a_stall_before_the_first_token_is_retried(
     api: AnthropicTestServer, make_claude_settings: Any
 ) -> None:
-    api.when_user_says("slow", [reply(stall(60), text("Too late.")), text("On time.")])
-    with claude_server_for(make_claude_settings(stall_seconds=1.0)) as server:
+    # The first answer never comes (its gate stays shut); every later request gets one at
+    # once. Should the short watchdog also fire while a busy machine is slow to send a
+    # request, that attempt is retried the same way, so the outcome does not depend on load.
+    never = gate()
+    api.when_user_says(
+        "slow", [reply(never, text("Too late.")), text("On time.")], repeat_last=True
+    )
+    settings = make_claude_settings(stall_seconds=1.0, provider_retries=4)
+    with claude_server_for(settings) as server:
         async with Reader(server.url) as reader:
             ws = await reader.connect()
             await ws.chat("Are you slow?")
@@ -415,13 +426,22 @@ async def test_a_stall_before_the_first_token_is_retried(
     assert events[-1]["reason"] == "complete"
     assert answer_text(events) == "On time."
     assert of_type(events, "error") == []
+    assert never.reached.is_set()
 
 
 async def test_a_stall_after_the_first_token_ends_the_turn_with_an_error(
     api: AnthropicTestServer, make_claude_settings: Any
 ) -> None:
-    api.when_user_says("hang", reply(text("Half an answer. "), stall(60), text("The rest.")))
-    with claude_server_for(make_claude_settings(stall_seconds=1.0)) as server:
+    # The first token is the whole first part, then the stream goes silent (the gate stays
+    # shut). A watchdog firing early, while a busy machine is slow to send the request,
+    # meets the same script again on the retry: the outcome does not depend on load.
+    api.when_user_says(
+        "hang",
+        reply(text("Half an answer. ", chunk=100), gate(), text("The rest.")),
+        repeat_last=True,
+    )
+    settings = make_claude_settings(stall_seconds=1.0, provider_retries=4)
+    with claude_server_for(settings) as server:
         async with Reader(server.url) as reader:
             ws = await reader.connect()
             await ws.chat("Will you hang?")
@@ -661,12 +681,13 @@ async def test_a_transcript_that_cannot_be_resumed_starts_over_from_the_chats_me
     await ws.until("done", timeout=60)
     claude_server.call(claude_server.state.sessions.close(chat_id))
     assert wait_until(lambda: engine.pool.live == 0)
-    key = {"project_key": engine.project_key, "session_id": chat_id}
+    key: SessionKey = {"project_key": engine.project_key, "session_id": chat_id}
     stored = claude_server.call(engine.transcripts.load(key))
     assert stored
     # Damage the stored transcript.
     claude_server.call(engine.transcripts.delete(key))
-    claude_server.call(engine.transcripts.append(key, [{"type": "user", "message": 42}]))
+    damaged: Any = {"type": "user", "message": 42}  # a line the CLI cannot read back
+    claude_server.call(engine.transcripts.append(key, [damaged]))
 
     await ws.send(type="subscribe", chatId=chat_id, afterSeq=0)
     await ws.chat("Which word?", chat_id)
@@ -732,19 +753,6 @@ async def test_a_crashed_agent_process_fails_the_turn_and_the_chat_goes_on(
 
 
 # --- spare processes ------------------------------------------------------------------------
-
-
-def ready_spare(server: LiveServer) -> Any:
-    """The server's spare agent process, once it has started."""
-    pool = engine_of(server).pool
-
-    def ready() -> Any:
-        return next(
-            (p for p in pool.processes() if p.spare and p.state.value == "idle" and p.pid), None
-        )
-
-    assert wait_until(lambda: ready() is not None, timeout=60), "no spare process started"
-    return ready()
 
 
 async def test_a_new_chat_takes_the_spare_process_and_another_spare_is_started(

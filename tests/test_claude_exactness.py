@@ -20,8 +20,8 @@ from tests.support.anthropic_server import (
     AnthropicTestServer,
     RecordedRequest,
     error,
+    gate,
     reply,
-    stall,
     text,
     thinking,
     tool_use,
@@ -308,9 +308,11 @@ async def test_a_turn_retried_after_two_failures_carries_each_question_once(
     api: AnthropicTestServer, make_claude_settings: Any, database: Database
 ) -> None:
     # Two attempts whose stream stalls (the engine gives up on them and tries again from
-    # the conversation as it was), then an answer.
-    api.when_user_says("second", [stall(30), stall(30), text("Finally.")])
-    settings = make_claude_settings(stall_seconds=1.0, provider_retry_delay=0.05)
+    # the conversation as it was), then an answer. The stalls never end (their gates stay
+    # shut); the watchdog is the suite's usual 3 s, not less, because this test counts the
+    # attempts exactly and a busy machine can be silent for a second while it sends one.
+    api.when_user_says("second", [gate(), gate(), text("Finally.")])
+    settings = make_claude_settings(stall_seconds=3.0, provider_retry_delay=0.05)
     with claude_server_for(settings) as server:
         async with Reader(server.url) as visitor:
             ws = await visitor.connect()

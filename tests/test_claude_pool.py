@@ -77,7 +77,9 @@ async def make_pool(launches: Launches) -> AsyncIterator[Callable[..., ProcessPo
     """Pools over stand-in processes; each is shut down after the test."""
     pools: list[ProcessPool[Member]] = []
 
-    def make(cap: int = 4, *, spares: int = 0, parallel_starts: int = 4) -> ProcessPool[Member]:
+    def make(
+        cap: int = 4, *, spares: int = 0, parallel_starts: int = 4, spare_hold: float = 3600.0
+    ) -> ProcessPool[Member]:
         pool = ProcessPool(
             launches,
             cap=cap,
@@ -85,6 +87,7 @@ async def make_pool(launches: Launches) -> AsyncIterator[Callable[..., ProcessPo
             parallel_starts=parallel_starts,
             spares=spares,
             spare_spec=spare_spec if spares else None,
+            spare_hold=spare_hold,
         )
         pools.append(pool)
         return pool
@@ -321,10 +324,31 @@ async def test_a_new_chat_takes_a_spare_that_fits_and_another_spare_is_started(
     chat_id = pool.claim_spare(lambda candidate: True)
     assert chat_id == spare.spec.chat_id
     assert not spare.spare
+    # The chat's first turn runs on the spare's process, with no other start beside it.
+    assert await pool.acquire(spare.spec) is spare
+    await run_ready_tasks()
+    assert pool.spare_count == 0
+    assert len(launches.members) == 1
+    # Once that turn is over, another spare takes its place.
+    await pool.give_back(spare)
     await until(lambda: pool.spare_count == 1)
     assert len(launches.members) == 2
-    # The chat's first turn runs on the spare's process.
-    assert await pool.acquire(spare.spec) is spare
+
+
+async def test_a_taken_spares_replacement_starts_when_the_hold_runs_out_even_mid_turn(
+    make_pool: Callable[..., ProcessPool[Member]], launches: Launches
+) -> None:
+    pool = make_pool(cap=3, spares=1, spare_hold=0.0)
+    pool.start_spares()
+    await until(lambda: pool.spare_count == 1)
+    (spare,) = launches.members
+    chat_id = pool.claim_spare(lambda candidate: True)
+    assert chat_id is not None
+    await pool.acquire(spare.spec)
+    # The first turn is still running; the hold is over, so the replacement starts.
+    await until(lambda: pool.spare_count == 1)
+    assert len(launches.members) == 2
+    assert spare.state is ProcessState.BUSY
 
 
 async def test_a_chats_process_is_started_ahead_only_in_free_room(

@@ -107,7 +107,7 @@ async def _forget(prefix: str) -> None:
 
 @pytest.fixture
 async def redis_client() -> AsyncIterator[redis.asyncio.Redis]:
-    client = redis.asyncio.Redis.from_url(REDIS_URL, decode_responses=True)
+    client = redis.asyncio.Redis.from_url(REDIS_URL)
     try:
         yield client
     finally:
@@ -154,6 +154,12 @@ async def sql(database: Database, query: str, *args: Any) -> list[asyncpg.Record
         return list(await connection.fetch(query, *args))
     finally:
         await connection.close()
+
+
+async def holder_of(client: redis.asyncio.Redis, fleet: Fleet, chat_id: str) -> str:
+    """`<instance>:<token>` of the chat's lease, or "" when nobody holds it."""
+    value = await client.get(f"{fleet.prefix}:{{{chat_id}}}:lease")
+    return value.decode() if isinstance(value, bytes) else (value or "")
 
 
 def seqs_of(events: list[Event]) -> list[int]:
@@ -301,9 +307,7 @@ async def test_stop_sent_through_another_instance_stops_the_owners_turn(
         await owner.chat(QUESTION)
         chat_id = (await owner.expect("chat_created"))["chatId"]
         await owner.until("token")
-        assert (await redis_client.get(f"{fleet.prefix}:{{{chat_id}}}:lease") or "").startswith(
-            "a:"
-        )
+        assert (await holder_of(redis_client, fleet, chat_id)).startswith("a:")
         elsewhere = await visitor.connect("b")
         await elsewhere.send(type="subscribe", chatId=chat_id, afterSeq=0)
         await elsewhere.until("token")
@@ -323,8 +327,7 @@ async def test_a_follow_up_sent_through_another_instance_is_run_by_the_owner(
         await owner.chat(QUESTION)
         chat_id = (await owner.expect("chat_created"))["chatId"]
         first = await owner.until("done")
-        lease = f"{fleet.prefix}:{{{chat_id}}}:lease"
-        assert (await redis_client.get(lease) or "").startswith("a:")
+        assert (await holder_of(redis_client, fleet, chat_id)).startswith("a:")
         # A reader of b asks the next question: its own socket hears the whole turn.
         other = await visitor.connect("b")
         client_message_id = await other.chat("And at what hydration?", chat_id)
@@ -334,7 +337,7 @@ async def test_a_follow_up_sent_through_another_instance_is_run_by_the_owner(
         assert on_b[-1]["reason"] == "complete"
         on_a = await owner.until("done", timeout=60)
         assert transcript(on_a) == transcript(on_b)
-        assert (await redis_client.get(lease) or "").startswith("a:"), "the owner changed"
+        assert (await holder_of(redis_client, fleet, chat_id)).startswith("a:"), "owner changed"
         seqs = seqs_of(first + on_a)
         assert contiguous(seqs)
         rows = await sql(
@@ -509,8 +512,7 @@ async def test_a_zombie_owner_writes_nothing_after_its_chat_was_taken_over(
         # a wakes up, still streaming its turn: every write it tries is refused, and it
         # gives the chat up.
         await logged(zombie, f"chat {chat_id}: given up here after losing its lease")
-        lease = await redis_client.get(f"{fleet.prefix}:{{{chat_id}}}:lease")
-        assert (lease or "").startswith("b:")
+        assert (await holder_of(redis_client, fleet, chat_id)).startswith("b:")
         await watcher.send(type="ping", requestId="after")
         assert await watcher.until("pong") == [{"type": "pong", "requestId": "after"}], (
             "a frame of the zombie reached another instance after the takeover"

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio
 
-from blogchat.cluster.bus import Bus, Fenced, Holder, Lease, SeqGap
+from blogchat.cluster.bus import Bus, Fenced, Holder, Lease, LiveEvent, SeqGap
 from tests.support.redis import REDIS_URL, forget_prefix, require_redis, unique_prefix
 
 CHAT = "chat-1"
@@ -130,15 +130,17 @@ async def test_every_append_is_published_in_order_with_its_epoch(
     assert isinstance(lease, Lease)
     pubsub = client.pubsub()
     await pubsub.subscribe(a.channel(CHAT))
-    assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"  # type: ignore[index]
+    confirmation = await pubsub.get_message(timeout=5)
+    assert confirmation is not None
+    assert confirmation["type"] == "subscribe"
     await a.append(lease, frames(1, 2))
     await a.append(lease, frames(3, 3))
-    seen = []
+    seen: list[LiveEvent] = []
     while len(seen) < 3:
         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
         assert message is not None, "an appended event was not published"
         seen.append(Bus.parse_live(message["data"]))
-    await pubsub.aclose()
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
     assert [(event.seq, event.frame) for event in seen] == frames(1, 3)
     assert {event.epoch for event in seen} == {lease.epoch}
 

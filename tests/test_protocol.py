@@ -99,7 +99,7 @@ def test_a_tool_call_without_output_yet_keeps_its_output_key() -> None:
         text="",
         tool_calls=[info],
         status="incomplete",
-        created_at="2026-01-01T00:00:00Z",  # type: ignore[arg-type]
+        created_at="2026-01-01T00:00:00Z",
     )
     (call,) = json.loads(message.to_json())["toolCalls"]
     assert call == {

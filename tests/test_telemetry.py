@@ -99,13 +99,14 @@ def memory_logger(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     The SDK's own override is per thread, and the server logs from its own thread, so the
     global background logger is replaced as well (as `braintrust.test_helpers` does).
     """
-    bt._state.reset_parent_state()
+    # The SDK's test hooks carry no annotations.
+    bt._state.reset_parent_state()  # type: ignore[no-untyped-call]
     with bt._internal_with_memory_background_logger() as memory:
         monkeypatch.setattr(
             bt._state, "_global_bg_logger", LazyValue(lambda: memory, use_mutex=False)
         )
         yield memory
-    bt._state.reset_parent_state()
+    bt._state.reset_parent_state()  # type: ignore[no-untyped-call]
 
 
 @pytest.fixture

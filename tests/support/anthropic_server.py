@@ -59,6 +59,7 @@ __all__ = [
     "ApiError",
     "Cut",
     "EchoResponder",
+    "Gate",
     "RecordedRequest",
     "Reply",
     "Responder",
@@ -73,6 +74,7 @@ __all__ = [
     "as_reply",
     "cut",
     "error",
+    "gate",
     "is_side_request",
     "refusal_of",
     "reply",
@@ -150,6 +152,47 @@ class Stall:
     seconds: float
 
 
+class Gate:
+    """Send nothing until the test opens the gate, from any thread: a pause that ends on an
+    event the test saw (say, the reader got the first part), not after some time. A gate
+    never opened is a stall that lasts until the client gives up or the server stops.
+
+    Once open it stays open: every reply that reaches it afterwards goes straight on.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open = False
+        self._watchers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self.reached = threading.Event()
+
+    def open(self) -> None:
+        """Let every reply waiting at this gate, and every later one, go on."""
+        with self._lock:
+            self._open = True
+            watchers, self._watchers = self._watchers, []
+        for loop, opened in watchers:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(opened.set)
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the gate was opened."""
+        with self._lock:
+            return self._open
+
+    def _watch(self) -> asyncio.Event:
+        """An event of the running loop, set when the gate opens (at once if it is open)."""
+        opened = asyncio.Event()
+        with self._lock:
+            if self._open:
+                opened.set()
+            else:
+                self._watchers.append((asyncio.get_running_loop(), opened))
+        self.reached.set()
+        return opened
+
+
 @dataclass(frozen=True)
 class Usage:
     """Token usage reported in ``message_start`` (input) and ``message_delta`` (output).
@@ -164,8 +207,8 @@ class Usage:
     cache_creation_input_tokens: int = 0
 
 
-Step: TypeAlias = Thinking | Text | ToolUse | ApiError | Cut | Stall | Usage
-_STEP_TYPES = (Thinking, Text, ToolUse, ApiError, Cut, Stall, Usage)
+Step: TypeAlias = Thinking | Text | ToolUse | ApiError | Cut | Stall | Gate | Usage
+_STEP_TYPES = (Thinking, Text, ToolUse, ApiError, Cut, Stall, Gate, Usage)
 
 
 @dataclass(frozen=True)
@@ -218,6 +261,11 @@ def cut(after: int | None = None) -> Cut:
 def stall(seconds: float) -> Stall:
     """Build a pause in which nothing is sent."""
     return Stall(seconds)
+
+
+def gate() -> Gate:
+    """Build a pause that lasts until the test calls the gate's `open()`."""
+    return Gate()
 
 
 def usage(
@@ -605,7 +653,7 @@ class _CutHere:
     pass
 
 
-_Action: TypeAlias = _Event | _Sleep | _CutHere
+_Action: TypeAlias = _Event | _Sleep | _CutHere | Gate
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -673,10 +721,12 @@ def _plan(
     """Turn a reply into the SSE actions and the equivalent complete message."""
     steps = list(spec.steps)
     stall_seconds = sum(s.seconds for s in steps if isinstance(s, Stall))
-    first = next((s for s in steps if not isinstance(s, (Stall, Usage, Cut))), None)
+    first = next((s for s in steps if not isinstance(s, (Stall, Gate, Usage, Cut))), None)
     if isinstance(first, ApiError):
         # Nothing streamed before it, so the error is the HTTP response itself.
         leading = steps[: steps.index(first)]
+        if any(isinstance(s, Gate) for s in leading):
+            problems.append(f"request #{request.index}: a gate before an HTTP error is not served")
         delay = sum(s.seconds for s in leading if isinstance(s, Stall))
         return _Plan(first, [], {}, cut=False, stall_seconds=delay)
     input_tokens = _estimate_tokens(request.raw_body)
@@ -751,6 +801,9 @@ def _plan(
     for step in steps:
         if isinstance(step, Stall):
             actions.append(_Sleep(step.seconds))
+            continue
+        if isinstance(step, Gate):
+            actions.append(step)
             continue
         if isinstance(step, Usage):
             continue
@@ -914,7 +967,17 @@ class _ScriptedStream(Response):
                 if disconnected.is_set():
                     self._record.outcome = "client_disconnected"
                     return
-                if isinstance(action, _Sleep):
+                if isinstance(action, Gate):
+                    opened = action._watch()
+                    await _sleep_unless(None, opened, disconnected, self._closing)
+                    if not opened.is_set():
+                        if self._closing.is_set():
+                            self._record.outcome = "server_closed"
+                            await begin()
+                            raise _ConnectionCut
+                        self._record.outcome = "client_disconnected"
+                        return
+                elif isinstance(action, _Sleep):
                     if await _sleep_unless(action.seconds, disconnected, self._closing):
                         if self._closing.is_set():
                             self._record.outcome = "server_closed"
@@ -938,8 +1001,8 @@ class _ScriptedStream(Response):
             watcher.cancel()
 
 
-async def _sleep_unless(seconds: float, *events: asyncio.Event) -> bool:
-    """Sleep, returning True early if any event fires."""
+async def _sleep_unless(seconds: float | None, *events: asyncio.Event) -> bool:
+    """Sleep (None: until an event fires), returning True early if any event fires."""
     waiters = [asyncio.create_task(e.wait()) for e in events]
     try:
         done, _ = await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)

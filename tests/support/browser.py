@@ -1,4 +1,8 @@
-"""Debian's Chromium through Playwright: one browser per session, a fresh context per test.
+"""Chromium through Playwright: one browser per session, a fresh context per test.
+
+The browser is the one BLOGCHAT_TEST_CHROMIUM names, else Debian's /usr/bin/chromium, else
+Playwright's own if one is installed (never downloaded). With none, the browser tests skip
+with the reason, or fail in CI (tests/support/services.py).
 
 Every test that uses a browser context leaves a screenshot of each of its pages in
 test-artifacts/screenshots/<test name>.png, whether it passed or failed, and fails if a
@@ -10,6 +14,7 @@ tests/conftest.py loads these fixtures for every test module.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -19,10 +24,13 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 
+from tests.support.services import unavailable
+
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOTS = REPO / "test-artifacts" / "screenshots"
 MEASUREMENTS = REPO / "test-artifacts" / "measurements.jsonl"
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_VARIABLE = "BLOGCHAT_TEST_CHROMIUM"
+DEBIAN_CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -45,12 +53,42 @@ TIMEOUT_MS = 30_000
 expect.set_options(timeout=TIMEOUT_MS)
 
 
+class NoChromium(Exception):
+    """No Chromium to run the browser tests with; the message says what was looked for."""
+
+
+def _runnable(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def chromium_path(playwright_own: str) -> str:
+    """The Chromium to launch: the one BLOGCHAT_TEST_CHROMIUM names, else Debian's, else
+    Playwright's own (`playwright_own`, its `chromium.executable_path`) if installed."""
+    named = os.environ.get(CHROMIUM_VARIABLE)
+    if named:
+        if _runnable(named):
+            return named
+        raise NoChromium(f"{CHROMIUM_VARIABLE}={named} is not an executable file")
+    for candidate in (DEBIAN_CHROMIUM, playwright_own):
+        if _runnable(candidate):
+            return candidate
+    raise NoChromium(
+        f"no Chromium for the browser tests: neither Debian's {DEBIAN_CHROMIUM}"
+        f" (apt-get install chromium) nor Playwright's own ({playwright_own}) is installed;"
+        f" {CHROMIUM_VARIABLE} names another"
+    )
+
+
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def chromium() -> AsyncIterator[Browser]:
     """Chromium, launched once for the whole session."""
     async with async_playwright() as playwright:
+        try:
+            executable = chromium_path(playwright.chromium.executable_path)
+        except NoChromium as missing:
+            unavailable(str(missing), ci_must="run the browser tests")
         browser = await playwright.chromium.launch(
-            executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000
+            executable_path=executable, args=CHROMIUM_ARGS, timeout=60_000
         )
         try:
             yield browser

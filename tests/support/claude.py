@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from blogchat.engines.claude import ClaudeEngine
+from blogchat.engines.claude.process import AgentProcess
 from blogchat.settings import Settings
 from blogchat.tools import BlogTool
 from tests.support.anthropic_server import AnthropicTestServer
@@ -78,6 +79,21 @@ def engine_of(server: LiveServer) -> ClaudeEngine:
     engine = server.state.engine
     assert isinstance(engine, ClaudeEngine)
     return engine
+
+
+def ready_spare(server: LiveServer) -> AgentProcess:
+    """The server's spare agent process, once it has started."""
+    pool = engine_of(server).pool
+
+    def ready() -> AgentProcess | None:
+        return next(
+            (p for p in pool.processes() if p.spare and p.state.value == "idle" and p.pid), None
+        )
+
+    assert wait_until(lambda: ready() is not None, timeout=60), "no spare process started"
+    spare = ready()
+    assert spare is not None
+    return spare
 
 
 @contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -163,3 +164,15 @@ def answer_text(events: list[Event], message_id: str | None = None) -> str:
         for event in events
         if event["type"] == "token" and (message_id is None or event["messageId"] == message_id)
     )
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 30) -> bool:
+    """Wait until `condition()` holds; whether it ever did (a bounded wait on an observable
+    state, not a timing)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True

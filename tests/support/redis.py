@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import uuid
 
-import pytest
 import redis.asyncio
 
+from tests.support.services import unavailable
+
 REDIS_URL = os.environ.get("BLOGCHAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-IN_CI = bool(os.environ.get("CI"))
 
 
 async def redis_problem() -> str | None:
@@ -28,9 +28,7 @@ async def require_redis() -> None:
     """Skip the test without Redis (fail in CI, which must run it)."""
     problem = await redis_problem()
     if problem:
-        if IN_CI:
-            pytest.fail(f"{problem}; CI must run the cluster tests")
-        pytest.skip(problem)
+        unavailable(problem, ci_must="run the cluster tests on Redis")
 
 
 def unique_prefix() -> str:

@@ -18,11 +18,13 @@ from typing import Any
 
 import httpx
 import uvicorn
+from sqlalchemy import Row
 from sqlalchemy import text as sql_text
 
 from blogchat.app import create_app
 from blogchat.cli import uvicorn_config
 from blogchat.settings import Settings
+from blogchat.store.database import Database as StoreDatabase
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,6 +51,17 @@ class Database:
         if self.schema:
             env["BLOGCHAT_DATABASE_SCHEMA"] = self.schema
         return env
+
+    async def rows(self, statement: str, **params: Any) -> list[Row[Any]]:
+        """What a query reads from this database, on a connection of its own (from outside
+        the server, which may be another process)."""
+        url = Settings(_env_file=None, database_url=self.url).database
+        database = StoreDatabase(url, schema=self.schema)
+        try:
+            async with database.engine.connect() as connection:
+                return list((await connection.execute(sql_text(statement), params)).all())
+        finally:
+            await database.dispose()
 
 
 # The per-visitor and per-address limits a public server runs with would throttle a test
@@ -92,7 +105,7 @@ def settings_for(database: Database, data_dir: Path, **overrides: Any) -> Settin
         **UNLIMITED,
     }
     values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    return Settings(_env_file=None, **values)
 
 
 class LiveServer:

@@ -33,6 +33,11 @@ CLOSE_GRACE = 2.0
 START_TIMEOUT = 60.0
 # After a spare failed to start, how long before another is tried.
 SPARE_BACKOFF = 30.0
+# After a new chat takes a spare, the spare's replacement waits until that chat's first
+# turn is over, or this long at most: starting a CLI costs a few hundred ms of CPU, and a
+# start racing the first turn delayed its first token by 100-400 ms on two cores
+# (tests/test_first_answer.py).
+SPARE_HOLD = 5.0
 
 
 class StartFailed(Exception):
@@ -80,6 +85,7 @@ class ProcessPool(Generic[P]):
         parallel_starts: int,
         spares: int = 0,
         spare_spec: SpareSpec | None = None,
+        spare_hold: float = SPARE_HOLD,
     ) -> None:
         self._launch = launch
         self.cap = cap
@@ -87,6 +93,10 @@ class ProcessPool(Generic[P]):
         self.spares = spares if spare_spec is not None else 0
         self._spare_spec = spare_spec
         self._spares_paused_until = 0.0
+        self.spare_hold = spare_hold
+        # Chats that took a spare and whose first turn may still run: until when each
+        # holds off the spare's replacement.
+        self._holds: dict[str, float] = {}
         # Chats waiting for room under the cap: while any waits, no spare is started.
         self._waiting = 0
         self._by_chat: dict[str, P] = {}
@@ -153,7 +163,10 @@ class ProcessPool(Generic[P]):
             process.last_used = time.monotonic()
             chat_id = process.spec.chat_id
             self._by_chat[chat_id] = self._by_chat.pop(chat_id)
-            self._top_up()
+            # The replacement starts when this chat's first turn is over (`give_back`), or
+            # once the hold runs out.
+            self._holds[chat_id] = time.monotonic() + self.spare_hold
+            asyncio.get_running_loop().call_later(self.spare_hold, self._top_up)
             return chat_id
         return None
 
@@ -207,6 +220,8 @@ class ProcessPool(Generic[P]):
         async with self._changed:
             process.state = ProcessState.IDLE
             process.last_used = time.monotonic()
+            if self._holds.pop(process.spec.chat_id, None) is not None:
+                self._top_up()
             self._changed.notify_all()
 
     async def discard(self, process: P) -> None:
@@ -341,8 +356,16 @@ class ProcessPool(Generic[P]):
 
     def _top_up(self) -> None:
         """Start spares while there are too few and free room."""
-        if self._spare_spec is None or time.monotonic() < self._spares_paused_until:
+        now = time.monotonic()
+        if self._spare_spec is None or now < self._spares_paused_until:
             return
+        self._holds = {
+            chat_id: until
+            for chat_id, until in self._holds.items()
+            if until > now and chat_id in self._by_chat
+        }
+        if self._holds:
+            return  # a first turn runs on a spare just taken: its replacement waits
         while self.spare_count < self.spares and self._free_room():
             process = self._launch_in_background(self._spare_spec())
             process.spare = True
