@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.support import Row, info_row, machine, markdown_table, print_rows
 
-BENCHMARKS = ("relay", "concurrency", "claude", "resume", "search", "ratelimit")
+BENCHMARKS = ("relay", "concurrency", "claude", "resume", "search", "ratelimit", "cluster")
 
 
 def relay(quick: bool) -> list[Row]:
@@ -81,6 +81,13 @@ def messages(quick: bool) -> list[Row]:
     return bench_messages.main(small if quick else [])
 
 
+def cluster(quick: bool) -> list[Row]:
+    """7. The shared log of several instances, on Redis."""
+    from bench import bench_cluster
+
+    return bench_cluster.main(["--samples", "500" if quick else "2000"])
+
+
 RUNNERS: dict[str, Callable[[bool], list[Row]]] = {
     "relay": relay,
     "concurrency": concurrency,
@@ -89,6 +96,7 @@ RUNNERS: dict[str, Callable[[bool], list[Row]]] = {
     "resume": resume,
     "search": search,
     "ratelimit": ratelimit,
+    "cluster": cluster,
 }
 
 

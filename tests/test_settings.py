@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import stat
 import threading
@@ -309,3 +310,75 @@ def test_servers_starting_together_agree_on_one_generated_secret_key(tmp_path: P
     assert set(keys) == {(data_dir / "secret_key").read_text().strip()}
     assert stat.S_IMODE((data_dir / "secret_key").stat().st_mode) == 0o600
     assert [path.name for path in data_dir.iterdir()] == ["secret_key"]
+
+
+# --- several instances ----------------------------------------------------------------------
+
+
+def test_without_redis_there_is_one_instance_and_the_counters_stay_in_memory() -> None:
+    settings = load_settings(_env_file=None)
+    assert settings.redis_url is None
+    assert not settings.clustered
+    assert settings.rate_limit_storage == "memory://"
+    assert settings.redis_prefix == "blogchat"
+    assert settings.chat_lease_seconds == 5
+    assert settings.instance_id.endswith(f"-{os.getpid()}")
+
+
+def test_redis_turns_on_cluster_mode_and_the_counters_move_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://blog@db.internal/blog")
+    monkeypatch.setenv("BLOGCHAT_REDIS_URL", "redis://cache.internal:6379/2")
+    monkeypatch.setenv("BLOGCHAT_REDIS_PREFIX", "blog-one")
+    monkeypatch.setenv("BLOGCHAT_CHAT_LEASE_SECONDS", "3")
+    monkeypatch.setenv("BLOGCHAT_INSTANCE_ID", "web-2")
+    settings = load_settings(_env_file=None)
+    assert settings.clustered
+    assert settings.rate_limit_storage == "redis://cache.internal:6379/2"
+    assert settings.redis_prefix == "blog-one"
+    assert settings.chat_lease_seconds == 3
+    assert settings.instance_id == "web-2"
+
+
+@pytest.mark.parametrize("database_url", ["", "sqlite:///data/blog.db"])
+def test_cluster_mode_refuses_sqlite_naming_both_settings(
+    monkeypatch: pytest.MonkeyPatch, database_url: str
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("BLOGCHAT_REDIS_URL", "redis://127.0.0.1:6379/0")
+    with pytest.raises(SettingsError) as failure:
+        load_settings(_env_file=None)
+    message = str(failure.value)
+    assert "BLOGCHAT_REDIS_URL" in message
+    assert "requires PostgreSQL" in message
+    assert "DATABASE_URL" in message
+
+
+def test_blogchat_check_refuses_cluster_mode_on_sqlite(monkeypatch: pytest.MonkeyPatch) -> None:
+    from blogchat.cli import main
+
+    monkeypatch.setenv("BLOGCHAT_REDIS_URL", "redis://127.0.0.1:6379/0")
+    monkeypatch.setenv("BLOGCHAT_CONTENT_DIR", str(REPO / "content"))
+    monkeypatch.setenv("BLOGCHAT_PERSONAS_FILE", str(REPO / "config" / "personas.yaml"))
+    assert main(["check"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("BLOGCHAT_REDIS_URL", "http://cache.internal"),
+        ("BLOGCHAT_REDIS_PREFIX", "has space"),
+        ("BLOGCHAT_REDIS_PREFIX", ""),
+        ("BLOGCHAT_CHAT_LEASE_SECONDS", "0.5"),
+        ("BLOGCHAT_INSTANCE_ID", "web/1"),
+    ],
+)
+def test_bad_cluster_settings_are_named(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://blog@db.internal/blog")
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as failure:
+        load_settings(_env_file=None)
+    assert name in str(failure.value)

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,6 +39,9 @@ from blogchat.web import api, pages, realtime
 from blogchat.web.bodies import BodyLimit
 from blogchat.web.headers import SecurityHeaders
 from blogchat.web.identity import VisitorMiddleware
+
+if TYPE_CHECKING:
+    from blogchat.cluster.node import ClusterNode
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +87,16 @@ def make_engine(settings: Settings, content: Content, store: Store) -> AgentEngi
     return OfflineEngine(content.tools, tokens_per_second=settings.offline_tokens_per_second)
 
 
+async def _mark_interrupted_elsewhere(store: Store, cluster: ClusterNode) -> int:
+    """At start-up with several instances: answers left streaming become incomplete, but
+    only in chats no live instance holds (the others are still being written)."""
+    streaming = await store.chats.streaming_answers()
+    held = await cluster.held({chat_id for _, chat_id in streaming})
+    return await store.chats.mark_incomplete(
+        [message_id for message_id, chat_id in streaming if chat_id not in held]
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; everything that needs I/O happens in its lifespan."""
     settings = settings or load_settings()
@@ -90,8 +104,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         content = load_content(settings)
-        store = await Store.open(settings.database, schema=settings.database_schema)
-        interrupted = await store.chats.mark_interrupted_turns()
+        store = await Store.open(
+            settings.database,
+            schema=settings.database_schema,
+            # An instance paused past its leases must not hold locks their new owners need.
+            idle_transaction_seconds=settings.chat_lease_seconds if settings.clustered else None,
+        )
+        cluster = None
+        if settings.clustered:
+            # Imported only here: one instance never needs the Redis client.
+            from blogchat.cluster.node import ClusterNode
+
+            cluster = ClusterNode(settings, store)
+        if cluster is None:
+            interrupted = await store.chats.mark_interrupted_turns()
+        else:
+            interrupted = await _mark_interrupted_elsewhere(store, cluster)
         if interrupted:
             log.warning("marked %d answer(s) cut off by a crash as incomplete", interrupted)
         engine = make_engine(settings, content, store)
@@ -101,8 +129,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "" if settings.claude_enabled else " (no ANTHROPIC_API_KEY: answers come from search)",
         )
         telemetry = telemetry_for(settings)
-        # Counters in memory: one instance. Several instances would share them on Redis.
-        limiter = RateLimiter()
+        # Counters in memory for one instance; several instances share them on Redis.
+        limiter = RateLimiter(settings.rate_limit_storage, prefix=settings.redis_prefix)
         quotas = Quotas(settings, limiter, store.usage.spending)
         titles = Titles(settings, store, quotas)
         sessions = ChatSessions(
@@ -124,6 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             gate=TurnGate(settings, engine.capacity),
             quotas=quotas,
             after_turn=titles.after_turn if settings.chat_titles else None,
+            placement=cluster,
         )
         visitors = Visitors(
             store,
@@ -145,6 +174,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             personas=content.personas,
             blog=content.blog,
             quotas=quotas,
+            cluster=cluster,
         )
         hub = Hub(settings=settings, visitors=visitors, chats=chats, sessions=sessions)
         state = app.state
@@ -169,6 +199,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         state.drain = drain
         state.hub = hub
+        state.cluster = cluster
+        if cluster is not None:
+            await cluster.start(sessions, chats)
         sessions.start()
         engine.start()
         waiting = await chats.answer_waiting()
@@ -180,6 +213,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await hub.close_all()
             await sessions.aclose()
             await titles.aclose()
+            if cluster is not None:
+                await cluster.aclose()
             await engine.aclose()
             # After the sessions, so that the spans of turns cut short are sent too.
             await telemetry.aclose()

@@ -7,12 +7,15 @@ The WebSocket hub and the REST API both ask this service; neither touches the st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from blogchat import policy
 from blogchat import protocol as wire
+from blogchat.cluster.commands import ForwardRefused, OwnerGone, unreachable
 from blogchat.content import Blog
 from blogchat.engines.base import AgentEngine
 from blogchat.eventlog import Subscriber
@@ -30,6 +33,9 @@ from blogchat.store import ChatRecord, DuplicateClientMessage, MessageRecord, St
 from blogchat.store.chats import Waiting
 from blogchat.views import chat_info, message_info, user_message_event
 from blogchat.visitors import Visitor
+
+if TYPE_CHECKING:
+    from blogchat.cluster.node import ClusterNode
 
 NO_SUCH_CHAT = "There is no such chat."
 
@@ -84,9 +90,13 @@ class Chats:
         personas: Personas,
         blog: Blog,
         quotas: Quotas | None = None,
+        cluster: ClusterNode | None = None,
     ) -> None:
         self.settings = settings
         self.quotas = quotas
+        # Several instances: chats owned elsewhere are followed here, their messages
+        # forwarded to their owner (cluster/).
+        self.cluster = cluster
         self.store = store
         self.sessions = sessions
         self.engine = engine
@@ -163,6 +173,8 @@ class Chats:
     ) -> None:
         """Send the chat's history (or a replay) to a subscriber, then its live events."""
         session = await self._session(visitor, chat_id)
+        if self.cluster is not None:
+            await self.cluster.catch_up(session, after_seq)
         try:
             session.subscribe(subscriber, after_seq=after_seq, request_id=request_id)
         except SessionClosed:
@@ -223,7 +235,7 @@ class Chats:
                 message.chat_id,
             )
         lock = self._visitor_locks.setdefault(visitor.id, asyncio.Lock())
-        async with lock:
+        async with lock, self._everywhere(visitor):
             previous = await self.store.chats.find_client_message(
                 visitor.id, message.client_message_id
             )
@@ -234,6 +246,8 @@ class Chats:
                 await self._admit(who, None)
                 session = await self._new_chat(visitor, message, text, sender)
                 replaces: Sequence[MessageRecord] = ()
+            elif await self._forwarded(visitor, message, sender, address):
+                return message.chat_id
             else:
                 session, replaces = await self._join(visitor, message, sender, who)
             if message.regenerate is not None:
@@ -241,6 +255,70 @@ class Chats:
                 text = replaces[0].text
             await self._accept(session, message, text, visitor, address, replaces)
             return session.chat.id
+
+    def _everywhere(self, visitor: Visitor) -> contextlib.AbstractAsyncContextManager[None]:
+        """With several instances, the visitor's lock is held across all of them."""
+        if self.cluster is None:
+            return contextlib.nullcontext()
+        return self.cluster.visitor_lock(visitor.id)
+
+    async def _forwarded(
+        self, visitor: Visitor, message: wire.Chat, sender: Subscriber, address: str
+    ) -> bool:
+        """A message to a chat another instance owns goes to that owner, which admits,
+        saves and runs it; the sender hears about it here. False: it is this instance's."""
+        assert message.chat_id is not None
+        if self.cluster is None:
+            return False
+        session = await self._session(visitor, message.chat_id)
+        # Twice at most: an owner that does not answer (it died) has its lease lapse soon,
+        # and then this instance, or whichever took the chat over, runs the message.
+        for attempt in range(2):
+            session = await self.cluster.claim(session, self.sessions)
+            if not self.cluster.follows(session):
+                return False
+            _check_same_chat(session.chat, message)
+            if not session.watched_by(sender):
+                session.subscribe(
+                    sender, after_seq=session.last_seq, request_id=None, announce=False
+                )
+            try:
+                await self.cluster.forward_chat(
+                    session.chat.id, visitor.id, visitor.anonymous, message, address
+                )
+                return True
+            except OwnerGone:
+                if attempt == 0 and await self.cluster.lapsed(session.chat.id):
+                    session = await self._session(visitor, message.chat_id)
+                    continue
+                exc = unreachable()
+            except ForwardRefused as refused:
+                exc = refused
+            raise ChatError(
+                exc.code,
+                exc.message,
+                session.chat.id,
+                retryable=exc.retryable,
+                retry_after=exc.retry_after,
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def take_forwarded(
+        self, visitor_id: str, anonymous: bool, message: wire.Chat, address: str
+    ) -> None:
+        """Carry out a `chat` that reached another instance, for a chat this one owns (its
+        sender holds the visitor's lock there)."""
+        assert message.chat_id is not None
+        visitor = Visitor(id=visitor_id, anonymous=anonymous)
+        who = Who(visitor_id, address, anonymous)
+        session, replaces = await self._join(visitor, message, None, who)
+        if self.cluster is not None and self.cluster.follows(session):
+            raise ChatError(
+                "busy", "This chat just moved to another instance. Try again.", retryable=True
+            )
+        # A regenerate asks the question again as it was.
+        text = replaces[0].text if message.regenerate is not None else message.text.strip()
+        await self._accept(session, message, text, visitor, address, replaces)
 
     async def _new_chat(
         self, visitor: Visitor, message: wire.Chat, text: str, sender: Subscriber
@@ -281,23 +359,14 @@ class Chats:
         return session
 
     async def _join(
-        self, visitor: Visitor, message: wire.Chat, sender: Subscriber, who: Who
+        self, visitor: Visitor, message: wire.Chat, sender: Subscriber | None, who: Who
     ) -> tuple[ChatSession, Sequence[MessageRecord]]:
         """The chat's session for a message to it, and the messages it replaces (a
         regenerate or an edit: checked before the message is counted against any limit)."""
         assert message.chat_id is not None
         session = await self._session(visitor, message.chat_id)
         chat = session.chat
-        if message.persona is not None and message.persona != chat.persona:
-            raise ChatError(
-                "persona_locked",
-                "A chat keeps the persona it started with. Start a new chat to switch.",
-                chat.id,
-            )
-        if message.post is not None and message.post != chat.post_slug:
-            raise ChatError(
-                "bad_request", "A chat's post is set when the chat is created.", chat.id
-            )
+        _check_same_chat(chat, message)
         replaces: list[MessageRecord] = []
         if message.regenerate is not None or message.edit is not None:
             try:
@@ -309,7 +378,7 @@ class Chats:
         if model != chat.model:
             await self.store.chats.update_chat(chat.id, model=model)
             session.set_chat(replace(chat, model=model))
-        if not session.watched_by(sender):
+        if sender is not None and not session.watched_by(sender):
             # The sender always hears about its own message, as with a new chat.
             session.subscribe(sender, after_seq=session.last_seq, request_id=None, announce=False)
         return session, replaces
@@ -406,6 +475,8 @@ class Chats:
             if chat is None:
                 continue
             session = await self.sessions.open(chat)
+            if self.cluster is not None and self.cluster.follows(session):
+                continue  # Its owner, another live instance, has them.
             model = chat.model
             session.enqueue(
                 *(
@@ -462,6 +533,18 @@ class Chats:
 
     async def _session(self, visitor: Visitor, chat_id: str) -> ChatSession:
         return await self.sessions.open(await self.own(visitor, chat_id))
+
+
+def _check_same_chat(chat: ChatRecord, message: wire.Chat) -> None:
+    """A message to an existing chat may not change its persona or its post."""
+    if message.persona is not None and message.persona != chat.persona:
+        raise ChatError(
+            "persona_locked",
+            "A chat keeps the persona it started with. Start a new chat to switch.",
+            chat.id,
+        )
+    if message.post is not None and message.post != chat.post_slug:
+        raise ChatError("bad_request", "A chat's post is set when the chat is created.", chat.id)
 
 
 def title_for(text: str, limit: int = 60) -> str:

@@ -7,7 +7,7 @@ shared ones (e.g. a Redis Stream and pub/sub) when several instances serve one b
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 # The most events a chat's log keeps (and so the longest replay a resume can ask for).
@@ -57,6 +57,9 @@ class Fanout(Protocol):
 
     def __len__(self) -> int:
         """How many subscribers there are."""
+
+    def __iter__(self) -> Iterator[Subscriber]:
+        """The subscribers, in the order they subscribed."""
 
 
 class MemoryEventLog:
@@ -129,3 +132,6 @@ class MemoryFanout:
 
     def __len__(self) -> int:
         return len(self._subscribers)
+
+    def __iter__(self) -> Iterator[Subscriber]:
+        return iter(list(self._subscribers))

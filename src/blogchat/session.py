@@ -17,6 +17,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from blogchat import protocol as wire
 from blogchat.content import Blog
@@ -852,6 +853,14 @@ def _past(messages: list[MessageRecord], user: MessageRecord) -> Sequence[PastMe
     return past
 
 
+class Placement(Protocol):
+    """Where a chat's session runs when several instances serve one blog (`cluster/`):
+    here as the chat's owner, or here as a follower of the owner elsewhere."""
+
+    async def open(self, chat: ChatRecord, sessions: ChatSessions) -> ChatSession:
+        """A new session of the chat on this instance, loaded from the store."""
+
+
 class ChatSessions:
     """The live sessions of this process, by chat id, with idle reclaim."""
 
@@ -870,8 +879,10 @@ class ChatSessions:
         gate: TurnGate | None = None,
         quotas: Quotas | None = None,
         after_turn: AfterTurn | None = None,
+        placement: Placement | None = None,
     ) -> None:
         self.after_turn = after_turn
+        self.placement = placement
         self.limits = limits or SessionLimits()
         self.gate = gate
         self.quotas = quotas
@@ -910,24 +921,12 @@ class ChatSessions:
         future: asyncio.Future[ChatSession] = asyncio.get_running_loop().create_future()
         self._opening[chat.id] = future
         try:
-            history = await self.store.chats.get_messages(chat.id)
-            fresh = await self.store.chats.get_chat(chat.id) or chat
-            session = ChatSession(
-                fresh,
-                history,
-                store=self.store,
-                engine=self.engine,
-                personas=self.personas,
-                blog=self.blog,
-                render=self.render,
-                timings=self.timings,
-                telemetry=self.telemetry,
-                limits=self.limits,
-                gate=self.gate,
-                quotas=self.quotas,
-                saves=self.saves,
-                after_turn=self.after_turn,
-            )
+            if self.placement is not None:
+                session = await self.placement.open(chat, self)
+            else:
+                history = await self.store.chats.get_messages(chat.id)
+                fresh = await self.store.chats.get_chat(chat.id) or chat
+                session = ChatSession(fresh, history, **self.session_options())
             self._sessions[chat.id] = session
             future.set_result(session)
             return session
@@ -938,6 +937,36 @@ class ChatSessions:
             raise
         finally:
             del self._opening[chat.id]
+
+    def session_options(self) -> dict[str, Any]:
+        """What every session of this process is made with, besides its chat."""
+        return {
+            "store": self.store,
+            "engine": self.engine,
+            "personas": self.personas,
+            "blog": self.blog,
+            "render": self.render,
+            "timings": self.timings,
+            "telemetry": self.telemetry,
+            "limits": self.limits,
+            "gate": self.gate,
+            "quotas": self.quotas,
+            "saves": self.saves,
+            "after_turn": self.after_turn,
+        }
+
+    async def reopen(self, chat_id: str) -> ChatSession | None:
+        """Close a chat's session and open it again, keeping its subscribers, who get what
+        they missed in between (a follower becoming the owner, `cluster/`)."""
+        old = self._sessions.pop(chat_id, None)
+        if old is None:
+            return None
+        subscribers = list(old.fanout)
+        await old.close()
+        new = await self.open(old.chat)
+        for subscriber in subscribers:
+            new.subscribe(subscriber, after_seq=old.last_seq, request_id=None, announce=False)
+        return new
 
     def chats_moved(self, from_owner: str, to_owner: str) -> None:
         """An anonymous visitor's chats now belong to an account: update live sessions."""

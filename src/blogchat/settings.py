@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import secrets
+import socket
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -83,6 +84,39 @@ class Settings(BaseSettings):
         default="blogchat",
         validation_alias=_env("BLOGCHAT_SITE_TITLE"),
         description="The blog's name, shown in the header and page titles.",
+    )
+
+    # Several instances (docs/deployment.md, "Several instances").
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=_env("BLOGCHAT_REDIS_URL"),
+        description=(
+            "Redis URL (redis://host:6379/0) shared by several instances of one blog: chat "
+            "events, turn ownership and rate limits live there. Unset: one instance. "
+            "Requires PostgreSQL."
+        ),
+    )
+    redis_prefix: str = Field(
+        default="blogchat",
+        pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
+        validation_alias=_env("BLOGCHAT_REDIS_PREFIX"),
+        description="Prefix of every Redis key, so several blogs (or tests) share one Redis.",
+    )
+    chat_lease_seconds: float = Field(
+        default=5.0,
+        ge=1.0,
+        le=300.0,
+        validation_alias=_env("BLOGCHAT_CHAT_LEASE_SECONDS"),
+        description=(
+            "How long an instance's claim on a chat lasts without renewal: after it dies, "
+            "another instance may take its chats over this much later."
+        ),
+    )
+    instance_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        pattern=r"^[A-Za-z0-9_.-]{1,100}$",
+        validation_alias=_env("BLOGCHAT_INSTANCE_ID"),
+        description="This instance's name among several (unique). Default: host name and pid.",
     )
 
     # Security.
@@ -570,6 +604,35 @@ class Settings(BaseSettings):
         if value and not value.startswith(("sqlite", "postgres")):
             raise ValueError("only sqlite:// and postgresql:// URLs are supported")
         return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _check_cluster_database(self) -> Settings:
+        # Several instances share one database: a SQLite file cannot be shared.
+        if self.redis_url and not self.database.startswith("postgresql"):
+            raise ValueError(
+                "BLOGCHAT_REDIS_URL (several instances) requires PostgreSQL: set DATABASE_URL "
+                "to a postgresql:// URL, or unset BLOGCHAT_REDIS_URL to run one instance on SQLite"
+            )
+        return self
+
+    @property
+    def clustered(self) -> bool:
+        """Whether this is one of several instances sharing Redis and PostgreSQL."""
+        return self.redis_url is not None
+
+    @property
+    def rate_limit_storage(self) -> str:
+        """Where rate limit counters live: Redis when several instances share them."""
+        return self.redis_url or "memory://"
 
     @field_validator("log_level")
     @classmethod

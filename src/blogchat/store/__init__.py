@@ -40,9 +40,11 @@ class Store:
         self.usage = UsageStore(db)
 
     @classmethod
-    async def open(cls, url: str, *, schema: str | None = None) -> Store:
+    async def open(
+        cls, url: str, *, schema: str | None = None, idle_transaction_seconds: float | None = None
+    ) -> Store:
         """Connect and apply any pending migrations."""
-        db = Database(url, schema=schema)
+        db = Database(url, schema=schema, idle_transaction_seconds=idle_transaction_seconds)
         await db.migrate()
         return cls(db)
 

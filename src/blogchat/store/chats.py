@@ -33,6 +33,10 @@ class DuplicateClientMessage(Exception):
     """This chat already holds a message with that clientMessageId."""
 
 
+class StaleOwner(Exception):
+    """A save by an instance whose claim on the chat was taken over (a higher token saved)."""
+
+
 def _violates(error: IntegrityError, constraint: str) -> bool:
     """Whether an integrity error is this constraint's (not, say, a foreign key's)."""
     cause = error.orig
@@ -56,6 +60,8 @@ class ChatRecord:
     model: ModelAlias
     last_seq: int = 0
     created_by: str | None = None
+    # The fencing token of the instance that last saved to the chat (several instances).
+    lease_fence: int = 0
     post_slug: str | None = None
     created_at: datetime = field(default_factory=utcnow)
     updated_at: datetime = field(default_factory=utcnow)
@@ -131,6 +137,7 @@ def _chat_record(row: Chat) -> ChatRecord:
         model=cast(ModelAlias, row.model),
         last_seq=row.last_seq,
         created_by=row.created_by,
+        lease_fence=row.lease_fence,
         post_slug=row.post_slug,
         created_at=row.created_at,
         updated_at=row.updated_at,
@@ -425,9 +432,10 @@ class ChatStore:
             return record
 
     @runs_to_completion
-    async def add_message(self, record: MessageRecord) -> None:
+    async def add_message(self, record: MessageRecord, *, fence: int | None = None) -> None:
         """Insert a new message (a user message that replaces others marks them superseded
-        in the same transaction)."""
+        in the same transaction); with a `fence`, only if no higher token saved to the chat
+        (StaleOwner)."""
         columns = _columns(record) | {
             "id": record.id,
             "chat_id": record.chat_id,
@@ -451,15 +459,16 @@ class ChatStore:
                         insert(ToolCall),
                         [{"message_id": record.id, **call} for call in _tool_call_columns(record)],
                     )
-                await self._touch(session, record.chat_id)
+                await self._touch(session, record.chat_id, fence)
         except IntegrityError as exc:
             if _violates(exc, DUPLICATE_CLIENT_MESSAGE):
                 raise DuplicateClientMessage(record.client_message_id) from None
             raise
 
     @runs_to_completion
-    async def save_message(self, record: MessageRecord) -> None:
-        """Insert or update a message with its tool calls (partial or final answers)."""
+    async def save_message(self, record: MessageRecord, *, fence: int | None = None) -> None:
+        """Insert or update a message with its tool calls (partial or final answers); with
+        a `fence`, only if no higher token saved to the chat (StaleOwner)."""
         async with self.db.session() as session:
             row = await session.get(Message, record.id, options=[selectinload(Message.tool_calls)])
             if row is None:
@@ -472,7 +481,7 @@ class ChatStore:
                 )
                 session.add(row)
             _apply(row, record)
-            await self._touch(session, record.chat_id)
+            await self._touch(session, record.chat_id, fence)
 
     @runs_to_completion
     async def save_partial_answers(self, records: Sequence[MessageRecord]) -> None:
@@ -544,25 +553,66 @@ class ChatStore:
         return int(result.rowcount)  # type: ignore[attr-defined]
 
     @runs_to_completion
-    async def unanswered(self) -> list[Waiting]:
-        """User messages with no answer at all (not even a stopped or cut one): those that
-        were waiting in a chat's queue when the server stopped. By chat, in order."""
-        answer = aliased(Message)
+    async def streaming_answers(self) -> list[tuple[str, str]]:
+        """The answers still marked streaming: (message id, chat id) pairs."""
         async with self.db.session() as session:
             rows = await session.execute(
-                select(Message, User.email.is_not(None))
-                .join(Chat, Chat.id == Message.chat_id)
-                .join(User, User.id == Chat.owner_id)
-                .where(
-                    Message.role == "user",
-                    Message.superseded_by.is_(None),
-                    ~exists().where(answer.reply_to == Message.id),
+                select(Message.id, Message.chat_id).where(Message.status == STREAMING)
+            )
+            return [(message_id, chat_id) for message_id, chat_id in rows]
+
+    @runs_to_completion
+    async def mark_incomplete(self, message_ids: list[str]) -> int:
+        """These answers, if still streaming, were cut off: they become incomplete."""
+        if not message_ids:
+            return 0
+        async with self.db.session() as session:
+            result = await session.execute(
+                update(Message)
+                .where(Message.id.in_(message_ids), Message.status == STREAMING)
+                .values(status="incomplete", updated_at=utcnow())
+            )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+    @runs_to_completion
+    async def unanswered(self, chat_id: str | None = None) -> list[Waiting]:
+        """User messages with no answer at all (not even a stopped or cut one): those that
+        were waiting in a chat's queue when the server stopped. By chat, in order; only
+        one chat's if `chat_id` is given."""
+        answer = aliased(Message)
+        query = (
+            select(Message, User.email.is_not(None))
+            .join(Chat, Chat.id == Message.chat_id)
+            .join(User, User.id == Chat.owner_id)
+            .where(
+                Message.role == "user",
+                Message.superseded_by.is_(None),
+                ~exists().where(answer.reply_to == Message.id),
+            )
+        )
+        if chat_id is not None:
+            query = query.where(Message.chat_id == chat_id)
+        async with self.db.session() as session:
+            rows = await session.execute(
+                query.order_by(Message.chat_id, Message.seq_start).options(
+                    selectinload(Message.tool_calls)
                 )
-                .order_by(Message.chat_id, Message.seq_start)
-                .options(selectinload(Message.tool_calls))
             )
             return [Waiting(_message_record(row), bool(registered)) for row, registered in rows]
 
     @staticmethod
-    async def _touch(session: Any, chat_id: str) -> None:
-        await session.execute(update(Chat).where(Chat.id == chat_id).values(updated_at=utcnow()))
+    async def _touch(session: Any, chat_id: str, fence: int | None = None) -> None:
+        if fence is None:
+            await session.execute(
+                update(Chat).where(Chat.id == chat_id).values(updated_at=utcnow())
+            )
+            return
+        # The same statement checks the token and advances it: no extra round trip. Refused,
+        # the whole save rolls back.
+        result = await session.execute(
+            update(Chat)
+            .where(Chat.id == chat_id, Chat.lease_fence <= fence)
+            .values(updated_at=utcnow(), lease_fence=fence)
+        )
+        if not result.rowcount:
+            raise StaleOwner(chat_id)

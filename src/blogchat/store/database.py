@@ -77,7 +77,9 @@ def alembic_config() -> Config:
 class Database:
     """An async engine and its session factory."""
 
-    def __init__(self, url: str, *, schema: str | None = None) -> None:
+    def __init__(
+        self, url: str, *, schema: str | None = None, idle_transaction_seconds: float | None = None
+    ) -> None:
         self.url = make_url(url)
         self.schema = schema
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
@@ -91,9 +93,18 @@ class Database:
             connect_args["timeout"] = 30
         else:
             engine_args.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
+            server_settings: dict[str, str] = {}
             if schema:
                 # A private schema per test run keeps parallel tests apart.
-                connect_args["server_settings"] = {"search_path": schema}
+                server_settings["search_path"] = schema
+            if idle_transaction_seconds:
+                # With several instances: a paused instance (a long GC pause, a frozen VM)
+                # must not hold row locks its chats' new owner waits for; the server ends
+                # its transaction, and the late commit fails.
+                timeout_ms = round(idle_transaction_seconds * 1000)
+                server_settings["idle_in_transaction_session_timeout"] = str(timeout_ms)
+            if server_settings:
+                connect_args["server_settings"] = server_settings
         self.engine: AsyncEngine = create_async_engine(
             self.url, connect_args=connect_args, **engine_args
         )

@@ -98,6 +98,9 @@ class Chat(Base):
     # The highest seq ever handed out for this chat (or reserved ahead of use), so that a
     # seq is never reused, even after a crash.
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
+    # With several instances: the fencing token of the last instance that saved to this
+    # chat. A save with a lower token (an owner presumed dead) is refused.
+    lease_fence: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # The clientMessageId of the `chat` message that created this chat: a resend of it
     # gets the original `chat_created` again.
     created_by: Mapped[str | None] = mapped_column(String(64))
@@ -113,7 +116,11 @@ class Chat(Base):
         order_by="Message.seq_start",
     )
 
-    __table_args__ = (Index("ix_chats_owner_updated", "owner_id", "updated_at"),)
+    __table_args__ = (
+        Index("ix_chats_owner_updated", "owner_id", "updated_at"),
+        # One clientMessageId creates one chat, even sent to two instances at once.
+        Index("uq_chats_owner_created_by", "owner_id", "created_by", unique=True),
+    )
 
 
 class Message(Base):

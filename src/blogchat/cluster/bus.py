@@ -1,0 +1,282 @@
+"""What instances share about a chat in Redis: who may run its turns (a lease with a fencing
+token), its event log (a stream whose entry ids are the seqs), and its live channel.
+
+Keys, for chat `c` under prefix `p` (`{c}` is a Redis Cluster hash tag, so one script can
+use every key of a chat):
+
+- `p:{c}:meta`, a hash: `fence` (the last token handed out), `seq` (the last seq appended),
+  `epoch` (which incarnation of the log this is);
+- `p:{c}:lease`, a string `<instance>:<fence>` that expires unless renewed;
+- `p:{c}:ev`, a stream: one entry per event, id `<seq>-0`, field `f` = the frame;
+- `p:{c}:live`, a channel: `<epoch> <seq> <frame>` for each entry, published by the same
+  script that appends it, so the log and the live feed never disagree.
+
+A token rises with every new holder within an epoch. An append names its token and epoch
+and the seq it carries; the script refuses it unless the token is still the last one handed
+out in the current epoch and the seq follows the last one exactly, so a stale holder
+(paused, partitioned, presumed dead) can never write, and the seqs in the log have no holes
+and no repeats.
+
+The epoch changes when the meta hash is gone (Redis lost its data, or a flush): readers that
+see another epoch know the log they mirrored is gone and fall back to the history.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import redis.asyncio
+
+# How long a chat's meta hash and log outlive its last use.
+META_TTL_SECONDS = 7 * 86400
+LOG_TTL_SECONDS = 86400
+# The most events a chat's log keeps (approximately: Redis trims whole nodes).
+LOG_MAX_EVENTS = 50_000
+
+_ACQUIRE = """
+local holder = redis.call('GET', KEYS[2])
+if holder then
+  return {0, holder}
+end
+local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+-- Above every token that ever saved to the database, even from a lost log's epoch.
+if fence <= tonumber(ARGV[6]) then
+  fence = tonumber(ARGV[6]) + 1
+  redis.call('HSET', KEYS[1], 'fence', fence)
+end
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '-1')
+local floor = tonumber(ARGV[3])
+if not epoch then
+  epoch = ARGV[4]
+  redis.call('HSET', KEYS[1], 'epoch', epoch)
+  redis.call('DEL', KEYS[3])
+  seq = floor
+end
+if seq < floor then
+  seq = floor
+end
+redis.call('HSET', KEYS[1], 'seq', seq)
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('SET', KEYS[2], ARGV[1] .. ':' .. fence, 'PX', ARGV[2])
+return {1, fence, seq, epoch}
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+# KEYS: meta, ev, live. ARGV: fence, epoch, max events, log ttl, then seq, frame, ...
+# A token is only current within its epoch: after a lost log the tokens start again.
+_APPEND = """
+local meta = redis.call('HMGET', KEYS[1], 'fence', 'epoch', 'seq')
+if meta[1] ~= ARGV[1] or meta[2] ~= ARGV[2] then
+  return {-1, 0}
+end
+local epoch = meta[2]
+local top = tonumber(meta[3])
+for i = 5, #ARGV, 2 do
+  if tonumber(ARGV[i]) ~= top + (i - 3) / 2 then
+    return {-2, top}
+  end
+end
+for i = 5, #ARGV, 2 do
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], ARGV[i] .. '-0', 'f', ARGV[i + 1])
+  redis.call('PUBLISH', KEYS[3], epoch .. ' ' .. ARGV[i] .. ' ' .. ARGV[i + 1])
+  top = tonumber(ARGV[i])
+end
+redis.call('HSET', KEYS[1], 'seq', top)
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return {1, top}
+"""
+
+_TRIM = """
+local meta = redis.call('HMGET', KEYS[1], 'fence', 'epoch')
+if meta[1] ~= ARGV[1] or meta[2] ~= ARGV[2] then
+  return 0
+end
+redis.call('XTRIM', KEYS[2], 'MINID', ARGV[3] .. '-0')
+return 1
+"""
+
+
+class Fenced(Exception):
+    """The write came from a holder whose lease was taken over (or whose log was lost)."""
+
+
+class SeqGap(Exception):
+    """The appended seq does not follow the log's last one exactly."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """This instance's right to run a chat's turns and append to its log."""
+
+    chat_id: str
+    instance: str
+    fence: int
+    # The log's last seq when the lease was taken, and its epoch.
+    seq: int
+    epoch: str
+
+    @property
+    def value(self) -> str:
+        """What the lease key holds while this lease is current."""
+        return f"{self.instance}:{self.fence}"
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a chat's lease (another instance, or this one)."""
+
+    instance: str
+    fence: int
+
+
+@dataclass(frozen=True)
+class LogRead:
+    """Events of a chat's log after some seq, and the log's epoch and last seq."""
+
+    epoch: str | None
+    top: int
+    events: list[tuple[int, str]]
+
+
+@dataclass(frozen=True)
+class LiveEvent:
+    """One event as the live channel carries it."""
+
+    epoch: str
+    seq: int
+    frame: str
+
+
+class Bus:
+    """A chat's lease, log and live channel on Redis (see the module docstring)."""
+
+    def __init__(
+        self, client: redis.asyncio.Redis, prefix: str, *, instance: str, lease_seconds: float
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.instance = instance
+        self.lease_ms = int(lease_seconds * 1000)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+        self._append = client.register_script(_APPEND)
+        self._trim = client.register_script(_TRIM)
+
+    # --- names ------------------------------------------------------------------------
+
+    def key(self, chat_id: str, part: str) -> str:
+        """The key of one part of a chat (`meta`, `lease`, `ev`, `live`)."""
+        return f"{self.prefix}:{{{chat_id}}}:{part}"
+
+    def channel(self, chat_id: str) -> str:
+        """The chat's live channel."""
+        return self.key(chat_id, "live")
+
+    def inbox(self, instance: str) -> str:
+        """The channel an instance takes forwarded commands on."""
+        return f"{self.prefix}:inst:{instance}"
+
+    # --- the lease --------------------------------------------------------------------
+
+    async def acquire(self, chat_id: str, floor: int, fence_floor: int = 0) -> Lease | Holder:
+        """Take the chat's lease if nobody holds it: a Lease with a new, higher token.
+        `floor` is the last seq the database may have seen used: the log continues after
+        it; `fence_floor` the last token the database saw: the new one is higher.
+        Otherwise the current Holder."""
+        keys = [self.key(chat_id, "meta"), self.key(chat_id, "lease"), self.key(chat_id, "ev")]
+        args: list[str | int] = [
+            self.instance,
+            self.lease_ms,
+            floor,
+            secrets.token_hex(8),
+            META_TTL_SECONDS,
+            fence_floor,
+        ]
+        answer = await self._acquire(keys=keys, args=args)
+        if int(answer[0]) == 0:
+            return _holder(_text(answer[1]))
+        return Lease(chat_id, self.instance, int(answer[1]), int(answer[2]), _text(answer[3]))
+
+    async def renew(self, lease: Lease) -> bool:
+        """Extend the lease; False if it lapsed (someone else may hold it now)."""
+        args: list[str | int] = [lease.value, self.lease_ms]
+        return bool(await self._renew(keys=[self.key(lease.chat_id, "lease")], args=args))
+
+    async def release(self, lease: Lease) -> None:
+        """Give the lease up, if it is still ours."""
+        await self._release(keys=[self.key(lease.chat_id, "lease")], args=[lease.value])
+
+    async def holder(self, chat_id: str) -> Holder | None:
+        """Who holds the chat's lease now, if anyone."""
+        value = await self.client.get(self.key(chat_id, "lease"))
+        return None if value is None else _holder(_text(value))
+
+    # --- the log ----------------------------------------------------------------------
+
+    async def append(self, lease: Lease, events: list[tuple[int, str]]) -> int:
+        """Append events (seq, frame) and publish them, in one step; returns the last seq.
+        Raises Fenced for a stale lease, SeqGap if the first seq does not follow the log."""
+        if not events:
+            raise ValueError("nothing to append")
+        chat_id = lease.chat_id
+        keys = [self.key(chat_id, "meta"), self.key(chat_id, "ev"), self.key(chat_id, "live")]
+        args: list[str | int] = [lease.fence, lease.epoch, LOG_MAX_EVENTS, LOG_TTL_SECONDS]
+        for seq, frame in events:
+            args += [seq, frame]
+        status, top = (int(part) for part in await self._append(keys=keys, args=args))
+        if status == -1:
+            raise Fenced(f"chat {chat_id}: token {lease.fence} is no longer current")
+        if status == -2:
+            raise SeqGap(f"chat {chat_id}: seq {events[0][0]} does not follow {top}")
+        return top
+
+    async def trim(self, lease: Lease, before_seq: int) -> None:
+        """Forget the log's events before `before_seq` (only the current holder may)."""
+        keys = [self.key(lease.chat_id, "meta"), self.key(lease.chat_id, "ev")]
+        await self._trim(keys=keys, args=[lease.fence, lease.epoch, before_seq])
+
+    async def read(self, chat_id: str, after_seq: int = 0) -> LogRead:
+        """The log's events after `after_seq`, with its epoch and last seq."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hmget(self.key(chat_id, "meta"), ["epoch", "seq"])
+            pipe.xrange(self.key(chat_id, "ev"), min=f"{after_seq + 1}-0")
+            (epoch, top), entries = await pipe.execute()
+        events = [
+            (int(_text(entry_id).split("-")[0]), _text(fields["f"])) for entry_id, fields in entries
+        ]
+        return LogRead(
+            None if epoch is None else _text(epoch), int(top) if top is not None else 0, events
+        )
+
+    @staticmethod
+    def parse_live(message: str | bytes) -> LiveEvent:
+        """A live channel message, taken apart."""
+        epoch, seq, frame = _text(message).split(" ", 2)
+        return LiveEvent(epoch, int(seq), frame)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _holder(value: str) -> Holder:
+    instance, _, fence = value.rpartition(":")
+    return Holder(instance, int(fence))

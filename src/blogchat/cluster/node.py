@@ -1,0 +1,467 @@
+"""This instance among several: the chats it owns (their leases kept alive), the chats it
+follows (their live channels), and its inbox, where other instances forward the `chat` and
+`stop` messages of the chats it owns.
+
+One pub/sub connection carries every channel this instance listens to; a follower waits for
+its channel's subscription to be confirmed before it reads the log, so no event can fall
+between the read and the live feed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio
+from redis.asyncio.client import PubSub
+
+from blogchat import policy
+from blogchat import protocol as wire
+from blogchat.cluster.bus import Bus, Lease
+from blogchat.cluster.commands import Commands, ForwardRefused, OwnerGone, unreachable
+from blogchat.cluster.sessions import (
+    FollowerSession,
+    OwnedSession,
+    cut_answer,
+    starting_record,
+)
+from blogchat.eventlog import MemoryEventLog
+from blogchat.session import ChatSession, ChatSessions, PendingTurn
+from blogchat.settings import Settings
+from blogchat.store import STREAMING, ChatRecord, Store
+
+log = logging.getLogger(__name__)
+
+# How long a forwarded `chat` may take to be acknowledged by the owner.
+FORWARD_TIMEOUT = 10.0
+# How often a sender whose owner died looks whether its lease lapsed.
+LAPSE_POLL_SECONDS = 0.1
+# How long a resume on a follower may wait for the events its reader saw on the owner.
+CATCH_UP_SECONDS = 1.0
+# How long a reader's message may wait for the same reader's previous one, on any instance.
+VISITOR_LOCK_SECONDS = 30.0
+
+
+class ClusterNode:
+    """This instance's part in a cluster of instances sharing Redis and PostgreSQL."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        assert settings.redis_url is not None
+        self.settings = settings
+        self.instance = settings.instance_id
+        self.lease_seconds = settings.chat_lease_seconds
+        self.client = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=True)
+        self.bus = Bus(
+            self.client,
+            settings.redis_prefix,
+            instance=self.instance,
+            lease_seconds=settings.chat_lease_seconds,
+        )
+        self.store = store
+        self.owned: dict[str, OwnedSession] = {}
+        self.followed: dict[str, FollowerSession] = {}
+        self._sessions: ChatSessions | None = None
+        self._commands: Commands | None = None
+        self._pubsub: PubSub = self.client.pubsub()
+        self._confirmations: dict[str, list[asyncio.Future[None]]] = {}
+        self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._listener: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
+        self._taking_over: set[str] = set()
+        self._giving_up: set[str] = set()
+        # Followed channels to read back once subscribed again (after a lost connection).
+        self._stale: set[str] = set()
+
+    # --- life -------------------------------------------------------------------------
+
+    async def start(self, sessions: ChatSessions, commands: Commands) -> None:
+        """Listen to this instance's inbox and keep the leases of its chats alive."""
+        self._sessions = sessions
+        self._commands = commands
+        await self._pubsub.subscribe(self.bus.inbox(self.instance))
+        self._listener = asyncio.create_task(self._listen(), name="cluster-listener")
+        self._renewer = asyncio.create_task(self._renew_forever(), name="cluster-leases")
+
+    async def aclose(self) -> None:
+        """Stop listening and close the connections (after the sessions closed)."""
+        for task in (self._listener, self._renewer, *self._tasks):
+            if task is not None:
+                task.cancel()
+        for task in (self._listener, self._renewer, *self._tasks):
+            if task is not None:
+                with contextlib.suppress(BaseException):
+                    await task
+        with contextlib.suppress(Exception):
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        await self.client.aclose()
+
+    # --- placing a chat's session (session.Placement) ---------------------------------
+
+    async def open(self, chat: ChatRecord, sessions: ChatSessions) -> ChatSession:
+        """The chat's session here: the owner's if nobody holds its lease, else a
+        follower of the instance that does."""
+        fresh = await self.store.chats.get_chat(chat.id) or chat
+        claim = await self.bus.acquire(chat.id, floor=fresh.last_seq, fence_floor=fresh.lease_fence)
+        if isinstance(claim, Lease):
+            try:
+                return await self._own(fresh, claim, sessions)
+            except BaseException:
+                await self.bus.release(claim)
+                raise
+        return await self._follow(fresh, sessions)
+
+    def follows(self, session: ChatSession) -> bool:
+        """Whether the session mirrors a chat another instance owns."""
+        return isinstance(session, FollowerSession)
+
+    async def catch_up(self, session: ChatSession, after_seq: int | None) -> None:
+        """Before a follower answers a resume from `after_seq`: let it receive the events up
+        to there first, if they are on their way (briefly: a made-up seq costs little)."""
+        if (
+            after_seq is not None
+            and isinstance(session, FollowerSession)
+            and after_seq > session.last_seq
+        ):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CATCH_UP_SECONDS):
+                    await session.catch_up(after_seq)
+
+    async def claim(self, session: ChatSession, sessions: ChatSessions) -> ChatSession:
+        """A follower whose chat nobody owns any more becomes the owner, its readers kept."""
+        if not self.follows(session) or await self.bus.holder(session.chat.id) is not None:
+            return session
+        return await sessions.reopen(session.chat.id) or session
+
+    async def _own(self, chat: ChatRecord, lease: Lease, sessions: ChatSessions) -> ChatSession:
+        # The log so far is kept here too, so a reader moving to this instance resumes
+        # exactly from it.
+        read = await self.bus.read(chat.id)
+        # (After a dead owner's reservation the seqs jump: nothing was ever published in
+        # between, so a replay across the jump is still exact.)
+        memory = MemoryEventLog(read.events[0][0] - 1 if read.events else lease.seq)
+        for seq, frame in read.events:
+            memory.append(seq, frame)
+        history = await self.store.chats.get_messages(chat.id)
+        cut = cut_answer(read.events, history, chat.id)
+        # Answers left streaming by an owner that died before they reached the log.
+        stale = [
+            message.id
+            for message in history
+            if message.status == STREAMING and (cut is None or message.id != cut.id)
+        ]
+        if stale:
+            await self.store.chats.mark_incomplete(stale)
+        session = OwnedSession(
+            starting_record(chat, lease.seq),
+            history,
+            lease=lease,
+            bus=self.bus,
+            memory=memory,
+            on_lost=self._lost,
+            on_closed=self._released,
+            **sessions.session_options(),
+        )
+        self.owned[chat.id] = session
+        if cut is not None:
+            log.warning("chat %s: taken over from a dead owner mid-answer", chat.id)
+            await session.end_cut_answer(cut)
+        # Messages acknowledged but not answered yet (their owner died, or stopped with
+        # them waiting) are answered here, in order.
+        waiting = await self.store.chats.unanswered(chat.id)
+        if waiting:
+            session.enqueue(
+                *(
+                    PendingTurn(
+                        item.message,
+                        chat.model,
+                        policy.model_id(self.settings, chat.model),
+                        anonymous=not item.registered,
+                    )
+                    for item in waiting
+                )
+            )
+        return session
+
+    async def _follow(self, chat: ChatRecord, sessions: ChatSessions) -> ChatSession:
+        follower = FollowerSession(
+            chat,
+            [],
+            bus=self.bus,
+            fill=self._fill,
+            on_stop=self._stop_elsewhere,
+            on_closed=self._unfollow,
+            **sessions.session_options(),
+        )
+        channel = self.bus.channel(chat.id)
+        self.followed[channel] = follower
+        try:
+            await self._subscribe(channel)
+            read = await self.bus.read(chat.id)
+            # Read after the log's top: every message published by then is saved.
+            rows = await self.store.chats.get_messages(chat.id)
+            top = read.top if read.epoch is not None else chat.last_seq
+            follower.load(read.epoch, top, read.events, rows)
+        except BaseException:
+            await self._unfollow(follower)
+            raise
+        return follower
+
+    async def _released(self, session: OwnedSession) -> None:
+        if self.owned.get(session.chat.id) is session:
+            del self.owned[session.chat.id]
+        try:
+            await self.bus.release(session.lease)
+        except Exception:
+            log.exception("chat %s: could not release its lease", session.chat.id)
+
+    async def _unfollow(self, follower: FollowerSession) -> None:
+        channel = self.bus.channel(follower.chat.id)
+        if self.followed.get(channel) is follower:
+            del self.followed[channel]
+            with contextlib.suppress(Exception):
+                await self._pubsub.unsubscribe(channel)
+
+    def _lost(self, chat_id: str) -> None:
+        """Another instance holds the chat now: this one must stop speaking for it."""
+        session = self.owned.get(chat_id)
+        if session is None or self._sessions is None or chat_id in self._giving_up:
+            return
+        log.error("chat %s: lease lost; reopening its session here", chat_id)
+        self._giving_up.add(chat_id)
+        self._spawn(self._give_up(chat_id, self._sessions))
+
+    async def _give_up(self, chat_id: str, sessions: ChatSessions) -> None:
+        # Reopened: its readers here go on with whichever session the chat gets now (a
+        # follower of the new owner, or the owner again if nobody holds it).
+        try:
+            await sessions.reopen(chat_id)
+        finally:
+            self._giving_up.discard(chat_id)
+        log.warning("chat %s: given up here after losing its lease", chat_id)
+
+    def _fill(self, follower: FollowerSession) -> None:
+        async def fill() -> None:
+            read = await self.bus.read(follower.chat.id, follower.last_seq)
+            follower.filled(read.events)
+
+        self._spawn(fill())
+
+    # --- leases -----------------------------------------------------------------------
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            await self._check_followed()
+            for chat_id, session in list(self.owned.items()):
+                try:
+                    renewed = await self.bus.renew(session.lease)
+                except Exception:
+                    log.exception("chat %s: could not renew its lease", chat_id)
+                    continue
+                if not renewed:
+                    self._lost(chat_id)
+
+    async def _check_followed(self) -> None:
+        """A chat followed here whose lease lapsed (its owner died or hangs) is taken
+        over: its readers here must not wait forever."""
+        for follower in list(self.followed.values()):
+            chat_id = follower.chat.id
+            try:
+                if await self.bus.holder(chat_id) is None and chat_id not in self._taking_over:
+                    self._spawn(self._take_over(chat_id))
+            except Exception:
+                log.exception("chat %s: could not check its lease", chat_id)
+
+    async def _take_over(self, chat_id: str) -> None:
+        if self._sessions is None:
+            return
+        self._taking_over.add(chat_id)
+        try:
+            session = self._sessions.get(chat_id)
+            if isinstance(session, FollowerSession):
+                await self._sessions.reopen(chat_id)
+        finally:
+            self._taking_over.discard(chat_id)
+
+    async def lapsed(self, chat_id: str) -> bool:
+        """Wait, at most a lease's length, for the chat's lease to lapse (its holder is not
+        listening: it died); whether it did."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.lease_seconds + 1
+        while loop.time() < deadline:
+            if await self.bus.holder(chat_id) is None:
+                return True
+            await asyncio.sleep(LAPSE_POLL_SECONDS)
+        return False
+
+    async def held(self, chat_ids: Collection[str]) -> set[str]:
+        """Which of these chats some live instance holds now."""
+        held = set()
+        for chat_id in chat_ids:
+            if await self.bus.holder(chat_id) is not None:
+                held.add(chat_id)
+        return held
+
+    # --- readers, across instances ----------------------------------------------------
+
+    @asynccontextmanager
+    async def visitor_lock(self, visitor_id: str) -> AsyncIterator[None]:
+        """Held while one reader's message is checked and saved, on whichever instance."""
+        lock = self.client.lock(
+            f"{self.bus.prefix}:vlock:{visitor_id}",
+            timeout=VISITOR_LOCK_SECONDS,
+            sleep=0.005,
+            blocking_timeout=VISITOR_LOCK_SECONDS,
+        )
+        async with lock:
+            yield
+
+    # --- forwarded commands -----------------------------------------------------------
+
+    async def forward_chat(
+        self, chat_id: str, visitor_id: str, anonymous: bool, message: wire.Chat, address: str
+    ) -> None:
+        """Have the chat's owner carry out a `chat`; returns once it saved the message."""
+        holder = await self.bus.holder(chat_id)
+        if holder is None or holder.instance == self.instance:
+            raise OwnerGone(chat_id)
+        request = str(uuid.uuid4())
+        reply: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._replies[request] = reply
+        command = {
+            "op": "chat",
+            "id": request,
+            "from": self.instance,
+            "visitor": visitor_id,
+            "anonymous": anonymous,
+            "address": address,
+            "message": message.model_dump(mode="json", by_alias=True),
+        }
+        try:
+            if not await self.client.publish(self.bus.inbox(holder.instance), json.dumps(command)):
+                raise OwnerGone(chat_id)
+            try:
+                answer = await asyncio.wait_for(reply, FORWARD_TIMEOUT)
+            except TimeoutError:
+                raise unreachable() from None
+        finally:
+            self._replies.pop(request, None)
+        refusal = answer.get("error")
+        if refusal is not None:
+            raise ForwardRefused(
+                refusal["code"], refusal["message"], refusal["retryable"], refusal["retryAfter"]
+            )
+
+    def _stop_elsewhere(self, chat_id: str) -> None:
+        async def stop() -> None:
+            holder = await self.bus.holder(chat_id)
+            if holder is not None and holder.instance != self.instance:
+                command = {"op": "stop", "chat": chat_id}
+                await self.client.publish(self.bus.inbox(holder.instance), json.dumps(command))
+
+        self._spawn(stop())
+
+    async def _take(self, command: dict[str, Any]) -> None:
+        match command.get("op"):
+            case "stop":
+                session = self.owned.get(str(command.get("chat")))
+                if session is not None:
+                    session.stop()
+            case "chat":
+                await self._take_chat(command)
+            case "reply":
+                reply = self._replies.get(str(command.get("id")))
+                if reply is not None and not reply.done():
+                    reply.set_result(command)
+            case other:
+                log.warning("unknown forwarded command %r", other)
+
+    async def _take_chat(self, command: dict[str, Any]) -> None:
+        assert self._commands is not None
+        error: dict[str, Any] | None = None
+        try:
+            message = wire.parse_client_message(json.dumps(command["message"]))
+            assert isinstance(message, wire.Chat)
+            await self._commands.take_forwarded(
+                command["visitor"], bool(command["anonymous"]), message, command["address"]
+            )
+        except Exception as exc:
+            code = getattr(exc, "code", None)
+            if not isinstance(code, str):
+                log.exception("a forwarded chat failed")
+                code, text = "internal", "Something went wrong on our side. Try again."
+            else:
+                text = getattr(exc, "message", str(exc))
+            error = {
+                "code": code,
+                "message": text,
+                "retryable": bool(getattr(exc, "retryable", code == "internal")),
+                "retryAfter": getattr(exc, "retry_after", None),
+            }
+        reply = {"op": "reply", "id": command["id"], "error": error}
+        await self.client.publish(self.bus.inbox(str(command["from"])), json.dumps(reply))
+
+    # --- the pub/sub connection -------------------------------------------------------
+
+    async def _subscribe(self, channel: str) -> None:
+        confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._confirmations.setdefault(channel, []).append(confirmed)
+        await self._pubsub.subscribe(channel)
+        await asyncio.wait_for(confirmed, 10)
+
+    async def _listen(self) -> None:
+        inbox = self.bus.inbox(self.instance)
+        while True:
+            try:
+                async for message in self._pubsub.listen():
+                    self._dispatch(inbox, message)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("the cluster's pub/sub connection failed; listening again")
+                # redis-py subscribes again when it reconnects; once a channel is back, what
+                # was published on it meanwhile is read from the log.
+                self._stale.update(self.followed)
+                await asyncio.sleep(0.5)
+
+    def _dispatch(self, inbox: str, message: dict[str, Any]) -> None:
+        kind, channel, data = message["type"], message["channel"], message["data"]
+        if kind == "subscribe":
+            for confirmed in self._confirmations.pop(channel, []):
+                if not confirmed.done():
+                    confirmed.set_result(None)
+            if channel in self._stale:
+                self._stale.discard(channel)
+                follower = self.followed.get(channel)
+                if follower is not None:
+                    follower.resync()
+        elif kind != "message":
+            return
+        elif channel == inbox:
+            try:
+                command = json.loads(data)
+            except ValueError:
+                log.warning("unreadable forwarded command")
+                return
+            self._spawn(self._take(command))
+        else:
+            follower = self.followed.get(channel)
+            if follower is not None:
+                follower.receive(Bus.parse_live(data))
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("cluster task failed", exc_info=task.exception())

@@ -1,0 +1,479 @@
+"""A chat's session on one of several instances: the owner's, which runs the turns and
+appends every event to the shared log, or a follower's, which mirrors that log for the
+readers connected to its instance.
+
+Both are `ChatSession`s, so the hub and the chat service treat them alike: a follower's
+`subscribe` answers from its mirror (history, replay, live events) exactly as the owner's
+does from its own log, in one synchronous step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import dataclasses
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+from blogchat import protocol as wire
+from blogchat.cluster.bus import Bus, Fenced, Lease, LiveEvent
+from blogchat.drafts import Draft, draft_of, new_answer
+from blogchat.eventlog import MemoryEventLog
+from blogchat.session import ChatSession, PendingTurn, SessionState
+from blogchat.store import STREAMING, ChatRecord, ChatStore, Database, MessageRecord, Store
+from blogchat.store.chats import StaleOwner, conversation_order
+from blogchat.store.tables import utcnow
+from blogchat.views import usage_of
+
+log = logging.getLogger(__name__)
+
+CUT_OFF = "The server answering this chat stopped; the answer was cut short. Ask again."
+# The most events one append to Redis carries.
+BATCH = 256
+# Retries of an append that failed on the connection, before the owner gives the chat up.
+APPEND_RETRIES = 5
+
+
+class NotOwner(Exception):
+    """A follower was asked to do what only the chat's owner does."""
+
+
+class FencedLog:
+    """The owner's event log: kept in memory for this instance's readers, and appended, in
+    order and fenced by the lease, to the chat's shared log for every other instance."""
+
+    def __init__(
+        self, memory: MemoryEventLog, bus: Bus, lease: Lease, on_lost: Callable[[str], None]
+    ) -> None:
+        self.memory = memory
+        self.bus = bus
+        self.lease = lease
+        self._on_lost = on_lost
+        self._pending: deque[tuple[Literal["append", "trim"], int, str]] = deque()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.lost = False
+        self._writer = asyncio.create_task(self._write_forever(), name=f"log-{lease.chat_id}")
+
+    def append(self, seq: int, frame: str) -> None:
+        """Add the next event here, and queue it for the shared log."""
+        self.memory.append(seq, frame)
+        self._queue("append", seq, frame)
+
+    def since(self, after_seq: int) -> list[str] | None:
+        """Every event after `after_seq`, from this instance's copy."""
+        return self.memory.since(after_seq)
+
+    def trim(self, before_seq: int) -> None:
+        """Forget events before `before_seq`, here and in the shared log."""
+        self.memory.trim(before_seq)
+        self._queue("trim", before_seq, "")
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far reached the shared log (or was refused)."""
+        await self._idle.wait()
+
+    async def aclose(self) -> None:
+        """Flush, then stop writing."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.flush(), 10)
+        self._writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._writer
+
+    def _queue(self, kind: Literal["append", "trim"], seq: int, frame: str) -> None:
+        if self.lost:
+            return
+        self._pending.append((kind, seq, frame))
+        self._idle.clear()
+        self._wake.set()
+
+    async def _write_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending and not self.lost:
+                kind, seq, _ = self._pending[0]
+                try:
+                    if kind == "trim":
+                        await self.bus.trim(self.lease, seq)
+                        self._pending.popleft()
+                        continue
+                    batch: list[tuple[int, str]] = []
+                    for item in self._pending:
+                        if item[0] != "append" or len(batch) == BATCH:
+                            break
+                        batch.append((item[1], item[2]))
+                    await self._append(batch)
+                    for _ in batch:
+                        self._pending.popleft()
+                except Exception as exc:
+                    # Refused (another instance holds the chat now) or Redis is gone: this
+                    # instance may no longer speak for the chat.
+                    log.error("chat %s: the shared log refused us: %s", self.lease.chat_id, exc)
+                    self.lost = True
+                    self._pending.clear()
+                    self._on_lost(self.lease.chat_id)
+            self._idle.set()
+
+    async def _append(self, batch: list[tuple[int, str]]) -> None:
+        for attempt in range(APPEND_RETRIES):
+            try:
+                await self.bus.append(self.lease, batch)
+                return
+            except Fenced:
+                raise
+            except (OSError, ConnectionError) as exc:
+                if attempt == APPEND_RETRIES - 1:
+                    raise
+                log.warning("chat %s: append failed (%s); again", self.lease.chat_id, exc)
+                await asyncio.sleep(0.05 * 2**attempt)
+
+
+class FencedChatStore(ChatStore):
+    """The chat store as an owner writes to it: every message save carries its token, so a
+    save by an owner that was taken over is refused by the database itself."""
+
+    def __init__(self, db: Database, fence: int, on_lost: Callable[[], None]) -> None:
+        super().__init__(db)
+        self.fence = fence
+        self._on_lost = on_lost
+
+    async def add_message(self, record: MessageRecord, *, fence: int | None = None) -> None:
+        """Insert a new message, fenced."""
+        try:
+            await super().add_message(record, fence=self.fence)
+        except StaleOwner:
+            self._on_lost()
+            raise
+
+    async def save_message(self, record: MessageRecord, *, fence: int | None = None) -> None:
+        """Save a message, fenced."""
+        try:
+            await super().save_message(record, fence=self.fence)
+        except StaleOwner:
+            self._on_lost()
+            raise
+
+
+def fenced_store(store: Store, fence: int, on_lost: Callable[[], None]) -> Store:
+    """The store with its chats fenced by an owner's token."""
+    fenced = copy.copy(store)
+    fenced.chats = FencedChatStore(store.db, fence, on_lost)
+    return fenced
+
+
+class OwnedSession(ChatSession):
+    """The session of a chat this instance owns: it runs the turns; its events go to the
+    shared log too. Closing it gives the lease up once the log has everything."""
+
+    def __init__(
+        self,
+        chat: ChatRecord,
+        history: list[MessageRecord],
+        *,
+        lease: Lease,
+        bus: Bus,
+        memory: MemoryEventLog,
+        on_lost: Callable[[str], None],
+        on_closed: Callable[[OwnedSession], Awaitable[None]],
+        **options: Any,
+    ) -> None:
+        options["store"] = fenced_store(options["store"], lease.fence, lambda: on_lost(chat.id))
+        # The process's batched saver writes through the unfenced store: an owner saves its
+        # running answers itself, each save fenced by its lease.
+        options["saves"] = None
+        super().__init__(chat, history, **options)
+        self.lease = lease
+        self.shared = FencedLog(memory, bus, lease, on_lost)
+        self.log = self.shared
+        self._on_closed = on_closed
+
+    async def end_cut_answer(self, cut: MessageRecord) -> None:
+        """The previous owner died while writing `cut` (rebuilt from the shared log, as
+        streamed): every watcher gets `error` then `done`, and it is saved incomplete."""
+        async with self._lock:
+            draft = Draft(cut)
+            error = wire.Error(
+                code="internal",
+                message=CUT_OFF,
+                chat_id=self.chat.id,
+                seq=await self.seqs.next(ending=True),
+                retryable=True,
+            )
+            draft.apply(error)
+            done = wire.Done(
+                chat_id=self.chat.id,
+                seq=await self.seqs.next(ending=True),
+                message_id=cut.id,
+                reason="error",
+                model=cut.model or "",
+                usage=usage_of(cut.input_tokens, cut.output_tokens),
+                html=self.render(cut.text),
+            )
+            record = draft.apply(done)
+            record.status = "incomplete"
+            await self.store.chats.save_message(draft.snapshot())
+            self.history = [m for m in self.history if m.id != record.id] + [record]
+            self._publish(error.seq or 0, error)
+            self._publish(done.seq, done)
+
+    async def close(self) -> None:
+        """Close as any session, then flush the shared log and give the lease up."""
+        try:
+            await super().close()
+        finally:
+            await self.shared.aclose()
+            await self._on_closed(self)
+
+
+class FollowerSession(ChatSession):
+    """The session of a chat another instance owns: it mirrors the chat's shared log for
+    the readers of this instance. Messages and stops go to the owner (`ClusterNode`)."""
+
+    def __init__(
+        self,
+        chat: ChatRecord,
+        history: list[MessageRecord],
+        *,
+        bus: Bus,
+        fill: Callable[[FollowerSession], None],
+        on_stop: Callable[[str], None],
+        on_closed: Callable[[FollowerSession], Awaitable[None]],
+        **options: Any,
+    ) -> None:
+        super().__init__(chat, history, **options)
+        self.bus = bus
+        self.epoch: str | None = None
+        self._fill = fill
+        self._on_stop = on_stop
+        self._on_closed = on_closed
+        # Live events that arrived while the mirror was loading or a gap was being filled.
+        self.held: list[LiveEvent] = []
+        self.filling = True
+        # Set (and replaced) each time the mirror takes an event.
+        self._advanced = asyncio.Event()
+
+    # --- building the mirror ----------------------------------------------------------
+
+    def load(
+        self,
+        epoch: str | None,
+        top: int,
+        events: list[tuple[int, str]],
+        rows: list[MessageRecord],
+    ) -> None:
+        """Build the transcript as of `top`: the saved messages every event up to `top`
+        is in, plus what the log's events add (the running answer, exactly as streamed).
+        `rows` must be read after `top` was, so every message published by then is there.
+        """
+        self.epoch = epoch
+        self.last_seq = top
+        self.log = MemoryEventLog(events[0][0] - 1 if events else top)
+        self.history = [row for row in rows if _settled(row, top)]
+        self.draft = None
+        known = {row.id for row in self.history}
+        unsettled = {row.id: row for row in rows if row.id not in known and row.seq_start <= top}
+        for seq, frame in events:
+            self.log.append(seq, frame)
+            event = wire.parse_server_message(frame)
+            if getattr(event, "message_id", None) in known:
+                continue
+            self._mirror(seq, event, unsettled)
+        self.context_tokens = next(
+            (m.context_tokens for m in reversed(self.history) if m.context_tokens), 0
+        )
+        self.filling = False
+        held, self.held = sorted(self.held, key=lambda live: live.seq), []
+        for live in held:
+            self.receive(live)
+
+    def receive(self, event: LiveEvent) -> None:
+        """A live event of the chat, in any order: mirrored and delivered in seq order."""
+        if self.filling:
+            self.held.append(event)
+            return
+        if event.epoch != self.epoch:
+            # The shared log was lost (Redis restarted empty): what readers resume from
+            # is gone, so they get the history from here on.
+            log.warning("chat %s: the shared log has a new epoch", self.chat.id)
+            self.epoch = event.epoch
+            self.log = MemoryEventLog(event.seq - 1)
+            self.last_seq = event.seq - 1
+        if event.seq <= self.last_seq:
+            return
+        if event.seq > self.last_seq + 1:
+            self.held.append(event)
+            self.filling = True
+            self._fill(self)
+            return
+        self._take(event.seq, event.frame)
+
+    def resync(self) -> None:
+        """Live events may have been missed (the pub/sub connection was lost): read the
+        log after `last_seq`, holding what arrives meanwhile."""
+        if not self.filling and self.state is not SessionState.CLOSED:
+            self.filling = True
+            self._fill(self)
+
+    def filled(self, events: list[tuple[int, str]]) -> None:
+        """The log's events after `last_seq`, read to fill a gap; then what was held."""
+        held, self.held = self.held, []
+        self.filling = False
+        by_seq = dict(events)
+        for event in held:
+            by_seq.setdefault(event.seq, event.frame)
+        for seq in sorted(by_seq):
+            if seq <= self.last_seq:
+                continue
+            if seq > self.last_seq + 1 and (self.last_seq + 1) not in by_seq:
+                # Nothing in between in the log itself: seqs the owner skipped (a crash
+                # left a reservation unused), not events lost on the way.
+                self.log = MemoryEventLog(seq - 1)
+            self._take(seq, by_seq[seq])
+
+    def _take(self, seq: int, frame: str) -> None:
+        self.log.append(seq, frame)
+        self._mirror(seq, wire.parse_server_message(frame), {})
+        self.last_seq = seq
+        self.fanout.publish(frame)
+        self.last_activity = time.monotonic()
+        self._advanced.set()
+        self._advanced = asyncio.Event()
+
+    async def catch_up(self, seq: int) -> None:
+        """Wait until the mirror has every event up to `seq` (or is closed): a reader coming
+        from the owner may have seen events still on their way here. The caller bounds it."""
+        while self.last_seq < seq and self.state is not SessionState.CLOSED:
+            await self._advanced.wait()
+
+    def _mirror(self, seq: int, event: wire.ServerMessage, saved: dict[str, MessageRecord]) -> None:
+        """Apply one event to the transcript, as the owner's turn did."""
+        match event:
+            case wire.UserMessage():
+                self.history.append(
+                    MessageRecord(
+                        id=event.message_id,
+                        chat_id=self.chat.id,
+                        role="user",
+                        seq_start=seq,
+                        seq_end=seq,
+                        text=event.text,
+                        client_message_id=event.client_message_id or None,
+                        created_at=event.created_at or utcnow(),
+                    )
+                )
+            case wire.Token() | wire.Thinking() | wire.ToolUse() | wire.ToolResult():
+                self._draft_for(event.message_id, saved).apply(event)
+            case wire.Error():
+                if self.draft is not None:
+                    self.draft.apply(event)
+            case wire.Done():
+                draft = self._draft_for(event.message_id, saved)
+                self.history.append(draft.apply(event))
+                self.draft = None
+            case _:
+                pass
+
+    def _draft_for(self, message_id: str, saved: dict[str, MessageRecord]) -> Draft:
+        if self.draft is not None and self.draft.record.id == message_id:
+            return self.draft
+        row = saved.get(message_id)
+        if row is not None:
+            answer = new_answer(message_id, self.chat.id, row.reply_to or "", row.model or "")
+            answer.created_at = row.created_at
+        else:
+            answer = new_answer(message_id, self.chat.id, self._unanswered() or "", "")
+        self.draft = Draft(answer)
+        return self.draft
+
+    def _unanswered(self) -> str | None:
+        answered = {m.reply_to for m in self.history if m.role == "assistant"}
+        for message in conversation_order(self.history):
+            if message.role == "user" and message.id not in answered:
+                return message.id
+        return None
+
+    # --- what differs from the owner --------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """Whether a turn is running or waiting, as the log tells."""
+        return self.draft is not None or self._unanswered() is not None
+
+    def admits(self) -> wire.ErrorCode | None:
+        """Only the owner knows its queue; the context limit is known here too."""
+        if self.context_tokens >= self.limits.context:
+            return "chat_too_long"
+        return None
+
+    def prepare(self, model_id: str) -> None:
+        """Nothing to get ready: turns run on the owner."""
+
+    async def accept(self, **_: Any) -> MessageRecord:
+        """Messages are accepted by the owner only."""
+        raise NotOwner(self.chat.id)
+
+    def enqueue(self, *turns: PendingTurn) -> None:
+        """Turns run on the owner only."""
+        raise NotOwner(self.chat.id)
+
+    def stop(self) -> None:
+        """Ask the owner to stop the running turn."""
+        self._on_stop(self.chat.id)
+
+    async def close(self) -> None:
+        """Stop mirroring; the chat goes on on its owner."""
+        if self.state is SessionState.CLOSED:
+            return
+        self.state = SessionState.CLOSED
+        self.fanout.clear()
+        await self._on_closed(self)
+
+
+def cut_answer(
+    events: list[tuple[int, str]], history: list[MessageRecord], chat_id: str
+) -> MessageRecord | None:
+    """The answer the shared log shows being written but never finished (its owner died),
+    rebuilt exactly as streamed; None if every answer in the log was finished."""
+    parsed = [wire.parse_server_message(frame) for _, frame in events]
+    finished = {event.message_id for event in parsed if isinstance(event, wire.Done)}
+    answers = (wire.Token, wire.Thinking, wire.ToolUse, wire.ToolResult)
+    cut_id = None
+    for event in parsed:
+        if isinstance(event, answers) and event.message_id not in finished:
+            cut_id = event.message_id
+    if cut_id is None:
+        return None
+    saved = next((m for m in history if m.id == cut_id), None)
+    # (Marked incomplete already by an instance's start-up sweep: its watchers still wait.)
+    if saved is not None and saved.status not in (STREAMING, "incomplete"):
+        return None
+    if saved is not None:
+        start = new_answer(cut_id, chat_id, saved.reply_to or "", saved.model or "")
+        start.created_at = saved.created_at
+        start.client_address = saved.client_address
+    else:
+        answered = {m.reply_to for m in history if m.role == "assistant"}
+        waiting = [m for m in conversation_order(history) if m.role == "user"]
+        reply_to = next((m.id for m in waiting if m.id not in answered), "")
+        start = new_answer(cut_id, chat_id, reply_to, "")
+    own = [event for event in parsed if isinstance(event, answers) and event.message_id == cut_id]
+    return draft_of(start, own)
+
+
+def _settled(row: MessageRecord, top: int) -> bool:
+    """Whether a saved message is complete as of the log's seq `top`."""
+    if row.role == "user":
+        return row.seq_start <= top
+    return row.status != STREAMING and row.seq_end <= top
+
+
+def starting_record(chat: ChatRecord, top: int) -> ChatRecord:
+    """The chat's row as a session starting at `top` sees it."""
+    return dataclasses.replace(chat, last_seq=top)

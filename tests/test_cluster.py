@@ -1,0 +1,579 @@
+"""Several instances over one Redis and one PostgreSQL: a chat owned by one instance is
+watched, resumed, stopped and continued through the others, exactly.
+
+Each test runs three real servers (`python -m blogchat serve`) on free ports, on a private
+PostgreSQL schema and a Redis key prefix of its own; the clients choose the instance, so
+every move is deterministic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio
+
+from tests.conftest import POSTGRES_URL
+from tests.support.client import ChatSocket, Event, Reader, answer_text, transcript
+from tests.support.redis import REDIS_URL, forget_prefix, require_redis, unique_prefix
+from tests.support.server import REPO, Database, ServerProcess, unlimited_env
+
+INSTANCES = ("a", "b", "c")
+QUESTION = "How warm should a sourdough starter be kept?"
+
+
+class Fleet:
+    """Instances of one blog sharing a database and a Redis prefix."""
+
+    def __init__(self, database: Database, prefix: str, tmp_path: Path, speed: int) -> None:
+        self.database = database
+        self.prefix = prefix
+        self.tmp_path = tmp_path
+        self.speed = speed
+        self.servers: dict[str, ServerProcess] = {}
+
+    def env(self, name: str) -> dict[str, str]:
+        return {
+            **self.database.env(),
+            **unlimited_env(),
+            "BLOGCHAT_REDIS_URL": REDIS_URL,
+            "BLOGCHAT_REDIS_PREFIX": self.prefix,
+            "BLOGCHAT_INSTANCE_ID": name,
+            "BLOGCHAT_CHAT_LEASE_SECONDS": "3",
+            "BLOGCHAT_DATA_DIR": str(self.tmp_path / name),
+            "BLOGCHAT_CONTENT_DIR": str(REPO / "content"),
+            "BLOGCHAT_PERSONAS_FILE": str(REPO / "config" / "personas.yaml"),
+            "BLOGCHAT_SECRET_KEY": "cluster-test-secret-key-0123456789abcdef",
+            "BLOGCHAT_OFFLINE_TOKENS_PER_SECOND": str(self.speed),
+            "BLOGCHAT_LOG_LEVEL": "WARNING",
+            "ANTHROPIC_API_KEY": "",
+            "BRAINTRUST_API_KEY": "",
+        }
+
+    def start(self, name: str) -> ServerProcess:
+        # One after the other: the first one migrates the database.
+        server = ServerProcess(self.env(name)).start(self.tmp_path / f"{name}.log")
+        self.servers[name] = server
+        return server
+
+    def url(self, name: str) -> str:
+        return self.servers[name].url
+
+    def stop(self) -> None:
+        for server in self.servers.values():
+            server.stop()
+
+
+@pytest.fixture
+def fleet_of(postgres_database: Database, tmp_path: Path) -> Iterator[Any]:
+    """Start instances `a`, `b`, `c` (or those named) on this test's database and prefix."""
+    asyncio.run(require_redis())
+    prefix = unique_prefix()
+    fleets: list[Fleet] = []
+
+    def start(*names: str, speed: int = 0) -> Fleet:
+        fleet = Fleet(postgres_database, prefix, tmp_path, speed)
+        fleets.append(fleet)
+        try:
+            for name in names or INSTANCES:
+                fleet.start(name)
+        except BaseException:
+            fleet.stop()
+            raise
+        return fleet
+
+    try:
+        yield start
+    finally:
+        for fleet in fleets:
+            fleet.stop()
+        asyncio.run(_forget(prefix))
+
+
+async def _forget(prefix: str) -> None:
+    client = redis.asyncio.Redis.from_url(REDIS_URL)
+    try:
+        await forget_prefix(client, prefix)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def redis_client() -> AsyncIterator[redis.asyncio.Redis]:
+    client = redis.asyncio.Redis.from_url(REDIS_URL)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+class Visitor:
+    """One reader with one cookie, on several instances."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.readers: dict[str, Reader] = {}
+
+    async def __aenter__(self) -> Visitor:
+        first = Reader(self.fleet.url("a"))
+        await first.__aenter__()
+        self.readers["a"] = first
+        for name in self.fleet.servers:
+            if name != "a":
+                reader = Reader(self.fleet.url(name), cookie=first.cookie)
+                await reader.__aenter__()
+                self.readers[name] = reader
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for reader in self.readers.values():
+            await reader.__aexit__(*exc)
+
+    async def connect(self, name: str) -> ChatSocket:
+        return await self.readers[name].connect()
+
+    async def detail(self, name: str, chat_id: str) -> dict[str, Any]:
+        response = await self.readers[name].http.get(f"/api/chats/{chat_id}")
+        response.raise_for_status()
+        data: dict[str, Any] = response.json()
+        return data
+
+
+async def sql(database: Database, query: str, *args: Any) -> list[asyncpg.Record]:
+    connection = await asyncpg.connect(
+        POSTGRES_URL, server_settings={"search_path": database.schema or "public"}
+    )
+    try:
+        return list(await connection.fetch(query, *args))
+    finally:
+        await connection.close()
+
+
+async def holder_of(client: redis.asyncio.Redis, fleet: Fleet, chat_id: str) -> str:
+    """`<instance>:<token>` of the chat's lease, or "" when nobody holds it."""
+    value = await client.get(f"{fleet.prefix}:{{{chat_id}}}:lease")
+    return value.decode() if isinstance(value, bytes) else (value or "")
+
+
+def seqs_of(events: list[Event]) -> list[int]:
+    return [event["seq"] for event in transcript(events)]
+
+
+def contiguous(seqs: list[int]) -> bool:
+    return seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
+# --- watching a chat through another instance ------------------------------------------------
+
+
+async def test_readers_on_other_instances_see_every_event_exactly_as_the_owners_reader(
+    fleet_of: Any, postgres_database: Database
+) -> None:
+    fleet = fleet_of(speed=100)
+    async with Visitor(fleet) as visitor:
+        owner = await visitor.connect("a")
+        await owner.chat(QUESTION)
+        chat_id = (await owner.expect("chat_created"))["chatId"]
+        user = await owner.expect("user_message")
+        # Mid-answer: a resume from the start on b, and a fresh subscribe on c.
+        first_tokens = await owner.until("token")
+        resumed = await visitor.connect("b")
+        await resumed.send(type="subscribe", chatId=chat_id, afterSeq=0)
+        fresh = await visitor.connect("c")
+        await fresh.send(type="subscribe", chatId=chat_id)
+        witnessed = [user, *first_tokens, *await owner.until("done", timeout=60)]
+        assert witnessed[-1]["reason"] == "complete"
+
+        on_b = await resumed.until("done", timeout=60)
+        assert on_b[0]["type"] == "subscribed"
+        assert on_b[0].get("messages") is None, "the resume was served from the log"
+        assert transcript(on_b) == transcript(witnessed)
+
+        on_c = await fresh.until("done", timeout=60)
+        subscribed = on_c[0]
+        assert subscribed["type"] == "subscribed"
+        assert subscribed["busy"] is True
+        # The history as of lastSeq, then exactly the events after it.
+        after = [event for event in transcript(witnessed) if event["seq"] > subscribed["lastSeq"]]
+        assert transcript(on_c[1:]) == after
+        question, answer_so_far = subscribed["messages"]
+        assert question["id"] == user["messageId"]
+        streamed_before = answer_text(
+            [e for e in witnessed if e.get("seq", 0) <= subscribed["lastSeq"]]
+        )
+        assert answer_so_far["text"] == streamed_before
+        assert answer_so_far["text"] + answer_text(on_c) == answer_text(witnessed)
+
+        # Every instance, and the database, tell the same finished transcript.
+        details = [await visitor.detail(name, chat_id) for name in INSTANCES]
+        for detail in details:
+            assert detail["lastSeq"] == witnessed[-1]["seq"]
+            assert detail["busy"] is False
+            assert [m["text"] for m in detail["messages"]] == [QUESTION, answer_text(witnessed)]
+        rows = await sql(
+            postgres_database,
+            "SELECT role, text, status, seq_start, seq_end FROM messages "
+            "WHERE chat_id = $1 ORDER BY seq_start",
+            chat_id,
+        )
+        assert [(r["role"], r["status"]) for r in rows] == [
+            ("user", "complete"),
+            ("assistant", "complete"),
+        ]
+        assert rows[1]["text"] == answer_text(witnessed)
+        assert rows[1]["seq_end"] == witnessed[-1]["seq"]
+
+
+# --- moving between instances mid-answer ----------------------------------------------------
+
+
+async def test_reconnecting_to_another_instance_at_random_points_loses_nothing(
+    fleet_of: Any, postgres_database: Database
+) -> None:
+    fleet = fleet_of(speed=150)
+    rng = random.Random(1313)
+    moves = 0
+    async with Visitor(fleet) as visitor:
+        witness = await visitor.connect("a")
+        await witness.chat(QUESTION)
+        chat_id = (await witness.expect("chat_created"))["chatId"]
+        witnessed: list[Event] = [await witness.expect("user_message")]
+        mover_seen: list[Event] = list(witnessed)
+        here = "a"
+        mover = await visitor.connect(here)
+        await mover.send(type="subscribe", chatId=chat_id, afterSeq=witnessed[0]["seq"])
+        assert (await mover.expect("subscribed")).get("messages") is None
+        turns = 3
+        for turn in range(turns):
+            done = False
+            while not done:
+                # Read a few events, then drop the connection and resume elsewhere.
+                for _ in range(rng.randint(1, 12)):
+                    event = await mover.recv(timeout=60)
+                    if "seq" not in event:
+                        continue
+                    mover_seen.append(event)
+                    if event["type"] == "done":
+                        done = True
+                        break
+                if done:
+                    break
+                await mover.close()
+                here = rng.choice([name for name in INSTANCES if name != here])
+                mover = await visitor.connect(here)
+                last = mover_seen[-1]["seq"]
+                await mover.send(type="subscribe", chatId=chat_id, afterSeq=last)
+                resumed = await mover.expect("subscribed")
+                assert resumed.get("messages") is None, f"move {moves}: no exact resume on {here}"
+                moves += 1
+            witnessed += await witness.until("done", timeout=60)
+            if turn < turns - 1:
+                # The next question goes through whichever instance the mover is on.
+                await mover.chat(f"And question {turn + 2}?", chat_id)
+    print(f"\n{moves} reconnects to another instance mid-answer")
+    assert moves >= 200
+    assert transcript(mover_seen) == transcript(witnessed)
+    seqs = seqs_of(witnessed)
+    assert contiguous(seqs)
+    assert seqs[0] == 1
+    assert sum(1 for event in witnessed if event["type"] == "done") == turns
+    rows = await sql(
+        postgres_database,
+        "SELECT role, text, seq_end FROM messages WHERE chat_id = $1 ORDER BY seq_start",
+        chat_id,
+    )
+    answers = [row["text"] for row in rows if row["role"] == "assistant"]
+    done_ids = [event["messageId"] for event in witnessed if event["type"] == "done"]
+    assert answers == [answer_text(witnessed, message_id) for message_id in done_ids]
+    assert max(row["seq_end"] for row in rows) == seqs[-1]
+
+
+# --- commands through another instance ------------------------------------------------------
+
+
+async def test_stop_sent_through_another_instance_stops_the_owners_turn(
+    fleet_of: Any, redis_client: redis.asyncio.Redis
+) -> None:
+    fleet = fleet_of("a", "b", speed=20)
+    async with Visitor(fleet) as visitor:
+        owner = await visitor.connect("a")
+        await owner.chat(QUESTION)
+        chat_id = (await owner.expect("chat_created"))["chatId"]
+        await owner.until("token")
+        assert (await holder_of(redis_client, fleet, chat_id)).startswith("a:")
+        elsewhere = await visitor.connect("b")
+        await elsewhere.send(type="subscribe", chatId=chat_id, afterSeq=0)
+        await elsewhere.until("token")
+        await elsewhere.send(type="stop", chatId=chat_id)
+        on_a = await owner.until("done", timeout=10)
+        on_b = await elsewhere.until("done", timeout=10)
+        assert on_a[-1]["reason"] == on_b[-1]["reason"] == "stopped"
+        assert on_a[-1]["seq"] == on_b[-1]["seq"]
+
+
+async def test_a_follow_up_sent_through_another_instance_is_run_by_the_owner(
+    fleet_of: Any, redis_client: redis.asyncio.Redis, postgres_database: Database
+) -> None:
+    fleet = fleet_of(speed=0)
+    async with Visitor(fleet) as visitor:
+        owner = await visitor.connect("a")
+        await owner.chat(QUESTION)
+        chat_id = (await owner.expect("chat_created"))["chatId"]
+        first = await owner.until("done")
+        assert (await holder_of(redis_client, fleet, chat_id)).startswith("a:")
+        # A reader of b asks the next question: its own socket hears the whole turn.
+        other = await visitor.connect("b")
+        client_message_id = await other.chat("And at what hydration?", chat_id)
+        on_b = await other.until("done", timeout=60)
+        user = next(event for event in on_b if event["type"] == "user_message")
+        assert user["clientMessageId"] == client_message_id
+        assert on_b[-1]["reason"] == "complete"
+        on_a = await owner.until("done", timeout=60)
+        assert transcript(on_a) == transcript(on_b)
+        assert (await holder_of(redis_client, fleet, chat_id)).startswith("a:"), "owner changed"
+        seqs = seqs_of(first + on_a)
+        assert contiguous(seqs)
+        rows = await sql(
+            postgres_database,
+            "SELECT role FROM messages WHERE chat_id = $1 ORDER BY seq_start",
+            chat_id,
+        )
+        assert [row["role"] for row in rows] == ["user", "assistant"] * 2
+        # A refusal by the owner reaches the sender: that clientMessageId is taken.
+        await other.chat("Again?", chat_id, clientMessageId=client_message_id)
+        resent = await other.expect("user_message")
+        assert resent["messageId"] == user["messageId"]
+
+
+async def test_one_client_message_id_sent_to_two_instances_at_once_makes_one_chat_and_one_turn(
+    fleet_of: Any, postgres_database: Database
+) -> None:
+    fleet = fleet_of("a", "b", speed=0)
+    trials = 10
+    async with Visitor(fleet) as visitor:
+        on_a = await visitor.connect("a")
+        on_b = await visitor.connect("b")
+        for trial in range(trials):
+            client_message_id = str(uuid.uuid4())
+            await asyncio.gather(
+                on_a.chat(f"Question {trial}", clientMessageId=client_message_id),
+                on_b.chat(f"Question {trial}", clientMessageId=client_message_id),
+            )
+            created_a = await on_a.expect("chat_created")
+            created_b = await on_b.expect("chat_created")
+            assert created_a["chatId"] == created_b["chatId"]
+            chat_id = created_a["chatId"]
+            # Whichever lost the race still hears the one turn to its end.
+            for socket in (on_a, on_b):
+                events = await socket.until("done", timeout=60, chatId=chat_id)
+                assert sum(1 for e in events if e["type"] == "user_message") == 1
+            await on_a.send(type="unsubscribe", chatId=chat_id)
+            await on_b.send(type="unsubscribe", chatId=chat_id)
+            chats = await sql(
+                postgres_database,
+                "SELECT id FROM chats WHERE created_by = $1",
+                client_message_id,
+            )
+            assert [row["id"] for row in chats] == [chat_id]
+            rows = await sql(
+                postgres_database,
+                "SELECT role FROM messages WHERE chat_id = $1 ORDER BY seq_start",
+                chat_id,
+            )
+            assert [row["role"] for row in rows] == ["user", "assistant"], f"trial {trial}"
+
+
+# --- instances starting while others run ----------------------------------------------------
+
+
+async def test_an_instance_starting_up_leaves_the_answers_others_are_writing_alone(
+    fleet_of: Any, postgres_database: Database
+) -> None:
+    fleet = fleet_of("a", speed=10)
+    async with Visitor(fleet) as visitor:
+        owner = await visitor.connect("a")
+        await owner.chat(QUESTION)
+        chat_id = (await owner.expect("chat_created"))["chatId"]
+        await owner.until("token")
+
+        async def answer_status() -> list[str]:
+            rows = await sql(
+                postgres_database,
+                "SELECT status FROM messages WHERE chat_id = $1 AND role = 'assistant'",
+                chat_id,
+            )
+            return [row["status"] for row in rows]
+
+        # The first partial save: the answer is in the database as streaming.
+        while await answer_status() != ["streaming"]:
+            await owner.recv(timeout=10)
+        fleet.start("b")
+        assert await answer_status() == ["streaming"], "b's start-up sweep cut a's answer"
+        await owner.send(type="stop", chatId=chat_id)
+        assert (await owner.until("done", timeout=10))[-1]["reason"] == "stopped"
+
+
+# --- an owner that dies ----------------------------------------------------------------------
+
+
+async def test_an_owner_killed_mid_answer_is_taken_over_and_nothing_acknowledged_is_lost(
+    fleet_of: Any, postgres_database: Database
+) -> None:
+    fleet = fleet_of(speed=20)
+    async with Visitor(fleet) as visitor:
+        owner = await visitor.connect("a")
+        await owner.chat(QUESTION)
+        chat_id = (await owner.expect("chat_created"))["chatId"]
+        await owner.expect("user_message")
+        await owner.until("token")
+        # A second question waits behind the running answer: acknowledged, not answered.
+        queued_id = await owner.chat("And at what hydration?", chat_id)
+        queued = (await owner.until("user_message", clientMessageId=queued_id))[-1]
+        watcher = await visitor.connect("b")
+        await watcher.send(type="subscribe", chatId=chat_id, afterSeq=0)
+        seen = await watcher.until("user_message", clientMessageId=queued_id)
+        seen += await watcher.until("token")
+        fleet.servers["a"].kill()
+        killed = asyncio.get_running_loop().time()
+        # At once, a third instance gets the next question: it waits for a's lease to lapse.
+        late = await visitor.connect("c")
+        late_id = await late.chat("And in winter?", chat_id)
+
+        seen += await watcher.until("done", timeout=30)
+        ended = asyncio.get_running_loop().time() - killed
+        print(f"\nowner killed: error and done reached another instance after {ended:.2f} s")
+        error, done = seen[-2], seen[-1]
+        assert error["type"] == "error"
+        assert error["retryable"] is True
+        assert done["reason"] == "error"
+        cut_id = done["messageId"]
+        streamed = answer_text(seen, cut_id)
+        assert streamed, "nothing was streamed before the kill"
+        # The queued question is answered by the new owner, then the late one.
+        seen += await watcher.until("done", timeout=60)
+        assert seen[-1]["reason"] == "complete"
+        seen += await watcher.until("done", timeout=60)
+        assert seen[-1]["reason"] == "complete"
+        # Its sender heard about it, wherever the message ran.
+        await late.until("user_message", timeout=60, clientMessageId=late_id)
+
+    # No seq is used twice: the new owner continues after every seq the dead one may have
+    # handed out (its reservation in the database), so the log jumps once, at the `error`.
+    seqs = seqs_of(seen)
+    jump = seqs.index(error["seq"])
+    assert contiguous(seqs[:jump])
+    assert contiguous(seqs[jump:])
+    assert seqs[jump] > seqs[jump - 1]
+    rows = await sql(
+        postgres_database,
+        "SELECT id, role, text, status, reply_to FROM messages "
+        "WHERE chat_id = $1 ORDER BY seq_start",
+        chat_id,
+    )
+    answers = {row["reply_to"]: row for row in rows if row["role"] == "assistant"}
+    cut = next(row for row in rows if row["id"] == cut_id)
+    assert cut["status"] == "incomplete"
+    assert cut["text"] == streamed, "the cut answer is saved exactly as streamed"
+    assert answers[queued["messageId"]]["status"] == "complete"
+    users = [row for row in rows if row["role"] == "user"]
+    assert len(users) == 3
+    assert all(answers[user["id"]] for user in users), "every question has its answer"
+
+
+async def test_a_zombie_owner_writes_nothing_after_its_chat_was_taken_over(
+    fleet_of: Any, postgres_database: Database, redis_client: redis.asyncio.Redis
+) -> None:
+    fleet = fleet_of("a", "b", speed=20)
+    async with Visitor(fleet) as visitor:
+        owner = await visitor.connect("a")
+        await owner.chat(QUESTION)
+        chat_id = (await owner.expect("chat_created"))["chatId"]
+        await owner.until("token")
+        watcher = await visitor.connect("b")
+        await watcher.send(type="subscribe", chatId=chat_id, afterSeq=0)
+        seen = await watcher.until("token")
+        zombie = fleet.servers["a"]
+        assert zombie.process is not None
+        # Paused past its lease (a long GC pause, a frozen VM): b takes the chat over.
+        zombie.process.send_signal(signal.SIGSTOP)
+        try:
+            seen += await watcher.until("done", timeout=30)
+        finally:
+            zombie.process.send_signal(signal.SIGCONT)
+        cut_id = seen[-1]["messageId"]
+        streamed = answer_text(seen, cut_id)
+        # a wakes up, still streaming its turn: every write it tries is refused, and it
+        # gives the chat up.
+        await logged(zombie, f"chat {chat_id}: given up here after losing its lease")
+        assert (await holder_of(redis_client, fleet, chat_id)).startswith("b:")
+        await watcher.send(type="ping", requestId="after")
+        assert await watcher.until("pong") == [{"type": "pong", "requestId": "after"}], (
+            "a frame of the zombie reached another instance after the takeover"
+        )
+        rows = await sql(
+            postgres_database,
+            "SELECT status, text, seq_end FROM messages WHERE id = $1",
+            cut_id,
+        )
+        assert rows[0]["status"] == "incomplete"
+        assert rows[0]["text"] == streamed, "the zombie's save overwrote the cut answer"
+        assert rows[0]["seq_end"] == seen[-1]["seq"]
+        # The chat goes on, through the zombie too (it follows the chat now).
+        await owner.close()
+        again = await visitor.connect("a")
+        await again.chat("And at what hydration?", chat_id)
+        answered = await again.until("done", timeout=60)
+        assert answered[-1]["reason"] == "complete"
+        assert min(seqs_of(answered)) > seen[-1]["seq"]
+
+
+async def logged(server: ServerProcess, line: str) -> None:
+    """Wait until a server's log has this line (its lifecycle events are logged)."""
+    assert server.log_path is not None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while line not in server.log_path.read_text(errors="replace"):
+        assert loop.time() < deadline, f"{server.log_path} never said {line!r}"
+        await asyncio.sleep(0.05)
+
+
+async def test_after_redis_lost_its_data_seqs_go_on_and_a_stale_resume_gets_the_history(
+    fleet_of: Any, redis_client: redis.asyncio.Redis
+) -> None:
+    fleet = fleet_of("a", "b", speed=0)
+    async with Visitor(fleet) as visitor:
+        owner = await visitor.connect("a")
+        await owner.chat(QUESTION)
+        chat_id = (await owner.expect("chat_created"))["chatId"]
+        first = await owner.until("done", timeout=60)
+        last = first[-1]["seq"]
+        meta = f"{fleet.prefix}:{{{chat_id}}}:meta"
+        epoch = await redis_client.hget(meta, "epoch")
+        assert epoch
+        await forget_prefix(redis_client, fleet.prefix)
+        # a notices at its next renewal and gives the chat up.
+        await logged(fleet.servers["a"], f"chat {chat_id}: given up here after losing its lease")
+
+        other = await visitor.connect("b")
+        await other.send(type="subscribe", chatId=chat_id, afterSeq=2)
+        subscribed = await other.expect("subscribed")
+        assert subscribed["lastSeq"] == last
+        assert [m["role"] for m in subscribed["messages"]] == ["user", "assistant"], (
+            "a resume the lost log cannot serve gets the history"
+        )
+        await other.chat("And at what hydration?", chat_id)
+        after = await other.until("done", timeout=60)
+        assert after[-1]["reason"] == "complete"
+        seqs = seqs_of(after)
+        assert seqs[0] == last + 1, "the next seq follows every earlier one"
+        assert contiguous(seqs)
+        assert await redis_client.hget(meta, "epoch") not in (None, epoch)
+        # The reader still on a (a follower now) gets the new events too.
+        assert transcript(await owner.until("done", timeout=60)) == transcript(after)

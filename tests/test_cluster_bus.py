@@ -1,0 +1,211 @@
+"""The cluster bus on a real Redis: fenced leases, a gap-free log, the live feed, the epoch."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio
+
+from blogchat.cluster.bus import Bus, Fenced, Holder, Lease, LiveEvent, SeqGap
+from tests.support.redis import REDIS_URL, forget_prefix, require_redis, unique_prefix
+
+CHAT = "chat-1"
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[redis.asyncio.Redis]:
+    await require_redis()
+    client = redis.asyncio.Redis.from_url(REDIS_URL, decode_responses=True)
+    prefix = unique_prefix()
+    client.test_prefix = prefix  # type: ignore[attr-defined]
+    try:
+        yield client
+    finally:
+        await forget_prefix(client, prefix)
+        await client.aclose()
+
+
+def bus(client: redis.asyncio.Redis, instance: str) -> Bus:
+    prefix: str = client.test_prefix  # type: ignore[attr-defined]
+    return Bus(client, prefix, instance=instance, lease_seconds=5)
+
+
+async def lapse(client: redis.asyncio.Redis, one: Bus, chat_id: str = CHAT) -> None:
+    """The holder stops renewing and its lease runs out (as after a crash or a pause)."""
+    await client.delete(one.key(chat_id, "lease"))
+
+
+def frames(first: int, last: int) -> list[tuple[int, str]]:
+    return [(seq, f'{{"seq":{seq}}}') for seq in range(first, last + 1)]
+
+
+async def test_a_lease_is_held_by_one_instance_at_a_time(client: redis.asyncio.Redis) -> None:
+    a, b = bus(client, "a"), bus(client, "b")
+    lease = await a.acquire(CHAT, floor=0)
+    assert isinstance(lease, Lease)
+    assert (lease.fence, lease.seq) == (1, 0)
+    assert await b.acquire(CHAT, floor=0) == Holder("a", 1)
+    assert await b.holder(CHAT) == Holder("a", 1)
+    await b.release(Lease(CHAT, "b", 1, 0, lease.epoch))  # not b's to release
+    assert await b.holder(CHAT) == Holder("a", 1)
+    assert await a.renew(lease)
+    await a.release(lease)
+    assert await a.holder(CHAT) is None
+    assert not await a.renew(lease)
+
+
+async def test_every_new_holder_gets_a_higher_token(client: redis.asyncio.Redis) -> None:
+    a, b = bus(client, "a"), bus(client, "b")
+    tokens = []
+    for holder in (a, b, a, b):
+        lease = await holder.acquire(CHAT, floor=0)
+        assert isinstance(lease, Lease)
+        tokens.append(lease.fence)
+        await lapse(client, holder)
+    assert tokens == sorted(set(tokens))
+
+
+async def test_a_stale_holder_can_append_nothing_after_a_takeover(
+    client: redis.asyncio.Redis,
+) -> None:
+    a, b = bus(client, "a"), bus(client, "b")
+    old = await a.acquire(CHAT, floor=0)
+    assert isinstance(old, Lease)
+    assert await a.append(old, frames(1, 3)) == 3
+    await lapse(client, a)
+    new = await b.acquire(CHAT, floor=0)
+    assert isinstance(new, Lease)
+    assert new.fence > old.fence
+    assert new.seq == 3, "the new holder continues the log"
+    with pytest.raises(Fenced):
+        await a.append(old, frames(4, 4))
+    assert not await a.renew(old)
+    await a.release(old)
+    assert await a.holder(CHAT) == Holder("b", new.fence), "a stale release frees nothing"
+    assert await b.append(new, frames(4, 5)) == 5
+    read = await a.read(CHAT)
+    assert [seq for seq, _ in read.events] == [1, 2, 3, 4, 5]
+
+
+async def test_seqs_in_the_log_are_contiguous(client: redis.asyncio.Redis) -> None:
+    a = bus(client, "a")
+    lease = await a.acquire(CHAT, floor=0)
+    assert isinstance(lease, Lease)
+    await a.append(lease, frames(1, 2))
+    for bad in ([(2, "again")], [(4, "skips 3")], [(3, "x"), (5, "hole inside")]):
+        with pytest.raises(SeqGap):
+            await a.append(lease, bad)
+    await a.append(lease, frames(3, 4))
+    read = await a.read(CHAT, after_seq=1)
+    assert read.events == frames(2, 4)
+    assert read.top == 4
+    assert read.epoch == lease.epoch
+
+
+async def test_the_log_continues_after_the_databases_high_water_mark(
+    client: redis.asyncio.Redis,
+) -> None:
+    a, b = bus(client, "a"), bus(client, "b")
+    first = await a.acquire(CHAT, floor=0)
+    assert isinstance(first, Lease)
+    await a.append(first, frames(1, 2))
+    await lapse(client, a)
+    # The dead holder had reserved seqs up to 1000 in the database: none may be reused.
+    second = await b.acquire(CHAT, floor=1000)
+    assert isinstance(second, Lease)
+    assert second.seq == 1000
+    with pytest.raises(SeqGap):
+        await b.append(second, frames(3, 3))
+    await b.append(second, frames(1001, 1001))
+    assert [seq for seq, _ in (await b.read(CHAT)).events] == [1, 2, 1001]
+
+
+async def test_every_append_is_published_in_order_with_its_epoch(
+    client: redis.asyncio.Redis,
+) -> None:
+    a = bus(client, "a")
+    lease = await a.acquire(CHAT, floor=0)
+    assert isinstance(lease, Lease)
+    pubsub = client.pubsub()
+    await pubsub.subscribe(a.channel(CHAT))
+    confirmation = await pubsub.get_message(timeout=5)
+    assert confirmation is not None
+    assert confirmation["type"] == "subscribe"
+    await a.append(lease, frames(1, 2))
+    await a.append(lease, frames(3, 3))
+    seen: list[LiveEvent] = []
+    while len(seen) < 3:
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+        assert message is not None, "an appended event was not published"
+        seen.append(Bus.parse_live(message["data"]))
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    assert [(event.seq, event.frame) for event in seen] == frames(1, 3)
+    assert {event.epoch for event in seen} == {lease.epoch}
+
+
+async def test_a_lost_log_gets_a_new_epoch_and_refuses_the_old_holder(
+    client: redis.asyncio.Redis,
+) -> None:
+    a, b = bus(client, "a"), bus(client, "b")
+    old = await a.acquire(CHAT, floor=0)
+    assert isinstance(old, Lease)
+    await a.append(old, frames(1, 5))
+    await forget_prefix(client, a.prefix)
+    with pytest.raises(Fenced):
+        await a.append(old, frames(6, 6))
+    # The database saw seqs up to 1005 reserved; the new log starts after them.
+    new = await b.acquire(CHAT, floor=1005)
+    assert isinstance(new, Lease)
+    assert new.epoch != old.epoch
+    assert new.seq == 1005
+    read = await b.read(CHAT)
+    assert (read.epoch, read.events) == (new.epoch, [])
+    with pytest.raises(Fenced):
+        await a.append(old, frames(1006, 1006))
+
+
+async def test_only_the_holder_trims_the_log(client: redis.asyncio.Redis) -> None:
+    a, b = bus(client, "a"), bus(client, "b")
+    old = await a.acquire(CHAT, floor=0)
+    assert isinstance(old, Lease)
+    await a.append(old, frames(1, 6))
+    await a.trim(old, before_seq=3)
+    assert [seq for seq, _ in (await a.read(CHAT)).events] == [3, 4, 5, 6]
+    await lapse(client, a)
+    assert isinstance(await b.acquire(CHAT, floor=6), Lease)
+    await a.trim(old, before_seq=6)
+    assert [seq for seq, _ in (await a.read(CHAT)).events] == [3, 4, 5, 6]
+
+
+async def test_two_instances_racing_for_a_chat_get_one_lease(client: redis.asyncio.Redis) -> None:
+    buses = [bus(client, f"i{n}") for n in range(8)]
+    results = await asyncio.gather(*(one.acquire(CHAT, floor=0) for one in buses))
+    leases = [result for result in results if isinstance(result, Lease)]
+    assert len(leases) == 1
+    assert all(
+        result == Holder(leases[0].instance, leases[0].fence)
+        for result in results
+        if not isinstance(result, Lease)
+    )
+
+
+async def test_after_a_lost_log_tokens_stay_above_what_the_database_saw(
+    client: redis.asyncio.Redis,
+) -> None:
+    a, b = bus(client, "a"), bus(client, "b")
+    for _ in range(3):
+        lease = await a.acquire(CHAT, floor=0)
+        assert isinstance(lease, Lease)
+        await lapse(client, a)
+    assert lease.fence == 3
+    await forget_prefix(client, a.prefix)
+    # The database's chat row says token 3 saved last: the next one must be higher.
+    new = await b.acquire(CHAT, floor=0, fence_floor=3)
+    assert isinstance(new, Lease)
+    assert new.fence == 4
+    await lapse(client, b)
+    following = await a.acquire(CHAT, floor=0, fence_floor=3)
+    assert isinstance(following, Lease)
+    assert following.fence == 5
