@@ -461,6 +461,30 @@ async def test_a_write_whose_caller_is_cancelled_still_ends_and_blocks_no_other_
     assert all(m.text.startswith("draft ") and m.tool_calls == [] for m in saved)
 
 
+async def test_closing_the_database_waits_for_a_write_whose_caller_was_cancelled(
+    store: Store,
+) -> None:
+    # A turn cut off at shutdown cancels its final save's caller; the save itself must
+    # still land before the connections close.
+    chat = await make_chat(store, title="before")
+    async with store.db.session() as holder:
+        # Hold the chat's row (on SQLite: the one transaction at a time), so that the write
+        # below can start but not finish.
+        await holder.execute(select(Chat).where(Chat.id == chat.id).with_for_update())
+        caller = asyncio.create_task(store.chats.update_chat(chat.id, title="landed"))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        caller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await caller
+        closing = asyncio.create_task(store.db.dispose())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not closing.done(), "the database closed under a write that must complete"
+    await closing
+    assert (await store.chats.get_chat(chat.id)).title == "landed"  # type: ignore[union-attr]
+
+
 # --- deletion, crash recovery, time ---------------------------------------------------------
 
 
