@@ -183,6 +183,9 @@ async def test_the_composer_shows_a_two_pixel_focus(
     server: LiveServer, page: Page, chat_page: MakeChatPage
 ) -> None:
     await chat_page(page, server.url).open()
+    # The border eases into its focus colour; without motion it is there at once, so the
+    # colours compare as they end, not halfway through the transition.
+    await page.emulate_media(reduced_motion="reduce")
     await page.locator("#message").focus()
     outline = await page.locator("#composer").evaluate(
         "(el) => { const s = getComputedStyle(el);"
