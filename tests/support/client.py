@@ -27,7 +27,15 @@ class Reader:
         # A client address of its own, through X-Forwarded-For: the test server trusts it
         # from loopback, as it would from a reverse proxy (FORWARDED_ALLOW_IPS).
         self.headers = {"X-Forwarded-For": address} if address else {}
-        self.http = httpx.AsyncClient(base_url=base_url, timeout=30, headers=self.headers)
+        # The server closes a connection idle for 5 s (uvicorn's keep-alive timeout), and
+        # httpx would reuse one for 5 s too: a request sent on it as the server closes it
+        # fails ("Server disconnected"). Idle connections are dropped well before that.
+        self.http = httpx.AsyncClient(
+            base_url=base_url,
+            timeout=30,
+            headers=self.headers,
+            limits=httpx.Limits(keepalive_expiry=2.0),
+        )
         if cookie is not None:
             # A returning visitor (e.g. after a server restart): same cookie, same identity.
             self.http.cookies.set(COOKIE, cookie, domain=httpx.URL(base_url).host)

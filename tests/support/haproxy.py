@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.server import free_port
+from tests.support.server import end_process, free_port
 
 HAPROXY = os.environ.get("BLOGCHAT_TEST_HAPROXY", "haproxy")
 
@@ -111,13 +111,7 @@ class Haproxy:
         return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        end_process(self.process, grace=10)
 
     def __enter__(self) -> Haproxy:
         return self.start()

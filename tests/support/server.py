@@ -271,13 +271,18 @@ class ServerProcess:
 
     def stop(self) -> None:
         """SIGTERM and wait."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        end_process(self.process, grace=20)
+
+
+def end_process(process: subprocess.Popen[bytes] | None, *, grace: float) -> None:
+    """SIGTERM a test's child process and wait `grace` seconds; SIGKILL it if it lingers."""
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
 
 
 @contextmanager
