@@ -197,13 +197,14 @@ async def test_the_gate_holds_the_engines_capacity_and_a_long_wait_ends_with_gat
         assert gate.running == 1
 
 
-def test_connections_are_capped_per_visitor_and_per_address(tmp_path: Path) -> None:
+async def test_connections_are_capped_per_visitor_and_per_address(tmp_path: Path) -> None:
     connections = Connections(settings(tmp_path, visitor_connections=2, address_connections=3))
-    assert connections.open("alice", "a")
-    assert connections.open("alice", "a")
-    assert not connections.open("alice", "a")
-    assert connections.open("bob", "a")
-    assert not connections.open("carol", "a")
-    assert connections.open("carol", "b")
-    connections.close("alice", "a")
-    assert connections.open("carol", "a")
+    first = await connections.open("alice", "a")
+    assert first is not None
+    assert await connections.open("alice", "a")
+    assert not await connections.open("alice", "a")
+    assert await connections.open("bob", "a")
+    assert not await connections.open("carol", "a")
+    assert await connections.open("carol", "b")
+    await connections.close(first)
+    assert await connections.open("carol", "a")

@@ -79,13 +79,14 @@ class Hub:
             await self._refuse(websocket, refusal)
             return
         address = client_address(websocket.scope)
-        if not self.caps.open(visitor.id, address):
+        slot = await self.caps.open(visitor.id, address)
+        if slot is None:
             await self._refuse(websocket, _Refusal(429, CLOSE_TOO_MANY, "too many connections"))
             return
         try:
             await self._serve(websocket, visitor, address)
         finally:
-            self.caps.close(visitor.id, address)
+            await self.caps.close(slot)
 
     async def _serve(self, websocket: WebSocket, visitor: Visitor, address: str) -> None:
         await websocket.accept()

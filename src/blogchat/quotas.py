@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 from blogchat.ratelimit import Rate, RateLimiter
 from blogchat.settings import Settings
+
+log = logging.getLogger(__name__)
 
 DAY = 24 * 3600
 HOUR = 3600
@@ -181,6 +184,61 @@ def _out_of_tokens(budget: Budget, wait: float) -> str:
     return f"{who} used up today's share of the assistant. It frees up again in {_in(wait)}."
 
 
+@dataclass(frozen=True)
+class Slot:
+    """One place taken under the caps of some keys (a running turn, an open connection)."""
+
+    keys: tuple[str, ...]
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+# (key, cap): a place counts under each key, and each key has at most `cap` at once.
+Caps = Sequence[tuple[str, int]]
+
+
+class Slots(Protocol):
+    """Places counted per key within caps: in this process (one instance), or in Redis
+    shared by every instance (`cluster/slots.py`)."""
+
+    async def take(self, caps: Caps) -> Slot | None:
+        """A place under every key's cap at once, or None (taking nothing) if one is full."""
+        ...
+
+    async def give_back(self, slot: Slot) -> None:
+        """Free a place taken by `take`; never raises."""
+        ...
+
+    def on_freed(self, listener: Callable[[], None]) -> None:
+        """Call `listener` whenever places may have freed up other than through this
+        process's `give_back` (another instance's, or a dead instance's, expiring)."""
+        ...
+
+
+class MemorySlots:
+    """Slots counted in this process."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, int] = {}
+
+    async def take(self, caps: Caps) -> Slot | None:
+        """A place under every key's cap at once, or None (taking nothing) if one is full."""
+        if any(self._held.get(key, 0) >= cap for key, cap in caps):
+            return None
+        for key, _ in caps:
+            self._held[key] = self._held.get(key, 0) + 1
+        return Slot(tuple(key for key, _ in caps))
+
+    async def give_back(self, slot: Slot) -> None:
+        """Free a place taken by `take`."""
+        for key in slot.keys:
+            self._held[key] -= 1
+            if not self._held[key]:
+                del self._held[key]
+
+    def on_freed(self, listener: Callable[[], None]) -> None:
+        """Places here only free up through `give_back`: nothing to listen to."""
+
+
 class GateTimeout(Exception):
     """A turn waited too long for its place."""
 
@@ -188,16 +246,27 @@ class GateTimeout(Exception):
 class TurnGate:
     """Lets turns run: at most a few at once per visitor and per address, and no more than
     the engine's capacity in all; the others wait in line, first come first served, and are
-    told their place. A turn whose own caps are full does not hold up those behind it."""
+    told their place. A turn whose own caps are full does not hold up those behind it.
 
-    def __init__(self, settings: Settings, capacity: int | None) -> None:
+    The caps per visitor and address are counted by `slots`: in memory, or in Redis when
+    several instances share them (a visitor's turns on every instance count together).
+    The engine's capacity and the line are this instance's own."""
+
+    def __init__(
+        self, settings: Settings, capacity: int | None, slots: Slots | None = None
+    ) -> None:
         self.capacity = capacity
         self._visitor_cap = settings.visitor_running_turns
         self._address_cap = settings.address_running_turns
         self._user_cap = settings.user_running_turns
-        self._running: defaultdict[str, int] = defaultdict(int)
+        self._slots = slots or MemorySlots()
+        self._slots.on_freed(self._wake)
         self._total = 0
         self._line: list[_Waiter] = []
+        # One pass over the line at a time: a pass may wait on Redis between two waiters.
+        self._admitting = asyncio.Lock()
+        self._woken: asyncio.Task[None] | None = None
+        self._again = False
 
     @property
     def running(self) -> int:
@@ -215,28 +284,27 @@ class TurnGate:
     ) -> AsyncIterator[None]:
         """Run a turn once there is room for it; `on_place` hears its place in line while
         it waits (1: next). Raises GateTimeout after `wait` seconds in line."""
-        keys = self._keys(who)
-        waiter = _Waiter(keys, asyncio.get_running_loop().create_future(), on_place)
+        waiter = _Waiter(self._keys(who), asyncio.get_running_loop().create_future(), on_place)
         self._line.append(waiter)
-        self._admit()
-        if not waiter.admitted.done():
-            self._tell_places()
-            try:
+        try:
+            await self._admit()
+            if not waiter.admitted.done():
+                self._tell_places()
                 await asyncio.wait_for(asyncio.shield(waiter.admitted), wait)
-            except BaseException as exc:
-                if waiter.admitted.done() and not waiter.admitted.cancelled():
-                    self._leave(keys)  # Let in just as it gave up.
-                else:
-                    waiter.admitted.cancel()
-                    self._line.remove(waiter)
-                    self._admit()
-                if isinstance(exc, TimeoutError):
-                    raise GateTimeout from None
-                raise
+        except BaseException as exc:
+            if waiter.admitted.done() and not waiter.admitted.cancelled():
+                await self._leave(waiter.admitted.result())  # Let in just as it gave up.
+            else:
+                waiter.admitted.cancel()
+                self._line.remove(waiter)
+                self._wake()
+            if isinstance(exc, TimeoutError):
+                raise GateTimeout from None
+            raise
         try:
             yield
         finally:
-            self._leave(keys)
+            await self._leave(waiter.admitted.result())
 
     def _keys(self, who: Who) -> list[tuple[str, int]]:
         if not who.anonymous:
@@ -246,35 +314,54 @@ class TurnGate:
             keys.append((f"address:{who.address}", self._address_cap))
         return keys
 
-    def _fits(self, keys: list[tuple[str, int]]) -> bool:
-        if self.capacity is not None and self._total >= self.capacity:
-            return False
-        return all(self._running[key] < cap for key, cap in keys)
-
-    def _enter(self, keys: list[tuple[str, int]]) -> None:
-        self._total += 1
-        for key, _ in keys:
-            self._running[key] += 1
-
-    def _leave(self, keys: list[tuple[str, int]]) -> None:
+    async def _leave(self, slot: Slot) -> None:
         self._total -= 1
-        for key, _ in keys:
-            self._running[key] -= 1
-            if not self._running[key]:
-                del self._running[key]
-        self._admit()
+        await self._slots.give_back(slot)
+        self._wake()
 
-    def _admit(self) -> None:
+    def _wake(self) -> None:
+        """Room may have freed up: make a pass over the line (in a task of its own, so the
+        turn that freed it does not wait for the pass)."""
+        self._again = True
+        if self._line and (self._woken is None or self._woken.done()):
+            self._woken = asyncio.get_running_loop().create_task(self._admit_while_woken())
+
+    async def _admit_while_woken(self) -> None:
+        # Room that freed up during a pass may be for a waiter the pass already passed.
+        while self._again and self._line:
+            self._again = False
+            await self._admit()
+
+    async def _admit(self) -> None:
         """Let in, in order, every waiter there is room for."""
-        admitted = False
-        for waiter in list(self._line):
-            if self._fits(waiter.keys):
-                self._line.remove(waiter)
-                self._enter(waiter.keys)
-                waiter.admitted.set_result(None)
-                admitted = True
-        if admitted:
-            self._tell_places()
+        async with self._admitting:
+            admitted = False
+            # Waiters with the same keys as one refused in this pass are refused too.
+            full: set[tuple[tuple[str, int], ...]] = set()
+            for waiter in list(self._line):
+                if self.capacity is not None and self._total >= self.capacity:
+                    break
+                keys = tuple(waiter.keys)
+                if waiter.admitted.done() or keys in full:
+                    continue
+                try:
+                    slot = await self._slots.take(keys)
+                except Exception:
+                    # Shared counts out of reach: the waiters wait (a later pass, or their
+                    # wait's end, settles them).
+                    log.exception("could not count a running turn")
+                    break
+                if slot is None:
+                    full.add(keys)
+                elif waiter.admitted.done():
+                    await self._slots.give_back(slot)  # It gave up during the take.
+                else:
+                    self._line.remove(waiter)
+                    self._total += 1
+                    waiter.admitted.set_result(slot)
+                    admitted = True
+            if admitted:
+                self._tell_places()
 
     def _tell_places(self) -> None:
         for place, waiter in enumerate(self._line, start=1):
@@ -286,36 +373,26 @@ class TurnGate:
 @dataclass
 class _Waiter:
     keys: list[tuple[str, int]]
-    admitted: asyncio.Future[None]
+    admitted: asyncio.Future[Slot]
     on_place: Callable[[int], None]
     place: int = 0
 
 
 class Connections:
-    """Open WebSockets per visitor and per client address, within their caps."""
+    """Open WebSockets per visitor and per client address, within their caps (counted by
+    `slots`: in memory, or in Redis across instances)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, slots: Slots | None = None) -> None:
         self._visitor_cap = settings.visitor_connections
         self._address_cap = settings.address_connections
-        self._open: defaultdict[str, int] = defaultdict(int)
+        self._slots = slots or MemorySlots()
 
-    def open(self, visitor: str, address: str) -> bool:
+    async def open(self, visitor: str, address: str) -> Slot | None:
         """Count a new connection, unless the visitor or the address has too many open."""
-        keys = self._keys(visitor, address)
-        caps = [self._visitor_cap, self._address_cap]
-        if any(self._open[key] >= cap for key, cap in zip(keys, caps, strict=False)):
-            return False
-        for key in keys:
-            self._open[key] += 1
-        return True
+        return await self._slots.take(
+            [(f"visitor:{visitor}", self._visitor_cap), (f"address:{address}", self._address_cap)]
+        )
 
-    def close(self, visitor: str, address: str) -> None:
+    async def close(self, slot: Slot) -> None:
         """A connection counted by `open` closed."""
-        for key in self._keys(visitor, address):
-            self._open[key] -= 1
-            if not self._open[key]:
-                del self._open[key]
-
-    @staticmethod
-    def _keys(visitor: str, address: str) -> list[str]:
-        return [f"visitor:{visitor}", f"address:{address}"]
+        await self._slots.give_back(slot)
