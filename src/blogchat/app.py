@@ -24,7 +24,7 @@ from blogchat.engines.offline import OfflineEngine
 from blogchat.hub import Hub
 from blogchat.origins import origin_allowed
 from blogchat.personas import Personas, load_personas
-from blogchat.quotas import Quotas, TurnGate
+from blogchat.quotas import Connections, Quotas, TurnGate
 from blogchat.ratelimit import RateLimiter
 from blogchat.rendering import render_answer
 from blogchat.search import SearchIndex
@@ -149,7 +149,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 turn_wait=settings.turn_wait_seconds,
                 unwatched=settings.unwatched_seconds,
             ),
-            gate=TurnGate(settings, engine.capacity),
+            gate=TurnGate(
+                settings, engine.capacity, cluster.running_turns if cluster is not None else None
+            ),
             quotas=quotas,
             after_turn=titles.after_turn if settings.chat_titles else None,
             placement=cluster,
@@ -176,7 +178,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             quotas=quotas,
             cluster=cluster,
         )
-        hub = Hub(settings=settings, visitors=visitors, chats=chats, sessions=sessions)
+        hub = Hub(
+            settings=settings,
+            visitors=visitors,
+            chats=chats,
+            sessions=sessions,
+            caps=Connections(settings, cluster.open_connections if cluster is not None else None),
+        )
         state = app.state
         state.settings = settings
         state.blog = content.blog

@@ -31,6 +31,7 @@ from blogchat.cluster.sessions import (
     cut_answer,
     starting_record,
 )
+from blogchat.cluster.slots import RedisSlots
 from blogchat.eventlog import MemoryEventLog
 from blogchat.session import ChatSession, ChatSessions, PendingTurn
 from blogchat.settings import Settings
@@ -63,6 +64,24 @@ class ClusterNode:
             instance=self.instance,
             lease_seconds=settings.chat_lease_seconds,
         )
+        # A visitor's running turns and open WebSockets, counted across instances; a dead
+        # instance's lapse as its chats' leases do.
+        self.running_turns = RedisSlots(
+            self.client,
+            settings.redis_prefix,
+            "turns",
+            instance=self.instance,
+            ttl_seconds=settings.chat_lease_seconds,
+            announce=True,
+        )
+        self.open_connections = RedisSlots(
+            self.client,
+            settings.redis_prefix,
+            "connections",
+            instance=self.instance,
+            ttl_seconds=settings.chat_lease_seconds,
+            announce=False,
+        )
         self.store = store
         self.owned: dict[str, OwnedSession] = {}
         self.followed: dict[str, FollowerSession] = {}
@@ -88,6 +107,8 @@ class ClusterNode:
         await self._pubsub.subscribe(self.bus.inbox(self.instance))
         self._listener = asyncio.create_task(self._listen(), name="cluster-listener")
         self._renewer = asyncio.create_task(self._renew_forever(), name="cluster-leases")
+        await self.running_turns.start()
+        await self.open_connections.start()
 
     async def aclose(self) -> None:
         """Stop listening and close the connections (after the sessions closed)."""
@@ -100,6 +121,8 @@ class ClusterNode:
                     await task
         with contextlib.suppress(Exception):
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        await self.running_turns.aclose()
+        await self.open_connections.aclose()
         await self.client.aclose()
 
     # --- placing a chat's session (session.Placement) ---------------------------------
