@@ -5,7 +5,9 @@ window of the `limits` library) for many keys, as a sign-in would call it, in me
 the Redis at 127.0.0.1:6379 (skipped if none answers), and a refused hit, which also works
 out `retry_after`; then the whole limit check a chat message goes through
 (`Quotas.admit`: the visitor's and the address's turn rates and token budgets, the budgets
-read from usage already loaded), which has the same goal.
+read from usage already loaded), which has the same goal. Last, a running turn's place
+(`Slots.take` and `give_back` under a visitor's and an address's caps), in memory and on
+Redis, as several instances share it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.support import Row, goal_row, info_row, print_rows, summarize
-from blogchat.quotas import Quotas, Spending, Who
+from blogchat.quotas import MemorySlots, Quotas, Slots, Spending, Who
 from blogchat.ratelimit import Rate, RateLimiter
 from blogchat.settings import Settings
 
@@ -79,7 +81,51 @@ async def measure(hits: int, keys: int, redis_url: str) -> list[Row]:
         rows.append(info_row(BENCH, "hit on Redis", f"not measured: {exc}"))
     finally:
         await redis.aclose()
+    rows.append(
+        info_row(
+            BENCH,
+            "turn place in memory (take, give back)",
+            _ms(await time_places(MemorySlots(), hits, keys)),
+        )
+    )
+    rows.append(await redis_places(redis_url, hits // 4, keys))
     return rows
+
+
+async def time_places(slots: Slots, places: int, visitors: int) -> list[float]:
+    """Seconds per running turn's place taken and given back (a visitor's and an address's
+    caps), over `visitors` visitors at 50 addresses."""
+    timings: list[float] = []
+    for n in range(places):
+        caps = [(f"visitor:visitor-{n % visitors}", 1), (f"address:198.51.100.{n % 50}", 2)]
+        started = time.perf_counter()
+        slot = await slots.take(caps)
+        assert slot is not None
+        await slots.give_back(slot)
+        timings.append(time.perf_counter() - started)
+    return timings
+
+
+async def redis_places(redis_url: str, places: int, visitors: int) -> Row:
+    """`time_places` on Redis, as the instances of a cluster count running turns."""
+    # Imported here: the cluster's Redis client, as one instance never loads it.
+    import redis.asyncio
+
+    from blogchat.cluster.slots import RedisSlots
+
+    client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+    prefix = f"bench-{uuid.uuid4().hex}"
+    slots = RedisSlots(client, prefix, "turns", instance="bench", ttl_seconds=5, announce=True)
+    try:
+        await time_places(slots, 200, 50)
+        measured = _ms(await time_places(slots, places, visitors))
+        return info_row(BENCH, "turn place on Redis (take, give back)", measured)
+    except (OSError, redis.RedisError) as exc:
+        return info_row(BENCH, "turn place on Redis", f"not measured: {exc}")
+    finally:
+        async for key in client.scan_iter(match=f"{prefix}:*"):
+            await client.delete(key)
+        await client.aclose()
 
 
 async def time_admits(messages: int, visitors: int) -> list[float]:
