@@ -8,6 +8,7 @@ import asyncio
 import json
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -594,6 +595,55 @@ async def test_a_chat_keeps_its_context_after_a_server_restart(
         ("user", "Remember the word damson"),
         ("assistant", "Echo: Remember the word damson"),
         ("user", "Which word?"),
+    ]
+
+
+async def test_a_live_process_is_not_used_once_its_chat_ran_on_another_instance(
+    api: AnthropicTestServer, make_claude_settings: Any, tmp_path: Path
+) -> None:
+    # Two servers on one database and one agent directory stand in for two instances: the
+    # guard is the engine's own (docs/cluster.md has the instances themselves).
+    here, there = (
+        LiveServer(
+            make_claude_settings(agent_dir=tmp_path / "agent", agent_config_dir=tmp_path / name)
+        ).start()
+        for name in ("here", "there")
+    )
+    try:
+        engine = engine_of(here)
+        async with Reader(here.url) as reader:
+            ws = await reader.connect()
+            await ws.chat("Remember the word damson")
+            chat_id = (await ws.expect("chat_created"))["chatId"]
+            await ws.until("done", timeout=60)
+            warm = engine.pool.get(chat_id)
+            # The next turn runs on the other instance, from the stored transcript.
+            elsewhere = await reader_with_cookie(there, reader.cookie)
+            try:
+                other = await elsewhere.connect()
+                await other.chat("And the word quince", chat_id)
+                assert (await other.until("done", timeout=60))[-1]["reason"] == "complete"
+            finally:
+                await elsewhere.__aexit__(None, None, None)
+            assert engine.pool.get(chat_id) is warm
+            await ws.chat("Which words?", chat_id)
+            assert (await ws.until("done", timeout=60))[-1]["reason"] == "complete"
+            now = engine.pool.get(chat_id)
+    finally:
+        here.stop()
+        there.stop()
+    assert wait_until(lambda: not cli_processes(), 10), cli_processes()
+
+    assert warm is not None
+    assert now is not None
+    assert now is not warm
+    assert now.resumed
+    assert conversation(api.last_request()) == [
+        ("user", "Remember the word damson"),
+        ("assistant", "Echo: Remember the word damson"),
+        ("user", "And the word quince"),
+        ("assistant", "Echo: And the word quince"),
+        ("user", "Which words?"),
     ]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,6 +22,8 @@ import pytest
 import redis.asyncio
 
 from tests.conftest import POSTGRES_URL
+from tests.support.anthropic_server import AnthropicTestServer, text
+from tests.support.claude import agent_processes, claude_process_env, gone, wait_until
 from tests.support.client import ChatSocket, Event, Reader, answer_text, transcript
 from tests.support.redis import REDIS_URL, forget_prefix, require_redis, unique_prefix
 from tests.support.server import REPO, Database, ServerProcess, unlimited_env
@@ -32,11 +35,19 @@ QUESTION = "How warm should a sourdough starter be kept?"
 class Fleet:
     """Instances of one blog sharing a database and a Redis prefix."""
 
-    def __init__(self, database: Database, prefix: str, tmp_path: Path, speed: int) -> None:
+    def __init__(
+        self,
+        database: Database,
+        prefix: str,
+        tmp_path: Path,
+        speed: int,
+        extra: dict[str, str] | None = None,
+    ) -> None:
         self.database = database
         self.prefix = prefix
         self.tmp_path = tmp_path
         self.speed = speed
+        self.extra = extra or {}
         self.servers: dict[str, ServerProcess] = {}
 
     def env(self, name: str) -> dict[str, str]:
@@ -58,6 +69,7 @@ class Fleet:
             "BLOGCHAT_CHAT_TITLES": "false",
             "ANTHROPIC_API_KEY": "",
             "BRAINTRUST_API_KEY": "",
+            **self.extra,
         }
 
     def start(self, name: str) -> ServerProcess:
@@ -81,8 +93,8 @@ def fleet_of(postgres_database: Database, tmp_path: Path) -> Iterator[Any]:
     prefix = unique_prefix()
     fleets: list[Fleet] = []
 
-    def start(*names: str, speed: int = 0) -> Fleet:
-        fleet = Fleet(postgres_database, prefix, tmp_path, speed)
+    def start(*names: str, speed: int = 0, env: dict[str, str] | None = None) -> Fleet:
+        fleet = Fleet(postgres_database, prefix, tmp_path, speed, env)
         fleets.append(fleet)
         try:
             for name in names or INSTANCES:
@@ -580,3 +592,76 @@ async def test_after_redis_lost_its_data_seqs_go_on_and_a_stale_resume_gets_the_
         assert await redis_client.hget(meta, "epoch") not in (None, epoch)
         # The reader still on a (a follower now) gets the new events too.
         assert transcript(await owner.until("done", timeout=60)) == transcript(after)
+
+
+# --- the Claude engine's agent processes ----------------------------------------------------
+
+LONG_ANSWER = "Starters like warmth. " + " ".join(
+    f"Sentence number {n} keeps going for a while." for n in range(200)
+)
+
+
+@pytest.mark.claude
+@pytest.mark.agent_sdk
+async def test_claude_follow_ups_use_the_owners_process_and_resume_after_the_owner_is_killed(
+    fleet_of: Any, api: AnthropicTestServer, tmp_path: Path, redis_client: redis.asyncio.Redis
+) -> None:
+    fleet = fleet_of("a", "b", env=claude_process_env(api, tmp_path / "agent"))
+    api.when(lambda request: request.prompt == "Tell me everything.", text(LONG_ANSWER, delay=0.02))
+    async with Visitor(fleet) as visitor:
+        owner = await visitor.connect("a")
+        await owner.chat("Remember the word damson")
+        chat_id = (await owner.expect("chat_created"))["chatId"]
+        assert (await owner.until("done", timeout=60))[-1]["reason"] == "complete"
+        (warm,) = agent_processes(fleet.servers["a"])
+
+        # A follow-up through b within the lease runs on a's warm process.
+        other = await visitor.connect("b")
+        await other.chat("Which word?", chat_id)
+        assert (await other.until("done", timeout=60))[-1]["reason"] == "complete"
+        assert (await holder_of(redis_client, fleet, chat_id)).startswith("a:")
+        assert agent_processes(fleet.servers["a"]) == [warm]
+        assert agent_processes(fleet.servers["b"]) == []
+
+        # a dies in the middle of the next answer; the next question goes to b at once.
+        await owner.chat("Tell me everything.", chat_id)
+        seen = await other.until("token", timeout=60)
+        fleet.servers["a"].kill()
+        killed = time.monotonic()
+        question = "Where were you?"
+        await other.chat(question, chat_id)
+        seen += await other.until("done", timeout=30)
+        assert seen[-1]["reason"] == "error"
+        cut = answer_text(seen, seen[-1]["messageId"])
+        seen += await other.until("token", timeout=60)
+        first_token = time.monotonic() - killed
+        seen += await other.until("done", timeout=60)
+        print(f"\nClaude turn after the owner's SIGKILL: first token after {first_token:.2f} s")
+        assert seen[-1]["reason"] == "complete"
+        assert (await holder_of(redis_client, fleet, chat_id)).startswith("b:")
+        # None of a's agent processes outlives it (their stdin closed with it).
+        assert wait_until(lambda: gone(warm), timeout=30), "a's agent process is still running"
+
+    request = api.last_request()
+    prompts = request.user_prompts
+    # The stored transcript holds the two finished turns, once each; the cut exchange comes
+    # with the new question, the answer exactly as it was streamed.
+    assert prompts[:2] == ["Remember the word damson", "Which word?"]
+    assert len(prompts) == 3
+    assert sum("Remember the word damson" in prompt for prompt in prompts) == 1
+    assert prompts[2].startswith("<interrupted_exchange>\n")
+    assert (
+        "\nReader: Tell me everything.\n\nYou: " + cut + "\n</interrupted_exchange>" in (prompts[2])
+    )
+    assert prompts[2].endswith(f"</interrupted_exchange>\n\n{question}")
+    assert cut
+    assert LONG_ANSWER.startswith(cut)
+    assert cut != LONG_ANSWER
+    answers = [
+        block["text"]
+        for message in request.messages
+        if message["role"] == "assistant"
+        for block in message["content"]
+        if block.get("type") == "text"
+    ]
+    assert answers == ["Echo: Remember the word damson", "Echo: Which word?"]

@@ -5,6 +5,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
+from blogchat.engines.claude.engine import INTERRUPTED
+from tests.support.anthropic_server import AnthropicTestServer, text
+from tests.support.claude import agent_processes, claude_process_env, gone, wait_until
 from tests.support.client import Event, Reader, answer_text
 from tests.support.server import REPO, Database, ServerProcess
 
@@ -103,3 +108,57 @@ async def test_a_clean_restart_leaves_no_gap_in_seqs(database: Database, tmp_pat
             await ws.until("done")
     finally:
         restarted.stop()
+
+
+@pytest.mark.claude
+@pytest.mark.agent_sdk
+async def test_a_claude_chat_cut_off_by_a_crash_goes_on_with_the_cut_exchange(
+    database: Database, tmp_path: Path, api: AnthropicTestServer
+) -> None:
+    env = {
+        **process_env(database, tmp_path / "data"),
+        **claude_process_env(api, tmp_path / "agent"),
+    }
+    long_answer = " ".join(f"Sentence number {n} keeps going for a while." for n in range(200))
+    api.when(lambda request: request.prompt == "Tell me everything.", text(long_answer, delay=0.02))
+    server = ServerProcess(env).start(tmp_path / "server.log")
+    try:
+        async with Reader(server.url) as reader:
+            cookie = reader.cookie
+            ws = await reader.connect()
+            await ws.chat("Remember the word damson")
+            chat_id = (await ws.expect("chat_created"))["chatId"]
+            assert (await ws.until("done", timeout=60))[-1]["reason"] == "complete"
+            await ws.chat("Tell me everything.", chat_id)
+            await ws.until("token", timeout=60)
+            # Long enough for a periodic save of the answer.
+            loop = asyncio.get_running_loop()
+            until = loop.time() + 2.6
+            while loop.time() < until:
+                await ws.recv()
+            agents = agent_processes(server)
+            server.kill()
+    finally:
+        server.stop()
+    assert agents
+    assert wait_until(lambda: all(gone(agent) for agent in agents), timeout=30)
+
+    restarted = ServerProcess(env, port=server.port).start(tmp_path / "server.log")
+    try:
+        async with Reader(restarted.url, cookie=cookie) as reader:
+            detail = (await reader.http.get(f"/api/chats/{chat_id}")).json()
+            cut = detail["messages"][-1]
+            assert cut["status"] == "incomplete"
+            assert cut["text"], "nothing of the answer was saved"
+            ws = await reader.connect()
+            await ws.chat("Where were you?", chat_id)
+            assert (await ws.until("done", timeout=60))[-1]["reason"] == "complete"
+    finally:
+        restarted.stop()
+
+    # The stored transcript has the finished turn; the cut one comes with the next question.
+    assert api.last_request().user_prompts == [
+        "Remember the word damson",
+        f"<interrupted_exchange>\n{INTERRUPTED}\n\nReader: Tell me everything.\n\n"
+        f"You: {cut['text']}\n</interrupted_exchange>\n\nWhere were you?",
+    ]

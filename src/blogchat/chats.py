@@ -288,6 +288,15 @@ class Chats:
                 )
                 return True
             except OwnerGone:
+                if attempt == 0:
+                    # While the dead owner's lease runs out, this instance's agent process
+                    # for the chat starts (resuming its transcript): it is likely to run
+                    # the message. (Used only if the chat does not run elsewhere first.)
+                    session.engine.prepare(
+                        session.chat.id,
+                        session.persona,
+                        policy.model_id(self.settings, self.model_for(session.chat, visitor)),
+                    )
                 if attempt == 0 and await self.cluster.lapsed(session.chat.id):
                     session = await self._session(visitor, message.chat_id)
                     continue

@@ -849,7 +849,14 @@ def _past(messages: list[MessageRecord], user: MessageRecord) -> Sequence[PastMe
     for message in messages:
         if message is user:
             break
-        past.append(PastMessage(message.role, message.text, message.content))
+        past.append(
+            PastMessage(
+                message.role,
+                message.text,
+                message.content,
+                incomplete=message.status == "incomplete",
+            )
+        )
     return past
 
 

@@ -415,6 +415,14 @@ class Settings(BaseSettings):
         validation_alias=_env("BLOGCHAT_AGENT_DIR"),
         description="Working and config directory of the agent processes. Unset: <data dir>/agent.",
     )
+    agent_config_dir: Path | None = Field(
+        default=None,
+        validation_alias=_env("BLOGCHAT_AGENT_CONFIG_DIR"),
+        description=(
+            "This instance's own config, home and temp directories of its agent processes. "
+            "Unset: the agent dir, or <agent dir>/instances/<instance id> with Redis."
+        ),
+    )
     stall_seconds: float = Field(
         default=60.0,
         gt=0,

@@ -6,11 +6,13 @@ tests/conftest.py loads these fixtures for every test module.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -22,7 +24,7 @@ from blogchat.settings import Settings
 from blogchat.tools import BlogTool
 from tests.support.anthropic_server import AnthropicTestServer
 from tests.support.client import Reader
-from tests.support.server import LiveServer
+from tests.support.server import LiveServer, ServerProcess
 
 # Opus gets an id of its own, one the agent CLI would map onto a newer model unless told
 # not to, so a test can tell it reached the provider exactly as configured.
@@ -70,6 +72,39 @@ def cli_processes() -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             continue
     return found
+
+
+def claude_process_env(api: AnthropicTestServer, agent_dir: Path) -> dict[str, str]:
+    """The environment of a server process (`tests/support/server.py`'s `ServerProcess`) on
+    the Agent SDK engine, talking to this test server. Servers that share `agent_dir` (as
+    instances of one blog do) resume each other's stored transcripts."""
+    overrides = {f"BLOGCHAT_{name.upper()}": str(value) for name, value in TEST_OVERRIDES.items()}
+    return {
+        **overrides,
+        "ANTHROPIC_API_KEY": "test-key",
+        "ANTHROPIC_BASE_URL": api.base_url,
+        "BLOGCHAT_ENGINE": "agent-sdk",
+        "BLOGCHAT_AGENT_DIR": str(agent_dir),
+    }
+
+
+def agent_processes(server: ServerProcess) -> list[psutil.Process]:
+    """The agent CLI processes a server process started."""
+    assert server.process is not None
+    found = []
+    for child in psutil.Process(server.process.pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if child.name() == "claude" and child.status() != psutil.STATUS_ZOMBIE:
+                found.append(child)
+    return found
+
+
+def gone(process: psutil.Process) -> bool:
+    """Whether a process has exited."""
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> bool:

@@ -201,6 +201,11 @@ class LiveServer:
         self.stop()
 
 
+# How long a server process may take to answer /healthz: on a loaded two-core machine the
+# imports alone (the Agent SDK's included) took over 50 s.
+START_SECONDS = 180.0
+
+
 class ServerProcess:
     """`python -m blogchat serve` in a subprocess, which a test may kill outright."""
 
@@ -245,7 +250,7 @@ class ServerProcess:
                 stderr=subprocess.STDOUT,
             )
         try:
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + START_SECONDS
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     output = log_path.read_bytes()[offset:].decode(errors="replace")

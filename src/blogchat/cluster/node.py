@@ -181,6 +181,9 @@ class ClusterNode:
         ]
         if stale:
             await self.store.chats.mark_incomplete(stale)
+            for message in history:
+                if message.id in stale:
+                    message.status = "incomplete"
         session = OwnedSession(
             starting_record(chat, lease.seq),
             history,

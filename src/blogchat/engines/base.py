@@ -24,6 +24,9 @@ class PastMessage:
     # `Exchange` (thinking with signatures, tool calls with their results); None for a
     # question, and for an answer of an engine that gives none (then `text` is what is known).
     content: Sequence[Mapping[str, Any]] | None = None
+    # An answer cut off because the process writing it died (a crash, or the instance that
+    # owned the chat): an engine that keeps its own context never got to keep this one.
+    incomplete: bool = False
 
 
 # A stop's time budget, in seconds. The protocol promises `done` within STOP_PROMISE of a

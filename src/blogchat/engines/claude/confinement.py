@@ -45,15 +45,23 @@ for name in $(compgen -e); do
   [[ $keep == *" $name "* ]] || unset "$name" 2>/dev/null
 done
 unset {KEEP_VARIABLE}
-exec {cli} "$@"
+exec {reaper}{cli} "$@"
 """
 
 
 @dataclass(frozen=True)
 class AgentDirs:
-    """The agent processes' own directories, under `BLOGCHAT_AGENT_DIR`."""
+    """The agent processes' own directories: the working directory under
+    `BLOGCHAT_AGENT_DIR` (`root`), the rest under `own` (`BLOGCHAT_AGENT_CONFIG_DIR`).
+
+    Instances of one blog share the working directory's path (the stored transcripts are
+    keyed by it, so a chat resumes on any instance), but never the rest: two instances on
+    one machine would otherwise delete each other's local copies of a chat's transcript,
+    and rewrite each other's launcher.
+    """
 
     root: Path
+    own: Path
 
     @property
     def workdir(self) -> Path:
@@ -63,22 +71,22 @@ class AgentDirs:
     @property
     def config(self) -> Path:
         """`CLAUDE_CONFIG_DIR`: the CLI's settings and its local copies of transcripts."""
-        return self.root / "config"
+        return self.own / "config"
 
     @property
     def home(self) -> Path:
         """`HOME`: anything the CLI writes under a home directory lands here."""
-        return self.root / "home"
+        return self.own / "home"
 
     @property
     def tmp(self) -> Path:
         """`TMPDIR`."""
-        return self.root / "tmp"
+        return self.own / "tmp"
 
     @property
     def launcher(self) -> Path:
         """The script that starts the CLI with the allow-listed environment only."""
-        return self.root / "bin" / "claude"
+        return self.own / "bin" / "claude"
 
     def create(self) -> None:
         """Make the directories (private to the server's user) and write the launcher."""
@@ -91,6 +99,7 @@ class AgentDirs:
         script = _LAUNCHER.replace("{bash}", bash)
         script = script.replace("{KEEP}", f"${{{KEEP_VARIABLE}}}")
         script = script.replace("{KEEP_VARIABLE}", KEEP_VARIABLE)
+        script = script.replace("{reaper}", _dies_with_its_parent())
         script = script.replace("{cli}", _shell_quote(str(bundled_cli())))
         # Written whole and renamed into place: a process starting meanwhile never runs
         # half a script.
@@ -98,6 +107,16 @@ class AgentDirs:
         scratch.write_text(script)
         scratch.chmod(0o700)
         scratch.replace(self.launcher)
+
+
+def _dies_with_its_parent() -> str:
+    """The command that makes the CLI die with the server: `setpriv --pdeathsig` (Linux's
+    util-linux), kept across the exec. A CLI whose stdin closes (its server was killed)
+    goes on with its running turn, model requests included, before it exits."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return ""
+    return f"{_shell_quote(setpriv)} --pdeathsig KILL -- "
 
 
 def bundled_cli() -> Path:

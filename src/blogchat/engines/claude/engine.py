@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from blogchat.content import Post
 from blogchat.engines.base import (
     AgentEngine,
     EngineEvent,
+    PastMessage,
     Retrying,
     ToolFinished,
     TurnEnded,
@@ -58,6 +59,10 @@ log = logging.getLogger(__name__)
 MAX_CONTEXT_CHARS = 40_000
 STOPPED_TOOL = "Stopped before the tool finished."
 CUT_TOOL = "The turn ended before the tool finished."
+INTERRUPTED = (
+    "The server stopped while you were answering; the reader saw your answer only up to "
+    "where it breaks off below."
+)
 # What the reader is told when the model's answer ended early (done.warning).
 CUT_SHORT_WARNINGS: dict[CutReason, str] = {
     "refusal": "Claude declined to go on with this answer, so it ends here.",
@@ -66,6 +71,26 @@ CUT_SHORT_WARNINGS: dict[CutReason, str] = {
         "Ask the assistant to go on if you need more."
     ),
 }
+
+
+def interrupted_exchange(history: Sequence[PastMessage]) -> str | None:
+    """The chat's last exchange, if its answer was cut off by the death of the process
+    writing it (a crash or restart, or the instance that owned the chat), as a block for
+    the next prompt: the stored transcript is mirrored once per turn, at its end, so it
+    never got that question nor the part of the answer the reader saw."""
+    cut: list[PastMessage] = []
+    for message in reversed(history):
+        if message.role == "assistant" and not message.incomplete:
+            break
+        cut.append(message)
+    if not any(message.incomplete for message in cut):
+        return None
+    lines = [
+        f"{'Reader' if message.role == 'user' else 'You'}: {message.text}"
+        for message in reversed(cut)
+    ]
+    exchange = "\n\n".join(lines)[-MAX_CONTEXT_CHARS:]
+    return f"<interrupted_exchange>\n{INTERRUPTED}\n\n{exchange}\n</interrupted_exchange>"
 
 
 def post_context(post: Post, tools: tuple[str, ...]) -> str:
@@ -101,7 +126,14 @@ class ClaudeEngine(AgentEngine):
         # Spares are started for new chats of this persona, on the model it gives anonymous
         # readers (a registered reader's chat fits them too when it uses that model).
         self._spare_persona = spare_persona
-        self.dirs = AgentDirs((settings.agent_dir or settings.data_dir / "agent").resolve())
+        root = (settings.agent_dir or settings.data_dir / "agent").resolve()
+        # With several instances each has directories of its own (on one machine they
+        # would clash), removed when it shuts down unless configured.
+        self._own_dir: Path | None = None
+        own = settings.agent_config_dir
+        if own is None and settings.redis_url is not None:
+            own = self._own_dir = root / "instances" / settings.instance_id
+        self.dirs = AgentDirs(root, (own or root).resolve())
         self.dirs.create()
         # A stable working directory: the transcripts' project key derives from it.
         self.workdir = self.dirs.workdir
@@ -138,7 +170,7 @@ class ClaudeEngine(AgentEngine):
             # Where the stored conversation ends before this attempt: a retry goes back here.
             mark = await self.transcripts.mark(self.project_key, request.chat_id)
             try:
-                process = await self._acquire(spec, stop)
+                process, mark = await self._acquire_current(spec, stop, mark)
             except StartFailed as exc:
                 outcome, failure = "error", failures.NOT_STARTED.because(str(exc))
             else:
@@ -215,8 +247,10 @@ class ClaudeEngine(AgentEngine):
         await self.pool.forget(chat_id)
 
     async def aclose(self) -> None:
-        """Close every process."""
+        """Close every process (and this instance's own directories, if they are ours)."""
         await self.pool.aclose()
+        if self._own_dir is not None:
+            await asyncio.to_thread(shutil.rmtree, self._own_dir, ignore_errors=True)
 
     # --- a turn's pieces ----------------------------------------------------------------
 
@@ -253,10 +287,35 @@ class ClaudeEngine(AgentEngine):
                 # process in the background, so the chat's next turn finds it ready.
                 self.pool.recover(process, DRAIN * 2, on_lost=self._lost_mid_turn)
         if attempt.settled:
+            # The turn's transcript is stored (the SDK writes it before the result).
+            process.synced = await self.transcripts.mark(self.project_key, process.spec.chat_id)
             await self.pool.give_back(process)
         else:
             self._lost_mid_turn(process)
             await self.pool.discard(process)
+
+    async def _acquire_current(
+        self, spec: AgentSpec, stop: asyncio.Event, mark: int
+    ) -> tuple[AgentProcess | None, int]:
+        """The chat's process, holding the whole stored conversation, and where that ends
+        now. A warm process is used only if the stored transcript has not grown since its
+        last turn: if it has, the chat ran elsewhere meanwhile (another instance took it
+        over), and a new process resumes the transcript instead."""
+        while True:
+            process = await self._acquire(spec, stop)
+            if process is None or process.synced == mark:
+                return process, mark
+            # (A process started just now read the transcript after `mark` was taken.)
+            mark = await self.transcripts.mark(self.project_key, spec.chat_id)
+            if process.synced == mark:
+                return process, mark
+            log.info(
+                "chat %s: it ran elsewhere since its agent process last saw it; resuming",
+                spec.chat_id,
+            )
+            await self.pool.discard(process)
+            await self.pool.gone(spec.chat_id)
+            mark = await self.transcripts.mark(self.project_key, spec.chat_id)
 
     async def _acquire(self, spec: AgentSpec, stop: asyncio.Event) -> AgentProcess | None:
         """The chat's process, or None if the reader stopped the turn while waiting for it."""
@@ -307,9 +366,13 @@ class ClaudeEngine(AgentEngine):
     def _prompt(self, request: TurnRequest, process: AgentProcess) -> str:
         """The prompt. The first one of a process that starts a conversation afresh also
         carries the post the chat was opened from and, for a chat with no stored
-        transcript, the conversation so far."""
-        if process.resumed or process.turns:
+        transcript, the conversation so far; the first one of a process that resumes the
+        stored transcript carries the exchange cut off after it, if any."""
+        if process.turns:
             return request.text
+        if process.resumed:
+            cut = interrupted_exchange(request.history)
+            return request.text if cut is None else f"{cut}\n\n{request.text}"
         parts = []
         if request.post is not None:
             parts.append(post_context(request.post, process.spec.tools))
@@ -366,6 +429,7 @@ class ClaudeEngine(AgentEngine):
             self._start_over.discard(chat_id)
             await self.transcripts.delete({"project_key": self.project_key, "session_id": chat_id})
         resumed = await self.transcripts.has_session(self.project_key, chat_id)
+        process.synced = await self.transcripts.mark(self.project_key, chat_id)
         local = self.config_dir / "projects" / self.project_key
         local_files = (local / f"{chat_id}.jsonl", local / chat_id)
         if not resumed:

@@ -103,6 +103,9 @@ class AgentProcess:
         # Calls of our tools running right now (the CLI sends nothing while they run).
         self.tools_running = 0
         self.turns = 0
+        # Where the chat's stored transcript ended when this process last held all of it:
+        # when it loaded it, and after each of its turns (see ClaudeEngine.run_turn).
+        self.synced = 0
         self.last_used = time.monotonic()
         # Close this process when its turn ends instead of keeping it.
         self.retire = False
