@@ -85,7 +85,7 @@ MAX_CONNECTIONS = 1000
 
 def http_client() -> DefaultAioHttpClient:
     """The SDK's documented aiohttp transport: its C HTTP parser reads a streamed answer for
-    about two thirds of the CPU of the default httpx one (docs/performance.md, section 7).
+    0.69-0.77 of the CPU of the default httpx one (docs/performance.md, section 7).
     Every connection is kept alive, so a crowd of turns does not reconnect for its next."""
     return DefaultAioHttpClient(
         limits=httpx2.Limits(
