@@ -22,6 +22,10 @@ with its baseline, measured side by side under the same machine noise:
    model, in the same client process, takes its own stream at the same time: its delays
    are the baseline. The server's RSS before and at its peak gives the memory each running
    chat costs.
+4. the engine's HTTP transport, in this process: the Messages engine alone (no server,
+   session or socket) streams 20 stamped answers at once at 50 deltas/s, round after
+   round, in rotating order, on the SDK's default httpx transport and on the aiohttp one
+   the engine uses: CPU per delta of this process, and each delta's delay.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
+from anthropic import AsyncAnthropic
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
@@ -83,24 +88,27 @@ GOAL_P99_MS = 50.0
 class MessagesBench:
     """The Messages engine in this process, as a chat session drives it."""
 
-    def __init__(self, base_url: str, data: Path) -> None:
+    def __init__(self, base_url: str, data: Path, client: AsyncAnthropic | None = None) -> None:
         api = SimpleNamespace(base_url=base_url)
         self.settings = settings_for(api, data, thinking_budget=0, engine="messages")  # type: ignore[arg-type]
         self.content = load_content(self.settings)
-        self.engine = MessagesEngine(self.settings, self.content.tools)
+        self.engine = MessagesEngine(self.settings, self.content.tools, client=client)
 
-    async def turn(self) -> Take:
-        """One answer, from run_turn() to its last token."""
-        request = TurnRequest(
+    def request(self) -> TurnRequest:
+        """A new chat's question."""
+        return TurnRequest(
             chat_id=str(uuid.uuid4()),
             text=QUESTION,
             persona=self.content.personas.default,
             model_alias="haiku",
             model_id=self.settings.model_haiku,
         )
+
+    async def turn(self) -> Take:
+        """One answer, from run_turn() to its last token."""
         stamps: list[float] = []
         started = time.perf_counter()
-        async for event in self.engine.run_turn(request, asyncio.Event()):
+        async for event in self.engine.run_turn(self.request(), asyncio.Event()):
             if isinstance(event, TextDelta):
                 stamps.append(time.perf_counter())
             elif isinstance(event, TurnEnded) and event.reason != "complete":
@@ -187,6 +195,87 @@ def latency_rows(
     for name, takes in unpaced.items():
         ttft = summarize([t.ttft for t in takes])
         rows.append(info_row(BENCH, f"{name}: TTFT, 500 tokens unpaced", ttft.ms()))
+    return rows
+
+
+# --- 4. the engine's HTTP transport ---------------------------------------------------------
+
+
+def httpx_client(base_url: str) -> AsyncAnthropic:
+    """A client on the SDK's default transport (httpx), otherwise as the engine makes its."""
+    return AsyncAnthropic(api_key="bench-key", base_url=base_url, max_retries=0, timeout=120)
+
+
+async def stamped_turn(bench: MessagesBench) -> list[float]:
+    """One stamped answer through the engine: each delta's delay from the model."""
+    delays: list[float] = []
+    async for event in bench.engine.run_turn(bench.request(), asyncio.Event()):
+        if isinstance(event, TextDelta):
+            received = time.monotonic()
+            delays += [received - float(stamp) for stamp in event.text.split()]
+        elif isinstance(event, TurnEnded) and event.reason != "complete":
+            raise RuntimeError(f"messages engine turn ended {event.reason}")
+    return delays
+
+
+@dataclass
+class Transport:
+    """One transport's rounds: CPU seconds, deltas and delays."""
+
+    cpu: float = 0.0
+    deltas: int = 0
+    delays: list[float] = field(default_factory=list)
+
+
+async def transport_rounds(base_url: str, chats: int, rounds: int) -> dict[str, Transport]:
+    """The engine alone on each transport, `chats` answers at once a round, rotating."""
+    with tempfile.TemporaryDirectory(prefix="bench-messages-") as tmp:
+        benches = {
+            "httpx (the SDK's default)": MessagesBench(
+                base_url, Path(tmp) / "httpx", httpx_client(base_url)
+            ),
+            "aiohttp (the engine's)": MessagesBench(base_url, Path(tmp) / "aiohttp"),
+        }
+        results = {name: Transport() for name in benches}
+        names = list(benches)
+        for bench in benches.values():  # Warm up: connect, import, fill the caches.
+            await asyncio.gather(*(stamped_turn(bench) for _ in range(chats)))
+        for index in range(rounds):
+            for name in names if index % 2 == 0 else names[::-1]:
+                started = time.process_time()
+                answers = await asyncio.gather(*(stamped_turn(benches[name]) for _ in range(chats)))
+                result = results[name]
+                result.cpu += time.process_time() - started
+                for delays in answers:
+                    result.deltas += len(delays)
+                    result.delays += delays
+        for bench in benches.values():
+            await bench.engine.aclose()
+    return results
+
+
+def transport_rows(results: dict[str, Transport], chats: int, rate: float) -> list[Row]:
+    """CPU per delta and delays of each transport, and their ratio."""
+    rows: list[Row] = []
+    per_delta: list[float] = []
+    for name, result in results.items():
+        per_delta.append(result.cpu / max(1, result.deltas) * 1e6)
+        delays = summarize(result.delays)
+        rows.append(
+            info_row(
+                BENCH,
+                f"engine alone, {chats} answers at once x {rate:g} deltas/s, {name}",
+                f"{per_delta[-1]:,.0f} µs CPU per delta; delay {delays.p50 * 1000:.1f} / "
+                f"{delays.p99 * 1000:.1f} ms p50 / p99 (n={delays.n})",
+            )
+        )
+    rows.append(
+        info_row(
+            BENCH,
+            "engine alone, CPU per delta, aiohttp / httpx",
+            f"{per_delta[1] / per_delta[0]:.2f}",
+        )
+    )
     return rows
 
 
@@ -459,7 +548,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     )
     parser.add_argument("--crowd-tokens", type=int, default=100, help="tokens per crowd answer")
     parser.add_argument(
-        "--only", default="latency,cpu,crowd", help="parts to run: latency, cpu, crowd"
+        "--transport-rounds", type=int, default=6, help="rounds of each transport, engine alone"
+    )
+    parser.add_argument(
+        "--only",
+        default="latency,cpu,crowd,transport",
+        help="parts to run: latency, cpu, crowd, transport",
     )
     args = parser.parse_args(argv)
     parts = set(args.only.split(","))
@@ -488,6 +582,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
             )
         )
         rows += crowd_rows(crowd, args.crowd, args.crowd_rate)
+    if "transport" in parts:
+        with stamped_model(args.tokens, args.rate) as base_url:
+            transports = asyncio.run(transport_rounds(base_url, args.chats, args.transport_rounds))
+        rows += transport_rows(transports, args.chats, args.rate)
     print_rows("Messages engine beside the Agent SDK engine and direct", rows)
     return rows
 

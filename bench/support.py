@@ -284,7 +284,8 @@ class BenchServer:
             command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
         )
         log.close()
-        deadline = time.monotonic() + 60
+        # A shared machine under load can take minutes to import and index the blog.
+        deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"bench server exited:\n{self.log()[-3000:]}")
@@ -292,7 +293,9 @@ class BenchServer:
                 if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
                     return self
             time.sleep(0.05)
-        raise RuntimeError(f"bench server did not start:\n{self.log()[-3000:]}")
+        failed = self.log()[-3000:]
+        self.stop()  # (not left running with nothing to end it)
+        raise RuntimeError(f"bench server did not start:\n{failed}")
 
     def log(self) -> str:
         """What the server printed."""

@@ -28,6 +28,7 @@ from braintrust.test_helpers import (
 )
 from braintrust.util import LazyValue
 
+from blogchat.engines.messages.prices import PRICES
 from blogchat.settings import Settings
 from tests.support.anthropic_server import AnthropicTestServer, error, reply, text, tool_use, usage
 from tests.support.claude import (
@@ -220,8 +221,13 @@ async def test_a_turn_is_a_task_span_with_an_llm_span_per_model_call_and_a_tool_
     )
     assert 0 < metrics["time_to_first_token"] <= metrics["end"] - metrics["start"]
     if claude_engine() == "agent-sdk":
-        # The CLI reports what the turn cost; the Messages API does not.
+        # The CLI reports what the turn cost, from its own prices.
         assert metrics["cost_usd"] >= 0
+    else:
+        # The Messages engine prices the tokens each request reported (prices.py).
+        price = PRICES["claude-haiku-4-5"]
+        spent = (2500 * price.input + 100 * price.output) / 1_000_000
+        assert metrics["cost_usd"] == pytest.approx(float(spent), rel=1e-12)
 
     # The model calls: what each was given and answered, with its own tokens and timing.
     (call,) = of_type(events, "tool_use")

@@ -21,10 +21,12 @@ import time
 import warnings
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Literal, cast
 
 import anthropic
-from anthropic import AsyncAnthropic
+import httpx2
+from anthropic import AsyncAnthropic, DefaultAioHttpClient
 from anthropic.lib.tools import BetaAsyncBuiltinFunctionTool, ToolError
 
 from blogchat.engines.base import (
@@ -50,6 +52,7 @@ from blogchat.engines.claude.engine import (
     post_context,
 )
 from blogchat.engines.messages.conversation import EPHEMERAL, Message, messages_for, with_breakpoint
+from blogchat.engines.messages.prices import price_of, request_cost
 from blogchat.engines.text import sentence_end
 from blogchat.protocol import DoneReason
 from blogchat.settings import MIN_THINKING_BUDGET, Settings
@@ -73,6 +76,22 @@ warnings.filterwarnings(
 )
 
 Phase = Literal["streaming", "finishing_sentence", "finishing_tool", "done"]
+
+
+# Connections to the API, open at once and kept between requests: every running turn has
+# one, so the pool must never make a turn wait for another's (docs/performance.md, 7).
+MAX_CONNECTIONS = 1000
+
+
+def http_client() -> DefaultAioHttpClient:
+    """The SDK's documented aiohttp transport: its C HTTP parser reads a streamed answer for
+    0.69-0.77 of the CPU of the default httpx one (docs/performance.md, section 7).
+    Every connection is kept alive, so a crowd of turns does not reconnect for its next."""
+    return DefaultAioHttpClient(
+        limits=httpx2.Limits(
+            max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS
+        )
+    )
 
 
 class _BlogTool(BetaAsyncBuiltinFunctionTool):
@@ -174,6 +193,7 @@ class MessagesEngine(AgentEngine):
                 max_retries=0,
                 # Nothing from the model for this long: the request failed (a stall).
                 timeout=settings.stall_seconds,
+                http_client=http_client(),
             )
         self.client = client
         self._tool_sets: dict[tuple[str, ...], list[_BlogTool]] = {}
@@ -243,7 +263,8 @@ class _Turn:
         self.exchange: list[Message] = []
         self.phase: Phase = "streaming"
         self.deadline = 0.0
-        self.calls: list[_Usage] = []
+        # The model and tokens of each request the provider started answering.
+        self.calls: list[_Call] = []
         self.requests = 0
         self.attempts = 1
         self.model: str | None = None
@@ -422,7 +443,7 @@ class _Turn:
                 call.message_id = message.id
                 call.model = message.model or call.model
                 call.usage = _Usage.of(message.usage)
-                self.calls.append(call.usage)
+                self.calls.append(call)
                 if message.model:
                     self.model = message.model
             elif kind == "message_delta":
@@ -556,21 +577,49 @@ class _Turn:
             )
         elif outcome == "complete" and self.cut_reason is not None:
             warning = CUT_SHORT_WARNINGS[self.cut_reason]
-        calls = self.calls
+        calls = [call.usage for call in self.calls]
+        metadata: dict[str, object] = {
+            "engine": MessagesEngine.name,
+            # A turn is never started over (a failed request is sent again, as the Agent
+            # SDK engine's CLI does), so it has one attempt, as the spans count them.
+            "attempts": 1,
+            "tries": self.attempts,
+        }
+        cost = _cost(self.calls)
+        if cost is not None:
+            metadata["cost_usd"] = cost
         return TurnEnded(
             reason=outcome,
             model=self.model or self.request.model_id,
             input_tokens=sum(call.input for call in calls),
             output_tokens=sum(call.output for call in calls),
             warning=warning,
-            # A turn is never started over (a failed request is sent again, as the Agent
-            # SDK engine's CLI does), so it has one attempt, as the spans count them.
-            metadata={"engine": MessagesEngine.name, "attempts": 1, "tries": self.attempts},
+            metadata=metadata,
             stop_reason=self.stop_reason if outcome != "stopped" else None,
             cache_read_tokens=sum(call.cache_read for call in calls),
             cache_creation_tokens=sum(call.cache_creation for call in calls),
             context_tokens=calls[-1].input if calls else 0,
         )
+
+
+def _cost(calls: Sequence[_Call]) -> float | None:
+    """What the turn's requests cost in dollars, each at the price of the model that
+    answered it (prices.py); None if one of those models has no price there."""
+    total = Decimal(0)
+    for call in calls:
+        price = price_of(call.model)
+        if price is None:
+            log.debug("no price for model %s: the turn's cost is not reported", call.model)
+            return None
+        usage = call.usage
+        total += request_cost(
+            price,
+            uncached_input=usage.input - usage.cache_read - usage.cache_creation,
+            output=usage.output,
+            cache_read=usage.cache_read,
+            cache_write=usage.cache_creation,
+        )
+    return float(total)
 
 
 def runner_names(tools: Sequence[_BlogTool]) -> set[str]:
@@ -631,8 +680,6 @@ def _is_provider_error(exc: BaseException) -> bool:
     """A failed request or a broken connection, as opposed to a bug of ours."""
     if isinstance(exc, anthropic.APIError):
         return True
-    import httpx2
-
     return isinstance(exc, httpx2.HTTPError)
 
 
