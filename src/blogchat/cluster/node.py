@@ -244,9 +244,8 @@ class ClusterNode:
         async def close() -> None:
             sessions = self._sessions
             if sessions is not None and sessions.get(follower.chat.id) is follower:
-                await sessions.close(follower.chat.id)
-            else:
-                await follower.close()
+                await sessions.close(follower.chat.id)  # (closed already: only forgotten)
+            await self._unfollow(follower)
 
         self._spawn(close())
 

@@ -405,8 +405,10 @@ class FollowerSession(ChatSession):
             )
         self.fanout.publish(frame)
         if isinstance(event, wire.Error) and event.code == "not_found":
-            # The chat was deleted (its owner said so after its last event): nothing more.
+            # The chat was deleted (its owner said so after its last event): nothing more,
+            # and a subscribe from now on is refused.
             self.fanout.clear()
+            self.state = SessionState.CLOSED
             self._on_deleted(self)
 
     async def catch_up(self, seq: int) -> None:
