@@ -21,6 +21,7 @@ import asyncpg
 import pytest
 import redis.asyncio
 
+from blogchat.settings import Settings
 from tests.conftest import POSTGRES_URL
 from tests.support.anthropic_server import AnthropicTestServer, text
 from tests.support.claude import agent_processes, claude_process_env, gone, wait_until
@@ -41,13 +42,14 @@ class Fleet:
         prefix: str,
         tmp_path: Path,
         speed: int,
-        extra: dict[str, str] | None = None,
+        settings: dict[str, str] | None = None,
     ) -> None:
         self.database = database
         self.prefix = prefix
         self.tmp_path = tmp_path
         self.speed = speed
-        self.extra = extra or {}
+        # Settings of this test (environment variables), over the defaults below.
+        self.settings = settings or {}
         self.servers: dict[str, ServerProcess] = {}
 
     def env(self, name: str) -> dict[str, str]:
@@ -69,7 +71,7 @@ class Fleet:
             "BLOGCHAT_CHAT_TITLES": "false",
             "ANTHROPIC_API_KEY": "",
             "BRAINTRUST_API_KEY": "",
-            **self.extra,
+            **self.settings,
         }
 
     def start(self, name: str) -> ServerProcess:
@@ -93,8 +95,10 @@ def fleet_of(postgres_database: Database, tmp_path: Path) -> Iterator[Any]:
     prefix = unique_prefix()
     fleets: list[Fleet] = []
 
-    def start(*names: str, speed: int = 0, env: dict[str, str] | None = None) -> Fleet:
-        fleet = Fleet(postgres_database, prefix, tmp_path, speed, env)
+    def start(
+        *names: str, speed: int = 0, env: dict[str, str] | None = None, **settings: str
+    ) -> Fleet:
+        fleet = Fleet(postgres_database, prefix, tmp_path, speed, {**(env or {}), **settings})
         fleets.append(fleet)
         try:
             for name in names or INSTANCES:
@@ -403,6 +407,262 @@ async def test_one_client_message_id_sent_to_two_instances_at_once_makes_one_cha
                 chat_id,
             )
             assert [row["role"] for row in rows] == ["user", "assistant"], f"trial {trial}"
+
+
+# --- deleting, renaming, titles and waiting through other instances --------------------------
+
+
+def of_chat(events: list[Event], chat_id: str) -> list[Event]:
+    """The frames about one chat, in the order they came."""
+    return [event for event in events if event.get("chatId") == chat_id]
+
+
+async def still_then_pong(socket: ChatSocket) -> list[Event]:
+    """Whatever reaches the socket before the answer to a ping sent now (after the frames
+    already on their way: one connection delivers in order)."""
+    request_id = str(uuid.uuid4())
+    await socket.send(type="ping", requestId=request_id)
+    return (await socket.until("pong", requestId=request_id))[:-1]
+
+
+async def test_deleting_a_chat_through_a_non_owner_ends_its_turn_and_tells_every_reader(
+    fleet_of: Any, postgres_database: Database, redis_client: redis.asyncio.Redis
+) -> None:
+    fleet = fleet_of(speed=20)
+    async with Visitor(fleet) as visitor:
+        readers = {"a": await visitor.connect("a")}
+        await readers["a"].chat(QUESTION)
+        chat_id = (await readers["a"].expect("chat_created"))["chatId"]
+        seen = {"a": await readers["a"].until("token")}
+        for name in ("b", "c"):
+            readers[name] = await visitor.connect(name)
+            await readers[name].send(type="subscribe", chatId=chat_id, afterSeq=0)
+            seen[name] = await readers[name].until("token")
+        assert (await holder_of(redis_client, fleet, chat_id)).startswith("a:")
+
+        response = await visitor.readers["c"].http.delete(f"/api/chats/{chat_id}")
+        assert response.status_code == 204
+        for name, reader in readers.items():
+            seen[name] += await reader.until("error", chatId=chat_id)
+            seen[name] += await still_then_pong(reader)
+        for name in INSTANCES:
+            done, notice = seen[name][-2:]
+            assert done["type"] == "done"
+            assert done["reason"] == "stopped", f"the turn did not end before the notice on {name}"
+            assert notice == {
+                "type": "error",
+                "code": "not_found",
+                "message": "This chat was deleted.",
+                "chatId": chat_id,
+                "retryable": False,
+            }
+            assert transcript(seen[name]) == transcript(seen["a"])
+        # Gone everywhere: a new subscribe on any instance is answered as for no chat.
+        for name in INSTANCES:
+            socket = await visitor.connect(name)
+            await socket.send(type="subscribe", chatId=chat_id)
+            refused = await socket.expect("error")
+            assert (refused["code"], refused["chatId"]) == ("not_found", chat_id)
+            response = await visitor.readers[name].http.get(f"/api/chats/{chat_id}")
+            assert response.status_code == 404
+    assert await sql(postgres_database, "SELECT id FROM chats WHERE id = $1", chat_id) == []
+    assert await sql(postgres_database, "SELECT id FROM messages WHERE chat_id = $1", chat_id) == []
+    assert await holder_of(redis_client, fleet, chat_id) == ""
+    assert await redis_client.xlen(f"{fleet.prefix}:{{{chat_id}}}:ev") == 0
+
+
+async def test_a_rename_through_a_non_owner_reaches_every_reader_on_every_instance(
+    fleet_of: Any, postgres_database: Database, redis_client: redis.asyncio.Redis
+) -> None:
+    fleet = fleet_of(speed=0)
+    async with Visitor(fleet) as visitor:
+        readers = {"a": await visitor.connect("a")}
+        await readers["a"].chat(QUESTION)
+        chat_id = (await readers["a"].expect("chat_created"))["chatId"]
+        await readers["a"].until("done", timeout=60)
+        for name in ("b", "c"):
+            readers[name] = await visitor.connect(name)
+            await readers[name].send(type="subscribe", chatId=chat_id)
+            assert (await readers[name].expect("subscribed"))["chat"]["title"] == QUESTION
+        assert (await holder_of(redis_client, fleet, chat_id)).startswith("a:")
+
+        title = "Keeping a starter warm"
+        response = await visitor.readers["b"].http.patch(
+            f"/api/chats/{chat_id}", json={"title": title}
+        )
+        assert response.status_code == 200
+        assert response.json()["title"] == title
+        updates = {name: await reader.until("chat_updated") for name, reader in readers.items()}
+        for name in INSTANCES:
+            assert len(updates[name]) == 1, f"{name} got more than the update"
+            assert updates[name][0] == updates["a"][0]
+            assert updates[name][0]["chat"]["title"] == title
+            assert await still_then_pong(readers[name]) == [], f"a second update on {name}"
+        # Every instance's session has the new title for its next subscriber.
+        for name in INSTANCES:
+            socket = await visitor.connect(name)
+            await socket.send(type="subscribe", chatId=chat_id)
+            assert (await socket.expect("subscribed"))["chat"]["title"] == title
+    rows = await sql(postgres_database, "SELECT title FROM chats WHERE id = $1", chat_id)
+    assert [row["title"] for row in rows] == [title]
+
+
+async def test_generated_titles_and_waiting_status_reach_readers_on_every_instance(
+    fleet_of: Any,
+) -> None:
+    # One running turn per visitor: its second chat's turn waits for the first one's.
+    fleet = fleet_of(
+        speed=40,
+        **{
+            Settings.env_name("chat_titles"): "true",
+            Settings.env_name("visitor_running_turns"): "1",
+        },
+    )
+    async with Visitor(fleet) as visitor:
+        readers = {"a": await visitor.connect("a")}
+        await readers["a"].chat(QUESTION)
+        first = (await readers["a"].expect("chat_created"))["chatId"]
+        seen = {"a": await readers["a"].until("token")}
+        for name in ("b", "c"):
+            readers[name] = await visitor.connect(name)
+            await readers[name].send(type="subscribe", chatId=first, afterSeq=0)
+            seen[name] = await readers[name].until("token")
+        # The first exchange ends; its generated title follows, on every instance.
+        for name, reader in readers.items():
+            seen[name] += await reader.until("chat_updated", timeout=60)
+        titled = seen["a"][-1]
+        assert titled["chat"]["title"] != QUESTION
+        for name in INSTANCES:
+            assert seen[name][-1] == titled
+            assert seen[name][-2]["type"] == "done"
+            assert transcript(seen[name]) == transcript(seen["a"])
+
+        # A second chat, owned by a too, watched from b and c.
+        await readers["a"].chat("Which flour makes the most open crumb?")
+        second = (await readers["a"].expect("chat_created"))["chatId"]
+        await readers["a"].until("chat_updated", timeout=60, chatId=second)
+        for name in ("b", "c"):
+            await readers[name].send(type="subscribe", chatId=second)
+            subscribed = await readers[name].until("subscribed", chatId=second)
+            assert subscribed[-1]["chat"]["title"] != "Which flour makes the most open crumb?"
+        # The first chat runs a turn; the second's, sent through b, waits for its place.
+        await readers["a"].chat("And how often should it be fed?", first)
+        await readers["a"].until("token", chatId=first)
+        await readers["b"].chat("And how long should it rest?", second)
+        waits = {
+            name: of_chat(await reader.until("status", chatId=second), second)
+            for name, reader in readers.items()
+        }
+        await readers["a"].send(type="stop", chatId=first)
+        for name, reader in readers.items():
+            waits[name] += of_chat(await reader.until("done", timeout=60, chatId=second), second)
+        for name in INSTANCES:
+            kinds = [event["type"] for event in waits[name]]
+            assert kinds[:2] == ["user_message", "status"], f"on {name}: {kinds}"
+            status = waits[name][1]
+            assert (status["state"], status["position"]) == ("waiting", 1)
+            assert "seq" not in status
+            assert waits[name] == waits["a"]
+            assert waits[name][-1]["reason"] == "complete"
+
+
+async def test_signing_in_moves_anonymous_chats_held_on_other_instances(
+    fleet_of: Any, postgres_database: Database, redis_client: redis.asyncio.Redis
+) -> None:
+    fleet = fleet_of(speed=0)
+    async with Visitor(fleet) as visitor:
+        owner = await visitor.connect("a")
+        await owner.chat(QUESTION)
+        chat_id = (await owner.expect("chat_created"))["chatId"]
+        await owner.until("done", timeout=60)
+        follower = await visitor.connect("b")
+        await follower.send(type="subscribe", chatId=chat_id)
+        await follower.expect("subscribed")
+        assert (await holder_of(redis_client, fleet, chat_id)).startswith("a:")
+
+        # Signed up on c, which holds no session of the chat.
+        account = await visitor.readers["c"].register()
+        signed_in = visitor.readers["c"].cookie
+        for name in ("a", "b"):
+            async with Reader(fleet.url(name), cookie=signed_in) as reader:
+                assert (await reader.me())["id"] == account["id"]
+                socket = await reader.connect()
+                await socket.send(type="subscribe", chatId=chat_id)
+                subscribed = await socket.expect("subscribed")
+                assert [m["role"] for m in subscribed["messages"]] == ["user", "assistant"]
+                response = await reader.http.get(f"/api/chats/{chat_id}")
+                assert response.status_code == 200
+                if name == "b":
+                    # A message through the follower runs on the owner, for the account.
+                    await socket.chat("And at what hydration?", chat_id)
+                    assert (await socket.until("done", timeout=60))[-1]["reason"] == "complete"
+        # The anonymous visitor the chat belonged to has it no more where it is held.
+        for name in ("a", "b"):
+            socket = await visitor.connect(name)
+            await socket.send(type="subscribe", chatId=chat_id)
+            assert (await socket.expect("error"))["code"] == "not_found"
+    rows = await sql(postgres_database, "SELECT owner_id FROM chats WHERE id = $1", chat_id)
+    assert [row["owner_id"] for row in rows] == [account["id"]]
+    rows = await sql(postgres_database, "SELECT role FROM messages WHERE chat_id = $1", chat_id)
+    assert len(rows) == 4
+
+
+async def test_regenerate_and_edit_through_followers_replace_the_turn_on_every_instance(
+    fleet_of: Any, postgres_database: Database, redis_client: redis.asyncio.Redis
+) -> None:
+    fleet = fleet_of(speed=0)
+    async with Visitor(fleet) as visitor:
+        readers = {"a": await visitor.connect("a")}
+        await readers["a"].chat(QUESTION)
+        chat_id = (await readers["a"].expect("chat_created"))["chatId"]
+        first = await readers["a"].until("done", timeout=60)
+        question = first[0]["messageId"]
+        answer = first[-1]["messageId"]
+        for name in ("b", "c"):
+            readers[name] = await visitor.connect(name)
+            await readers[name].send(type="subscribe", chatId=chat_id)
+            await readers[name].expect("subscribed")
+        assert (await holder_of(redis_client, fleet, chat_id)).startswith("a:")
+
+        # Ask again through b, then edit the new question through c.
+        await readers["b"].chat("", chat_id, regenerate=answer)
+        again = {name: await reader.until("done", timeout=60) for name, reader in readers.items()}
+        asked = again["a"][0]
+        assert asked["type"] == "user_message"
+        assert asked["replaces"] == [question, answer]
+        assert asked["text"] == QUESTION
+        edited_text = "And at what hydration should it be kept?"
+        await readers["c"].chat(edited_text, chat_id, edit=asked["messageId"])
+        edit = {name: await reader.until("done", timeout=60) for name, reader in readers.items()}
+        changed = edit["a"][0]
+        assert changed["replaces"] == [asked["messageId"], again["a"][-1]["messageId"]]
+        assert changed["text"] == edited_text
+        for name in INSTANCES:
+            assert transcript(again[name]) == transcript(again["a"])
+            assert transcript(edit[name]) == transcript(edit["a"])
+            assert again[name][-1]["reason"] == edit[name][-1]["reason"] == "complete"
+        assert contiguous(seqs_of(first + again["a"] + edit["a"]))
+
+        # Every instance's history is the edited turn only, as the database's.
+        expected = [changed["messageId"], edit["a"][-1]["messageId"]]
+        for name in INSTANCES:
+            socket = await visitor.connect(name)
+            await socket.send(type="subscribe", chatId=chat_id)
+            history = (await socket.expect("subscribed"))["messages"]
+            assert [m["id"] for m in history] == expected, f"history on {name}"
+            assert [m["text"] for m in history] == [edited_text, answer_text(edit["a"])]
+            detail = await visitor.detail(name, chat_id)
+            assert [m["id"] for m in detail["messages"]] == expected
+    rows = await sql(
+        postgres_database,
+        "SELECT id, superseded_by FROM messages WHERE chat_id = $1 ORDER BY seq_start",
+        chat_id,
+    )
+    by_id = {row["id"]: row["superseded_by"] for row in rows}
+    assert len(rows) == 6
+    assert by_id[question] == by_id[answer] == asked["messageId"]
+    assert by_id[asked["messageId"]] == changed["messageId"]
+    assert [m for m, by in by_id.items() if by is None] == expected
 
 
 # --- instances starting while others run ----------------------------------------------------

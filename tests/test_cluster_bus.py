@@ -145,6 +145,42 @@ async def test_every_append_is_published_in_order_with_its_epoch(
     assert {event.epoch for event in seen} == {lease.epoch}
 
 
+async def test_frames_without_a_seq_are_said_in_order_by_the_holder_only(
+    client: redis.asyncio.Redis,
+) -> None:
+    a, b = bus(client, "a"), bus(client, "b")
+    old = await a.acquire(CHAT, floor=0)
+    assert isinstance(old, Lease)
+    pubsub = client.pubsub()
+    await pubsub.subscribe(a.channel(CHAT))
+    confirmation = await pubsub.get_message(timeout=5)
+    assert confirmation is not None
+    await a.append(old, frames(1, 2))
+    await a.say(old, 2, '{"type":"status"}')
+    await a.append(old, frames(3, 3))
+    await lapse(client, a)
+    new = await b.acquire(CHAT, floor=3)
+    assert isinstance(new, Lease)
+    with pytest.raises(Fenced):
+        await a.say(old, 3, '{"type":"stale"}')
+    await b.say(new, 3, '{"type":"chat_updated"}')
+    seen: list[LiveEvent] = []
+    while len(seen) < 5:
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+        assert message is not None, "a frame was not published"
+        seen.append(Bus.parse_live(message["data"]))
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    assert [(event.seq, event.frame, event.said) for event in seen] == [
+        (1, '{"seq":1}', False),
+        (2, '{"seq":2}', False),
+        (2, '{"type":"status"}', True),
+        (3, '{"seq":3}', False),
+        (3, '{"type":"chat_updated"}', True),
+    ]
+    # Said frames are no part of the log.
+    assert [seq for seq, _ in (await b.read(CHAT)).events] == [1, 2, 3]
+
+
 async def test_a_lost_log_gets_a_new_epoch_and_refuses_the_old_holder(
     client: redis.asyncio.Redis,
 ) -> None:

@@ -156,6 +156,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             after_turn=titles.after_turn if settings.chat_titles else None,
             placement=cluster,
         )
+
+        def chats_moved(from_owner: str, to_owner: str) -> None:
+            sessions.chats_moved(from_owner, to_owner)
+            if cluster is not None:
+                # The other instances' sessions of these chats hear it too.
+                cluster.chats_moved(from_owner, to_owner)
+
         visitors = Visitors(
             store,
             settings.signing_key(),
@@ -166,7 +173,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings.registration_limit,
                 settings.registration_window,
             ),
-            on_chats_moved=sessions.chats_moved,
+            on_chats_moved=chats_moved,
         )
         chats = Chats(
             settings=settings,

@@ -114,6 +114,12 @@ class Chats:
         """The chat, if this visitor owns it; otherwise not_found, revealing nothing."""
         session = self.sessions.get(chat_id)
         chat = session.chat if session is not None else await self.store.chats.get_chat(chat_id)
+        if self.cluster is not None and session is not None and session.chat.owner_id != visitor.id:
+            # A sign-in on another instance may have moved the chat to this account before
+            # this instance heard of it: the database says.
+            chat = await self.store.chats.get_chat(chat_id)
+            if chat is not None and chat.owner_id == visitor.id:
+                self.sessions.chats_moved(session.chat.owner_id, visitor.id)
         if chat is None or chat.owner_id != visitor.id:
             raise ChatError("not_found", NO_SUCH_CHAT, chat_id)
         return chat
@@ -509,15 +515,26 @@ class Chats:
         updated = await self.store.chats.get_chat(chat_id)
         if updated is None:
             raise ChatError("not_found", NO_SUCH_CHAT, chat_id)
-        session = self.sessions.get(chat_id)
-        if session is not None:
-            session.update_chat(updated)
+        # With several instances, the chat's owner tells every reader.
+        if self.cluster is None or not await self.cluster.changed_elsewhere(chat_id):
+            session = self.sessions.get(chat_id)
+            if session is not None:
+                session.update_chat(updated)
         return chat_info(updated)
 
     async def delete(self, visitor: Visitor, chat_id: str) -> None:
         """Delete a chat and its transcript; a running turn is stopped first, and the
         chat's subscribers are told."""
-        await self.own(visitor, chat_id)
+        chat = await self.own(visitor, chat_id)
+        if self.cluster is not None:
+            # Wherever the chat runs: its owner deletes it and tells every instance.
+            try:
+                await self.cluster.delete(chat)
+            except SessionClosed:
+                return  # deleted meanwhile
+            except ForwardRefused as exc:
+                raise ChatError(exc.code, exc.message, chat_id, retryable=exc.retryable) from None
+            return
         session = self.sessions.get(chat_id)
         await self.sessions.close(chat_id)
         await self.store.chats.delete_chat(chat_id)
@@ -541,7 +558,12 @@ class Chats:
         return self.personas[persona_id]
 
     async def _session(self, visitor: Visitor, chat_id: str) -> ChatSession:
-        return await self.sessions.open(await self.own(visitor, chat_id))
+        chat = await self.own(visitor, chat_id)
+        try:
+            return await self.sessions.open(chat)
+        except SessionClosed:
+            # Deleted on another instance while this one opened it.
+            raise ChatError("not_found", NO_SUCH_CHAT, chat_id) from None
 
 
 def _check_same_chat(chat: ChatRecord, message: wire.Chat) -> None:

@@ -310,11 +310,14 @@ class ChatSession:
         """Whether this subscriber gets the chat's events."""
         return subscriber in self.fanout
 
-    def deleted(self) -> None:
-        """The chat was deleted: tell its subscribers, and stop sending them anything."""
+    def deleted(self) -> str:
+        """The chat was deleted: tell its subscribers, and stop sending them anything.
+        Returns what they were told."""
         gone = wire.Error(code="not_found", message="This chat was deleted.", chat_id=self.chat.id)
-        self.fanout.publish(gone.to_json())
+        frame = gone.to_json()
+        self.fanout.publish(frame)
         self.fanout.clear()
+        return frame
 
     # --- commands ---------------------------------------------------------------------
 
@@ -410,7 +413,7 @@ class ChatSession:
     def update_chat(self, chat: ChatRecord) -> None:
         """Take a changed chat row and tell the chat's subscribers (`chat_updated`)."""
         self.chat = chat
-        self.fanout.publish(wire.ChatUpdated(chat_id=chat.id, chat=chat_info(chat)).to_json())
+        self._say(wire.ChatUpdated(chat_id=chat.id, chat=chat_info(chat)).to_json())
 
     async def close(self) -> None:
         """Stop whatever runs, free the engine's resources and settle the seq counter.
@@ -836,7 +839,13 @@ class ChatSession:
 
     def _announce(self, status: wire.Status) -> None:
         """Tell the chat's subscribers what the turn waits for: no seq, not logged."""
-        self.fanout.publish(status.to_json())
+        self._say(status.to_json())
+
+    def _say(self, frame: str) -> None:
+        """Send the chat's subscribers a frame that is no part of the transcript (no seq,
+        not logged): `status`, `chat_updated`. (The owner of a chat among several instances
+        tells the other instances' subscribers too.)"""
+        self.fanout.publish(frame)
 
     def _ensure_open(self) -> None:
         if self.state is SessionState.CLOSED:

@@ -9,7 +9,9 @@ use every key of a chat):
 - `p:{c}:lease`, a string `<instance>:<fence>` that expires unless renewed;
 - `p:{c}:ev`, a stream: one entry per event, id `<seq>-0`, field `f` = the frame;
 - `p:{c}:live`, a channel: `<epoch> <seq> <frame>` for each entry, published by the same
-  script that appends it, so the log and the live feed never disagree.
+  script that appends it, so the log and the live feed never disagree; and `<epoch>
+  ~<seq> <frame>` for a frame that is no part of the transcript (`status`, `chat_updated`,
+  the chat's deletion), said by the holder after the entry `<seq>`, fenced the same way.
 
 A token rises with every new holder within an epoch. An append names its token and epoch
 and the seq it carries; the script refuses it unless the token is still the last one handed
@@ -113,6 +115,17 @@ return 1
 """
 
 
+# KEYS: meta, live. ARGV: fence, epoch, the seq it follows, frame.
+_SAY = """
+local meta = redis.call('HMGET', KEYS[1], 'fence', 'epoch')
+if meta[1] ~= ARGV[1] or meta[2] ~= ARGV[2] then
+  return 0
+end
+redis.call('PUBLISH', KEYS[2], ARGV[2] .. ' ~' .. ARGV[3] .. ' ' .. ARGV[4])
+return 1
+"""
+
+
 class Fenced(Exception):
     """The write came from a holder whose lease was taken over (or whose log was lost)."""
 
@@ -157,11 +170,13 @@ class LogRead:
 
 @dataclass(frozen=True)
 class LiveEvent:
-    """One event as the live channel carries it."""
+    """One event as the live channel carries it; `said`: a frame without a seq, said after
+    the event `seq`."""
 
     epoch: str
     seq: int
     frame: str
+    said: bool = False
 
 
 class Bus:
@@ -179,6 +194,7 @@ class Bus:
         self._release = client.register_script(_RELEASE)
         self._append = client.register_script(_APPEND)
         self._trim = client.register_script(_TRIM)
+        self._say = client.register_script(_SAY)
 
     # --- names ------------------------------------------------------------------------
 
@@ -193,6 +209,10 @@ class Bus:
     def inbox(self, instance: str) -> str:
         """The channel an instance takes forwarded commands on."""
         return f"{self.prefix}:inst:{instance}"
+
+    def everyone(self) -> str:
+        """The channel every instance listens to (chats moved to an account)."""
+        return f"{self.prefix}:all"
 
     # --- the lease --------------------------------------------------------------------
 
@@ -253,6 +273,14 @@ class Bus:
         keys = [self.key(lease.chat_id, "meta"), self.key(lease.chat_id, "ev")]
         await self._trim(keys=keys, args=[lease.fence, lease.epoch, before_seq])
 
+    async def say(self, lease: Lease, after_seq: int, frame: str) -> None:
+        """Publish a frame without a seq on the chat's live channel, placed after the event
+        `after_seq`; raises Fenced for a stale lease, like an append."""
+        keys = [self.key(lease.chat_id, "meta"), self.channel(lease.chat_id)]
+        args: list[str | int] = [lease.fence, lease.epoch, after_seq, frame]
+        if not int(await self._say(keys=keys, args=args)):
+            raise Fenced(f"chat {lease.chat_id}: token {lease.fence} is no longer current")
+
     async def read(self, chat_id: str, after_seq: int = 0) -> LogRead:
         """The log's events after `after_seq`, with its epoch and last seq."""
         async with self.client.pipeline(transaction=True) as pipe:
@@ -270,6 +298,8 @@ class Bus:
     def parse_live(message: str | bytes) -> LiveEvent:
         """A live channel message, taken apart."""
         epoch, seq, frame = _text(message).split(" ", 2)
+        if seq.startswith("~"):
+            return LiveEvent(epoch, int(seq[1:]), frame, said=True)
         return LiveEvent(epoch, int(seq), frame)
 
 

@@ -1,6 +1,6 @@
 """This instance among several: the chats it owns (their leases kept alive), the chats it
-follows (their live channels), and its inbox, where other instances forward the `chat` and
-`stop` messages of the chats it owns.
+follows (their live channels), and its inbox, where other instances forward the commands
+(`chat`, `stop`, a rename, a deletion) for the chats it owns.
 
 One pub/sub connection carries every channel this instance listens to; a follower waits for
 its channel's subscription to be confirmed before it reads the log, so no event can fall
@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Awaitable, Collection
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -33,7 +33,7 @@ from blogchat.cluster.sessions import (
 )
 from blogchat.cluster.slots import RedisSlots
 from blogchat.eventlog import MemoryEventLog
-from blogchat.session import ChatSession, ChatSessions, PendingTurn
+from blogchat.session import ChatSession, ChatSessions, PendingTurn, SessionClosed
 from blogchat.settings import Settings
 from blogchat.store import STREAMING, ChatRecord, Store
 
@@ -47,6 +47,7 @@ LAPSE_POLL_SECONDS = 0.1
 CATCH_UP_SECONDS = 1.0
 # How long a reader's message may wait for the same reader's previous one, on any instance.
 VISITOR_LOCK_SECONDS = 30.0
+MOVED = "This chat just moved to another instance. Try again."
 
 
 class ClusterNode:
@@ -95,6 +96,8 @@ class ClusterNode:
         self._renewer: asyncio.Task[None] | None = None
         self._taking_over: set[str] = set()
         self._giving_up: set[str] = set()
+        # Chats being deleted here: their leases are kept until they are gone everywhere.
+        self._deleting: set[str] = set()
         # Followed channels to read back once subscribed again (after a lost connection).
         self._stale: set[str] = set()
 
@@ -104,7 +107,7 @@ class ClusterNode:
         """Listen to this instance's inbox and keep the leases of its chats alive."""
         self._sessions = sessions
         self._commands = commands
-        await self._pubsub.subscribe(self.bus.inbox(self.instance))
+        await self._pubsub.subscribe(self.bus.inbox(self.instance), self.bus.everyone())
         self._listener = asyncio.create_task(self._listen(), name="cluster-listener")
         self._renewer = asyncio.create_task(self._renew_forever(), name="cluster-leases")
         await self.running_turns.start()
@@ -134,6 +137,10 @@ class ClusterNode:
         claim = await self.bus.acquire(chat.id, floor=fresh.last_seq, fence_floor=fresh.lease_fence)
         if isinstance(claim, Lease):
             try:
+                # Read again under the lease: a chat's last owner deletes it before it lets
+                # the lease go, so a chat still here now is not being deleted.
+                if await self.store.chats.get_chat(chat.id) is None:
+                    raise SessionClosed(chat.id)
                 return await self._own(fresh, claim, sessions)
             except BaseException:
                 await self.bus.release(claim)
@@ -223,6 +230,7 @@ class ClusterNode:
             fill=self._fill,
             on_stop=self._stop_elsewhere,
             on_closed=self._unfollow,
+            on_deleted=self._deleted_elsewhere,
             **sessions.session_options(),
         )
         channel = self.bus.channel(chat.id)
@@ -240,6 +248,8 @@ class ClusterNode:
         return follower
 
     async def _released(self, session: OwnedSession) -> None:
+        if session.chat.id in self._deleting:
+            return  # (given up once the chat is gone: `_delete_owned`)
         if self.owned.get(session.chat.id) is session:
             del self.owned[session.chat.id]
         try:
@@ -253,6 +263,17 @@ class ClusterNode:
             del self.followed[channel]
             with contextlib.suppress(Exception):
                 await self._pubsub.unsubscribe(channel)
+
+    def _deleted_elsewhere(self, follower: FollowerSession) -> None:
+        """The chat's owner deleted it (its readers here were told): the follower goes."""
+
+        async def close() -> None:
+            sessions = self._sessions
+            if sessions is not None and sessions.get(follower.chat.id) is follower:
+                await sessions.close(follower.chat.id)  # (closed already: only forgotten)
+            await self._unfollow(follower)
+
+        self._spawn(close())
 
     def _lost(self, chat_id: str) -> None:
         """Another instance holds the chat now: this one must stop speaking for it."""
@@ -355,21 +376,90 @@ class ClusterNode:
         self, chat_id: str, visitor_id: str, anonymous: bool, message: wire.Chat, address: str
     ) -> None:
         """Have the chat's owner carry out a `chat`; returns once it saved the message."""
+        command = {
+            "op": "chat",
+            "visitor": visitor_id,
+            "anonymous": anonymous,
+            "address": address,
+            "message": message.model_dump(mode="json", by_alias=True),
+        }
+        await self._request(chat_id, command)
+
+    async def changed_elsewhere(self, chat_id: str) -> bool:
+        """The chat's row changed (a rename). If another instance owns the chat, it tells
+        every reader (`chat_updated`, in its place among the chat's events): True. False:
+        this instance owns the chat, or nobody does, and tells its own readers."""
+        try:
+            await self._request(chat_id, {"op": "updated", "chat": chat_id})
+        except OwnerGone:
+            return False
+        except ForwardRefused as refused:
+            log.warning("chat %s: its owner did not announce a change: %s", chat_id, refused)
+            return False
+        return True
+
+    async def delete(self, chat: ChatRecord) -> None:
+        """Delete a chat wherever it runs: its owner ends the running turn, deletes the
+        chat while it still holds the lease, and tells every reader on every instance."""
+        assert self._sessions is not None
+        sessions = self._sessions
+        for _ in range(2):
+            here = sessions.get(chat.id)
+            if here is None or self.follows(here):
+                try:
+                    await self._request(chat.id, {"op": "delete", "chat": chat.id})
+                    return
+                except OwnerGone:
+                    # Nobody holds the chat, or its owner died: this instance takes it
+                    # (once the dead owner's lease lapsed) and deletes it itself.
+                    holder = await self.bus.holder(chat.id)
+                    elsewhere = holder is not None and holder.instance != self.instance
+                    if elsewhere and not await self.lapsed(chat.id):
+                        raise unreachable() from None
+            session = await self.claim(await sessions.open(chat), sessions)
+            if not self.follows(session):
+                await self._delete_owned(chat.id)
+                return
+        raise unreachable()
+
+    async def _delete_owned(self, chat_id: str) -> None:
+        assert self._sessions is not None
+        session = self._sessions.get(chat_id)
+        if not isinstance(session, OwnedSession):
+            raise ForwardRefused("busy", MOVED, True)
+        lease = session.lease
+        self._deleting.add(chat_id)
+        try:
+            # The running turn ends (`done`), and the shared log has it before the notice.
+            await self._sessions.close(chat_id)
+            await self.store.chats.delete_chat(chat_id)
+            notice = session.deleted()
+            await self.bus.say(lease, session.last_seq, notice)
+            # What the chat's events said leaves Redis too.
+            await self.bus.trim(lease, session.last_seq + 1)
+        finally:
+            self._deleting.discard(chat_id)
+            if self.owned.get(chat_id) is session:
+                del self.owned[chat_id]
+            await self.bus.release(lease)
+
+    def chats_moved(self, from_owner: str, to_owner: str) -> None:
+        """An anonymous visitor's chats now belong to an account: the sessions of every
+        instance hear it (they keep their chat's owner)."""
+        command = {"op": "moved", "from": from_owner, "to": to_owner}
+        self._spawn(self.client.publish(self.bus.everyone(), json.dumps(command)))
+
+    async def _request(self, chat_id: str, command: dict[str, Any]) -> None:
+        """Send a command to the chat's owner and wait for its answer. Raises OwnerGone
+        (nobody else holds the chat, or nobody listens where it is held) or
+        ForwardRefused (refused, or no answer)."""
         holder = await self.bus.holder(chat_id)
         if holder is None or holder.instance == self.instance:
             raise OwnerGone(chat_id)
         request = str(uuid.uuid4())
         reply: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._replies[request] = reply
-        command = {
-            "op": "chat",
-            "id": request,
-            "from": self.instance,
-            "visitor": visitor_id,
-            "anonymous": anonymous,
-            "address": address,
-            "message": message.model_dump(mode="json", by_alias=True),
-        }
+        command = {**command, "id": request, "from": self.instance}
         try:
             if not await self.client.publish(self.bus.inbox(holder.instance), json.dumps(command)):
                 raise OwnerGone(chat_id)
@@ -401,7 +491,11 @@ class ClusterNode:
                 if session is not None:
                     session.stop()
             case "chat":
-                await self._take_chat(command)
+                await self._answer(command, self._take_chat(command))
+            case "delete":
+                await self._answer(command, self._delete_owned(str(command.get("chat"))))
+            case "updated":
+                await self._answer(command, self._updated(str(command.get("chat"))))
             case "reply":
                 reply = self._replies.get(str(command.get("id")))
                 if reply is not None and not reply.done():
@@ -411,17 +505,28 @@ class ClusterNode:
 
     async def _take_chat(self, command: dict[str, Any]) -> None:
         assert self._commands is not None
+        message = wire.parse_client_message(json.dumps(command["message"]))
+        assert isinstance(message, wire.Chat)
+        await self._commands.take_forwarded(
+            command["visitor"], bool(command["anonymous"]), message, command["address"]
+        )
+
+    async def _updated(self, chat_id: str) -> None:
+        """Another instance changed the row of a chat owned here: tell every reader."""
+        session = self.owned.get(chat_id)
+        chat = await self.store.chats.get_chat(chat_id)
+        if session is not None and chat is not None:
+            session.update_chat(chat)
+
+    async def _answer(self, command: dict[str, Any], work: Awaitable[None]) -> None:
+        """Carry out a forwarded command, and answer its sender: done, or why not."""
         error: dict[str, Any] | None = None
         try:
-            message = wire.parse_client_message(json.dumps(command["message"]))
-            assert isinstance(message, wire.Chat)
-            await self._commands.take_forwarded(
-                command["visitor"], bool(command["anonymous"]), message, command["address"]
-            )
+            await work
         except Exception as exc:
             code = getattr(exc, "code", None)
             if not isinstance(code, str):
-                log.exception("a forwarded chat failed")
+                log.exception("a forwarded %s failed", command.get("op"))
                 code, text = "internal", "Something went wrong on our side. Try again."
             else:
                 text = getattr(exc, "message", str(exc))
@@ -477,10 +582,25 @@ class ClusterNode:
                 log.warning("unreadable forwarded command")
                 return
             self._spawn(self._take(command))
+        elif channel == self.bus.everyone():
+            self._hear_everyone(data)
         else:
             follower = self.followed.get(channel)
             if follower is not None:
                 follower.receive(Bus.parse_live(data))
+
+    def _hear_everyone(self, data: str) -> None:
+        try:
+            command = json.loads(data)
+        except ValueError:
+            log.warning("unreadable message to every instance")
+            return
+        if not isinstance(command, dict) or command.get("op") != "moved":
+            return
+        from_owner, to_owner = command.get("from"), command.get("to")
+        sessions = self._sessions
+        if isinstance(from_owner, str) and isinstance(to_owner, str) and sessions is not None:
+            sessions.chats_moved(from_owner, to_owner)
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.create_task(work)

@@ -53,7 +53,7 @@ class FencedLog:
         self.bus = bus
         self.lease = lease
         self._on_lost = on_lost
-        self._pending: deque[tuple[Literal["append", "trim"], int, str]] = deque()
+        self._pending: deque[tuple[Literal["append", "trim", "say"], int, str]] = deque()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -74,6 +74,12 @@ class FencedLog:
         self.memory.trim(before_seq)
         self._queue("trim", before_seq, "")
 
+    def say(self, after_seq: int, frame: str) -> None:
+        """Queue a frame without a seq for the other instances' readers, in its place
+        after the event `after_seq` (what this instance's readers got is theirs already)."""
+        if not self._writer.done():
+            self._queue("say", after_seq, frame)
+
     async def flush(self) -> None:
         """Wait until everything queued so far reached the shared log (or was refused)."""
         await self._idle.wait()
@@ -86,7 +92,7 @@ class FencedLog:
         with contextlib.suppress(asyncio.CancelledError):
             await self._writer
 
-    def _queue(self, kind: Literal["append", "trim"], seq: int, frame: str) -> None:
+    def _queue(self, kind: Literal["append", "trim", "say"], seq: int, frame: str) -> None:
         if self.lost:
             return
         self._pending.append((kind, seq, frame))
@@ -98,10 +104,14 @@ class FencedLog:
             await self._wake.wait()
             self._wake.clear()
             while self._pending and not self.lost:
-                kind, seq, _ = self._pending[0]
+                kind, seq, frame = self._pending[0]
                 try:
                     if kind == "trim":
                         await self.bus.trim(self.lease, seq)
+                        self._pending.popleft()
+                        continue
+                    if kind == "say":
+                        await self.bus.say(self.lease, seq, frame)
                         self._pending.popleft()
                         continue
                     batch: list[tuple[int, str]] = []
@@ -223,6 +233,12 @@ class OwnedSession(ChatSession):
             self._publish(error.seq or 0, error)
             self._publish(done.seq, done)
 
+    def _say(self, frame: str) -> None:
+        """To this instance's readers, and through the shared log's writer (in order with
+        the events before it) to every other instance's."""
+        super()._say(frame)
+        self.shared.say(self.last_seq, frame)
+
     async def close(self) -> None:
         """Close as any session, then flush the shared log and give the lease up."""
         try:
@@ -245,6 +261,7 @@ class FollowerSession(ChatSession):
         fill: Callable[[FollowerSession], None],
         on_stop: Callable[[str], None],
         on_closed: Callable[[FollowerSession], Awaitable[None]],
+        on_deleted: Callable[[FollowerSession], None],
         **options: Any,
     ) -> None:
         super().__init__(chat, history, **options)
@@ -253,8 +270,11 @@ class FollowerSession(ChatSession):
         self._fill = fill
         self._on_stop = on_stop
         self._on_closed = on_closed
+        self._on_deleted = on_deleted
         # Live events that arrived while the mirror was loading or a gap was being filled.
         self.held: list[LiveEvent] = []
+        # Frames without a seq that wait for the events they follow, in the owner's order.
+        self.said: list[LiveEvent] = []
         self.filling = True
         # Set (and replaced) each time the mirror takes an event.
         self._advanced = asyncio.Event()
@@ -292,9 +312,13 @@ class FollowerSession(ChatSession):
         held, self.held = sorted(self.held, key=lambda live: live.seq), []
         for live in held:
             self.receive(live)
+        self._release_said(final=not self.filling)
 
     def receive(self, event: LiveEvent) -> None:
         """A live event of the chat, in any order: mirrored and delivered in seq order."""
+        if event.said:
+            self._hear(event)
+            return
         if self.filling:
             self.held.append(event)
             return
@@ -336,6 +360,7 @@ class FollowerSession(ChatSession):
                 # left a reservation unused), not events lost on the way.
                 self.log = MemoryEventLog(seq - 1)
             self._take(seq, by_seq[seq])
+        self._release_said(final=True)
 
     def _take(self, seq: int, frame: str) -> None:
         self.log.append(seq, frame)
@@ -345,6 +370,46 @@ class FollowerSession(ChatSession):
         self.last_activity = time.monotonic()
         self._advanced.set()
         self._advanced = asyncio.Event()
+        if self.said:
+            self._release_said(final=False)
+
+    def _hear(self, event: LiveEvent) -> None:
+        """A frame without a seq: delivered once the events before it are, so every reader
+        gets it where the owner's readers did."""
+        if self.filling or (event.epoch == self.epoch and event.seq > self.last_seq):
+            self.said.append(event)
+            if not self.filling:
+                # The events it follows were lost on the way: read them from the log.
+                self.filling = True
+                self._fill(self)
+            return
+        self._deliver_said(event.frame)
+
+    def _release_said(self, *, final: bool) -> None:
+        """Deliver the said frames whose events are in; `final`: the log has no more to
+        give (loaded or filled), so every one of them."""
+        while self.said and (final or self.said[0].seq <= self.last_seq):
+            self._deliver_said(self.said.pop(0).frame)
+
+    def _deliver_said(self, frame: str) -> None:
+        if self.state is SessionState.CLOSED:
+            return
+        event = wire.parse_server_message(frame)
+        if isinstance(event, wire.ChatUpdated):
+            # Later subscribers get it in `subscribed.chat` too.
+            self.chat = dataclasses.replace(
+                self.chat,
+                title=event.chat.title,
+                model=event.chat.model,
+                updated_at=event.chat.updated_at or self.chat.updated_at,
+            )
+        self.fanout.publish(frame)
+        if isinstance(event, wire.Error) and event.code == "not_found":
+            # The chat was deleted (its owner said so after its last event): nothing more,
+            # and a subscribe from now on is refused.
+            self.fanout.clear()
+            self.state = SessionState.CLOSED
+            self._on_deleted(self)
 
     async def catch_up(self, seq: int) -> None:
         """Wait until the mirror has every event up to `seq` (or is closed): a reader coming
@@ -356,6 +421,14 @@ class FollowerSession(ChatSession):
         """Apply one event to the transcript, as the owner's turn did."""
         match event:
             case wire.UserMessage():
+                if event.replaces:
+                    # A regenerate or an edit: the replaced turn leaves the conversation.
+                    gone = set(event.replaces)
+                    self.history = [m for m in self.history if m.id not in gone]
+                    self.context_tokens = next(
+                        (m.context_tokens for m in reversed(self.history) if m.context_tokens),
+                        0,
+                    )
                 self.history.append(
                     MessageRecord(
                         id=event.message_id,
@@ -366,6 +439,7 @@ class FollowerSession(ChatSession):
                         text=event.text,
                         client_message_id=event.client_message_id or None,
                         created_at=event.created_at or utcnow(),
+                        replaces=list(event.replaces or []),
                     )
                 )
             case wire.Token() | wire.Thinking() | wire.ToolUse() | wire.ToolResult():

@@ -251,6 +251,13 @@ def _not_found(exc: ChatError) -> HTTPException:
     return HTTPException(status.HTTP_404_NOT_FOUND, exc.message)
 
 
+def _refused_change(exc: ChatError) -> HTTPException:
+    # With several instances, the chat's owner may not answer for a moment: not a 404.
+    if exc.code == "not_found":
+        return _not_found(exc)
+    return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, exc.message)
+
+
 @router.get(
     "/chats",
     response_model=list[wire.ChatInfo],
@@ -297,7 +304,7 @@ async def delete_chat(chat_id: ChatIdPath, visitor: CurrentVisitor, service: Cha
     try:
         await service.delete(visitor, chat_id)
     except ChatError as exc:
-        raise _not_found(exc) from None
+        raise _refused_change(exc) from None
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
