@@ -16,6 +16,11 @@ Idle memory is also measured on two fresh servers, one whose clients negotiate
 permessage-deflate (as browsers do) and one whose clients do not, because compression keeps
 a zlib context per connection.
 
+`--instances 2` runs the same load over two instances in cluster mode (docs/cluster.md:
+one PostgreSQL schema, one Redis prefix): the connections alternate between them, so each
+instance owns half of the streaming chats and its events go to the shared log on Redis as
+well; memory and CPU are the two processes' sums.
+
 `--compare-saves` measures instead the two ways of saving running answers side by side: two
 servers, one saving every running answer of the process in one statement a second
 (`BLOGCHAT_BATCHED_SAVES=true`, the default) and one where each answer saves itself in a
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
@@ -51,6 +57,7 @@ from bench.support import (
     BenchServer,
     Row,
     chat_frame,
+    cluster,
     cpu_seconds,
     goal_row,
     info_row,
@@ -132,17 +139,24 @@ async def stream(ws: ClientConnection, tokens: int, rate: float, delay: float) -
     return seen
 
 
-class PeakMemory:
-    """Samples a process's RSS in the background, keeping the peak."""
+async def open_spread(benches: list[BenchServer], cookies: list[str]) -> list[ClientConnection]:
+    """One connection per cookie, the i-th to instance i modulo their number."""
+    count = len(benches)
+    groups = [await open_many(bench, cookies[i::count]) for i, bench in enumerate(benches)]
+    return [groups[i % count][i // count] for i in range(len(cookies))]
 
-    def __init__(self, process: psutil.Process) -> None:
-        self.process = process
+
+class PeakMemory:
+    """Samples processes' summed RSS in the background, keeping the peak."""
+
+    def __init__(self, *processes: psutil.Process) -> None:
+        self.processes = processes
         self.peak = 0
         self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
         while True:
-            self.peak = max(self.peak, self.process.memory_info().rss)
+            self.peak = max(self.peak, sum(p.memory_info().rss for p in self.processes))
             await asyncio.sleep(0.25)
 
     def __enter__(self) -> PeakMemory:
@@ -174,37 +188,44 @@ async def measure(
     seconds: float,
     database: str,
     profile: Path | None = None,
+    instances: int = 1,
 ) -> list[Row]:
     """Run the whole scenario; return the result rows."""
     raise_file_limit()
     client = psutil.Process()
     rows: list[Row] = []
     tokens = int(rate * seconds)
-    with (
-        server(engine="scripted", database=database, profile=profile) as bench,
-        server(engine="scripted", database=database) as twin,
-    ):
-        process = bench.ps
-        cookies = await visitors(bench, connections)
+    with contextlib.ExitStack() as stack:
+        if instances > 1:
+            benches = stack.enter_context(cluster(instances, engine="scripted"))
+        else:
+            benches = [
+                stack.enter_context(server(engine="scripted", database=database, profile=profile))
+            ]
+        twin = stack.enter_context(server(engine="scripted", database=database))
+        processes = [bench.ps for bench in benches]
+        cookies = await visitors(benches[0], connections)
         probe = await open_socket(twin.url, (await visitors(twin, 1))[0])
-        # Warm both up (first chat, first save, first replay of every code path).
+        # Warm them up (first chat, first save, first replay of every code path).
         await stream(probe, 20, 0, 0)
-        warm = await open_socket(bench.url, cookies[0])
-        await stream(warm, 20, 0, 0)
-        await warm.close()
+        for bench in benches:
+            warm = await open_socket(bench.url, cookies[0])
+            await stream(warm, 20, 0, 0)
+            await warm.close()
 
         # 1. Memory of the idle connections.
         await asyncio.sleep(1)
-        rss_before, _ = process_memory(process)
-        sockets = await open_many(bench, cookies)
+        rss_before = sum(process_memory(process)[0] for process in processes)
+        sockets = await open_spread(benches, cookies)
         await asyncio.sleep(2)
-        rss_open, _ = process_memory(process)
+        rss_open = sum(process_memory(process)[0] for process in processes)
 
         # 2. Load: the first `chats` connections stream, the rest idle; the twin streams one.
         streaming, idle = sockets[:chats], sockets[chats:]
-        server_cpu, client_cpu = cpu_seconds(process), cpu_seconds(client)
+        server_cpu = sum(cpu_seconds(process) for process in processes)
+        client_cpu = cpu_seconds(client)
         started = time.monotonic()
-        with PeakMemory(process) as peak:
+        with PeakMemory(*processes) as peak:
             baseline, *results = await asyncio.gather(
                 stream(probe, tokens, rate, 0),
                 *(
@@ -214,7 +235,7 @@ async def measure(
                 ),
             )
         elapsed = time.monotonic() - started
-        server_cpu = cpu_seconds(process) - server_cpu
+        server_cpu = sum(cpu_seconds(process) for process in processes) - server_cpu
         client_cpu = cpu_seconds(client) - client_cpu
 
         # 3. Every idle connection is still alive.
@@ -462,6 +483,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each answer")
     parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--skip-idle", action="store_true", help="skip the deflate comparison")
+    parser.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        help="servers in cluster mode sharing the load (2 or more: PostgreSQL and Redis)",
+    )
     parser.add_argument("--profile", type=Path, help="profile the loaded server into this file")
     parser.add_argument(
         "--compare-saves",
@@ -483,14 +510,24 @@ def main(argv: list[str] | None = None) -> list[Row]:
             rows,
         )
         return rows
+    database = "postgresql" if args.instances > 1 else args.database
     rows = asyncio.run(
-        measure(args.connections, args.chats, args.rate, args.seconds, args.database, args.profile)
+        measure(
+            args.connections,
+            args.chats,
+            args.rate,
+            args.seconds,
+            database,
+            args.profile,
+            args.instances,
+        )
     )
     if not args.skip_idle:
-        rows += asyncio.run(idle_rows(args.connections, args.database))
+        rows += asyncio.run(idle_rows(args.connections, database))
+    where = f"{args.instances} instances in cluster mode, " if args.instances > 1 else ""
     print_rows(
         f"Concurrency ({args.connections} connections, {args.chats} chats at {args.rate:g}"
-        f" tokens/s for {args.seconds:g} s, {args.database})",
+        f" tokens/s for {args.seconds:g} s, {where}{database})",
         rows,
     )
     return rows

@@ -82,10 +82,14 @@ def messages(quick: bool) -> list[Row]:
 
 
 def cluster(quick: bool) -> list[Row]:
-    """7. The shared log of several instances, on Redis."""
+    """8. Several instances: the shared log on Redis, and readers on other instances."""
     from bench import bench_cluster
 
-    return bench_cluster.main(["--samples", "500" if quick else "2000"])
+    if quick:
+        return bench_cluster.main(
+            ["--samples", "500", "--replays", "10", "--stops", "20", "--first-tokens", "20"]
+        )
+    return bench_cluster.main([])
 
 
 RUNNERS: dict[str, Callable[[bool], list[Row]]] = {

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import logging
 import re
@@ -74,7 +75,12 @@ class ScriptedEngine(AgentEngine):
                 due = start + index * interval_ns
                 wait = due - time.monotonic_ns()
                 if wait > 0:
-                    await asyncio.sleep(wait / 1e9)
+                    # A stop ends the wait at once: a stop's latency is blogchat's own.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), wait / 1e9)
+                    if stop.is_set():
+                        yield TurnEnded(reason="stopped", model=MODEL, output_tokens=index)
+                        return
             elif index % 256 == 255:
                 # Even "as fast as it can" lets the loop breathe, as a network read would.
                 await asyncio.sleep(0)

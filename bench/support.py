@@ -33,6 +33,7 @@ KB = 1024
 POSTGRES_URL = os.environ.get(
     "BLOGCHAT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
+REDIS_URL = os.environ.get("BLOGCHAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 # --- the machine --------------------------------------------------------------------------
@@ -227,6 +228,9 @@ class BenchServer:
     deflate: bool = True
     profile: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
+    # A PostgreSQL schema shared with other servers (`cluster`), which drops it; None: one
+    # of this server's own.
+    schema: str | None = None
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     _tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -268,9 +272,10 @@ class BenchServer:
             **self.env,
         }
         if self.database == "postgresql":
-            self._schema = f"bench_{uuid.uuid4().hex[:12]}"
+            if self.schema is None:
+                self._schema = f"bench_{uuid.uuid4().hex[:12]}"
             env["DATABASE_URL"] = POSTGRES_URL
-            env["BLOGCHAT_DATABASE_SCHEMA"] = self._schema
+            env["BLOGCHAT_DATABASE_SCHEMA"] = self.schema or self._schema or ""
         else:
             env["DATABASE_URL"] = f"sqlite+aiosqlite:///{data / 'blogchat.db'}"
         command = [sys.executable, "-m", "bench.serve", "--port", str(self.port)]
@@ -284,7 +289,7 @@ class BenchServer:
             command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
         )
         log.close()
-        # A shared machine under load can take minutes to import and index the blog.
+        # Generous: on the shared machine, under load, importing the app alone took 34 s.
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -350,6 +355,46 @@ def server(**kwargs: Any) -> Iterator[BenchServer]:
         yield bench
     finally:
         bench.stop()
+
+
+@contextlib.contextmanager
+def cluster(count: int, **kwargs: Any) -> Iterator[list[BenchServer]]:
+    """`count` started BenchServers in cluster mode (docs/cluster.md): one PostgreSQL schema
+    and one Redis key prefix, both dropped afterwards."""
+    schema = f"bench_{uuid.uuid4().hex[:12]}"
+    prefix = f"bench-{uuid.uuid4().hex}"
+    extra = kwargs.pop("env", {})
+    servers: list[BenchServer] = []
+    try:
+        # One after the other: the first one migrates the database.
+        for index in range(count):
+            env = {
+                "BLOGCHAT_REDIS_URL": REDIS_URL,
+                "BLOGCHAT_REDIS_PREFIX": prefix,
+                "BLOGCHAT_INSTANCE_ID": f"bench-{index}",
+                **extra,
+            }
+            bench = BenchServer(database="postgresql", schema=schema, env=env, **kwargs)
+            servers.append(bench)
+            bench.start()
+        yield servers
+    finally:
+        for bench in servers:
+            bench.stop()
+        _drop_schema(schema)
+        _forget_prefix(prefix)
+
+
+def _forget_prefix(prefix: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
 
 
 def process_memory(process: psutil.Process) -> tuple[int, int]:

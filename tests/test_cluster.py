@@ -3,7 +3,7 @@ watched, resumed, stopped and continued through the others, exactly.
 
 Each test runs three real servers (`python -m blogchat serve`) on free ports, on a private
 PostgreSQL schema and a Redis key prefix of its own; the clients choose the instance, so
-every move is deterministic.
+every move is deterministic, except behind haproxy, which chooses.
 """
 
 from __future__ import annotations
@@ -24,10 +24,13 @@ import redis.asyncio
 from blogchat.settings import Settings
 from tests.conftest import POSTGRES_URL
 from tests.support.anthropic_server import AnthropicTestServer, text
+from tests.support.browser import record_measurement
 from tests.support.claude import agent_processes, claude_process_env, gone, wait_until
 from tests.support.client import ChatSocket, Event, Reader, answer_text, transcript
+from tests.support.haproxy import Backend, Haproxy, haproxy_problem
 from tests.support.redis import REDIS_URL, forget_prefix, require_redis, unique_prefix
 from tests.support.server import REPO, Database, ServerProcess, unlimited_env
+from tests.support.services import unavailable
 
 INSTANCES = ("a", "b", "c")
 QUESTION = "How warm should a sourdough starter be kept?"
@@ -43,6 +46,7 @@ class Fleet:
         tmp_path: Path,
         speed: int,
         settings: dict[str, str] | None = None,
+        lease: float = 3,
     ) -> None:
         self.database = database
         self.prefix = prefix
@@ -50,6 +54,7 @@ class Fleet:
         self.speed = speed
         # Settings of this test (environment variables), over the defaults below.
         self.settings = settings or {}
+        self.lease = lease
         self.servers: dict[str, ServerProcess] = {}
 
     def env(self, name: str) -> dict[str, str]:
@@ -59,7 +64,7 @@ class Fleet:
             "BLOGCHAT_REDIS_URL": REDIS_URL,
             "BLOGCHAT_REDIS_PREFIX": self.prefix,
             "BLOGCHAT_INSTANCE_ID": name,
-            "BLOGCHAT_CHAT_LEASE_SECONDS": "3",
+            "BLOGCHAT_CHAT_LEASE_SECONDS": str(self.lease),
             "BLOGCHAT_DATA_DIR": str(self.tmp_path / name),
             "BLOGCHAT_CONTENT_DIR": str(REPO / "content"),
             "BLOGCHAT_PERSONAS_FILE": str(REPO / "config" / "personas.yaml"),
@@ -96,9 +101,15 @@ def fleet_of(postgres_database: Database, tmp_path: Path) -> Iterator[Any]:
     fleets: list[Fleet] = []
 
     def start(
-        *names: str, speed: int = 0, env: dict[str, str] | None = None, **settings: str
+        *names: str,
+        speed: int = 0,
+        lease: float = 3,
+        env: dict[str, str] | None = None,
+        **settings: str,
     ) -> Fleet:
-        fleet = Fleet(postgres_database, prefix, tmp_path, speed, {**(env or {}), **settings})
+        fleet = Fleet(
+            postgres_database, prefix, tmp_path, speed, {**(env or {}), **settings}, lease
+        )
         fleets.append(fleet)
         try:
             for name in names or INSTANCES:
@@ -925,3 +936,98 @@ async def test_claude_follow_ups_use_the_owners_process_and_resume_after_the_own
         if block.get("type") == "text"
     ]
     assert answers == ["Echo: Remember the word damson", "Echo: Which word?"]
+
+
+# --- behind a reverse proxy ------------------------------------------------------------------
+
+PROXIED_CLIENTS = 30
+MOVES = 2
+# Clients streaming at once: the proxy's part is tested, not the machine's.
+PROXIED_AT_ONCE = 10
+
+
+async def a_reader_moving_through_the_proxy(
+    proxy: Haproxy, rng: random.Random
+) -> tuple[str, str, list[Event], list[Event]]:
+    """A visitor's chat through the proxy: a witness that never moves, and a reader that
+    drops its connection mid-answer and resumes through the proxy MOVES times (wherever the
+    proxy sends it). Returns the cookie, the chat, what the mover and the witness saw."""
+    async with Reader(proxy.url) as reader:
+        witness = await reader.connect()
+        await witness.chat(QUESTION)
+        chat_id = (await witness.expect("chat_created"))["chatId"]
+        user = await witness.expect("user_message")
+        mover = await reader.connect()
+        await mover.send(type="subscribe", chatId=chat_id, afterSeq=user["seq"])
+        assert (await mover.expect("subscribed")).get("messages") is None
+        seen: list[Event] = [user]
+        for move in range(MOVES):
+            for _ in range(rng.randint(1, 8)):
+                seen += transcript([await mover.recv(timeout=60)])
+            assert seen[-1]["type"] != "done", "the answer ended before the move"
+            # Dropped, no close handshake: what a lost network looks like to the server.
+            mover.connection.transport.abort()
+            mover = await reader.connect()
+            await mover.send(type="subscribe", chatId=chat_id, afterSeq=seen[-1]["seq"])
+            resumed = await mover.expect("subscribed")
+            assert resumed.get("messages") is None, f"move {move}: no exact resume"
+        seen += transcript(await mover.until("done", timeout=60))
+        witnessed = [user, *transcript(await witness.until("done", timeout=60))]
+        return reader.cookie, chat_id, seen, witnessed
+
+
+async def test_behind_haproxy_readers_moving_mid_answer_lose_nothing_and_a_dead_instance_goes_down(
+    fleet_of: Any, postgres_database: Database, tmp_path: Path
+) -> None:
+    problem = haproxy_problem()
+    if problem:
+        unavailable(problem, ci_must="run the haproxy tests (.ci/run installs it)")
+    # No instance dies mid-answer here: a lease that outlasts a loaded machine's pauses
+    # (the failovers are the other tests' business).
+    fleet = fleet_of(speed=100, lease=15)
+    backends = [Backend(name, server.port) for name, server in fleet.servers.items()]
+    with Haproxy(backends, tmp_path) as proxy:
+        rng = random.Random(1339)
+        at_once = asyncio.Semaphore(PROXIED_AT_ONCE)
+
+        async def client(seed: float) -> tuple[str, str, list[Event], list[Event]]:
+            async with at_once:
+                return await a_reader_moving_through_the_proxy(proxy, random.Random(seed))
+
+        clients = await asyncio.gather(*(client(rng.random()) for _ in range(PROXIED_CLIENTS)))
+        print(f"\n{PROXIED_CLIENTS * MOVES} moves through haproxy mid-answer")
+        # Round robin: every instance took part of the connections.
+        assert all(count > 0 for count in proxy.sessions().values()), proxy.sessions()
+        for _, chat_id, seen, witnessed in clients:
+            assert transcript(seen) == transcript(witnessed), f"chat {chat_id}"
+            assert witnessed[-1]["reason"] == "complete"
+            rows = await sql(
+                postgres_database,
+                "SELECT role, text, status, seq_end FROM messages "
+                "WHERE chat_id = $1 ORDER BY seq_start",
+                chat_id,
+            )
+            assert [(row["role"], row["status"]) for row in rows] == [
+                ("user", "complete"),
+                ("assistant", "complete"),
+            ]
+            assert rows[1]["text"] == answer_text(witnessed)
+            assert rows[1]["seq_end"] == witnessed[-1]["seq"]
+
+        killed = time.monotonic()
+        fleet.servers["c"].kill()
+        # Health checks (every 250 ms, down after 2 failures) take it out: an event on the
+        # admin socket, waited for; the time it took is reported, never asserted.
+        proxy.wait_for("c", "DOWN", timeout=30)
+        took = time.monotonic() - killed
+        print(f"killed backend marked down by haproxy after {took:.2f} s")
+        record_measurement("cluster behind haproxy: killed backend marked down", seconds=took)
+        assert proxy.states() == {"a": "UP", "b": "UP", "c": "DOWN"}
+        # Every chat, whichever instance ran it, resumes exactly through the proxy.
+        for cookie, chat_id, _, witnessed in clients:
+            async with Reader(proxy.url, cookie=cookie) as reader:
+                ws = await reader.connect()
+                await ws.send(type="subscribe", chatId=chat_id, afterSeq=witnessed[-1]["seq"])
+                resumed = await ws.expect("subscribed")
+                assert resumed.get("messages") is None
+                assert resumed["lastSeq"] == witnessed[-1]["seq"]

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio
 
-from blogchat.cluster.bus import Bus, Fenced, Holder, Lease, LiveEvent, SeqGap
+from blogchat.cluster.bus import Bus, Fenced, Holder, Lease, LiveEvent, LogRead, SeqGap
 from tests.support.redis import REDIS_URL, forget_prefix, require_redis, unique_prefix
 
 CHAT = "chat-1"
@@ -245,3 +245,17 @@ async def test_after_a_lost_log_tokens_stay_above_what_the_database_saw(
     following = await a.acquire(CHAT, floor=0, fence_floor=3)
     assert isinstance(following, Lease)
     assert following.fence == 5
+
+
+async def test_a_read_gives_the_frames_exactly_and_nothing_past_the_log(
+    client: redis.asyncio.Redis,
+) -> None:
+    a = bus(client, "a")
+    assert await a.read(CHAT) == LogRead(None, 0, []), "no log yet"
+    lease = await a.acquire(CHAT, floor=0)
+    assert isinstance(lease, Lease)
+    odd = [(1, '{"text":"a b\\n\\u00e9"}'), (2, "é ✓ \n two lines"), (3, " ")]
+    await a.append(lease, odd)
+    assert (await a.read(CHAT)).events == odd
+    assert (await a.read(CHAT, after_seq=2)).events == odd[2:]
+    assert await a.read(CHAT, after_seq=3) == LogRead(lease.epoch, 3, [])

@@ -23,8 +23,9 @@ from tests.support.server import end_process, free_port
 HAPROXY = os.environ.get("BLOGCHAT_TEST_HAPROXY", "haproxy")
 
 # Health checks every 250 ms, down after 2 failures (and at once when live traffic cannot
-# connect), up again after 1 success. A request that meets a dead backend is sent to
-# another (`retries`, `option redispatch`).
+# connect), up again after 1 success; a check may take 2 s, since a busy instance answers
+# /healthz late but is not down (a dead one refuses the connection at once). A request
+# that meets a dead backend is sent to another (`retries`, `option redispatch`).
 CONFIG = """\
 global
     maxconn 4096
@@ -41,6 +42,7 @@ defaults
     timeout tunnel 1h
     timeout http-request 10s
     timeout queue 10s
+    timeout check 2s
 
 frontend blogchat
     bind 127.0.0.1:{port}

@@ -126,6 +126,23 @@ return 1
 """
 
 
+# KEYS: meta, ev. ARGV: the first seq wanted. The log's epoch and last seq, then each event
+# after it up to that last seq as a flat `seq, frame, ...`: hiredis hands that back as one
+# list, where an XRANGE reply costs redis-py a dict per entry to take apart (most of a cold
+# follower's read, see docs/performance.md section 8).
+_READ = """
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
+local last = meta[2] and (meta[2] .. '-0') or '+'
+local entries = redis.call('XRANGE', KEYS[2], ARGV[1] .. '-0', last)
+local out = {meta[1], tonumber(meta[2] or '0')}
+for i = 1, #entries do
+  out[2 * i + 1] = tonumber(string.match(entries[i][1], '^%d+'))
+  out[2 * i + 2] = entries[i][2][2]
+end
+return out
+"""
+
+
 class Fenced(Exception):
     """The write came from a holder whose lease was taken over (or whose log was lost)."""
 
@@ -195,6 +212,7 @@ class Bus:
         self._append = client.register_script(_APPEND)
         self._trim = client.register_script(_TRIM)
         self._say = client.register_script(_SAY)
+        self._read = client.register_script(_READ)
 
     # --- names ------------------------------------------------------------------------
 
@@ -282,17 +300,13 @@ class Bus:
             raise Fenced(f"chat {lease.chat_id}: token {lease.fence} is no longer current")
 
     async def read(self, chat_id: str, after_seq: int = 0) -> LogRead:
-        """The log's events after `after_seq`, with its epoch and last seq."""
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hmget(self.key(chat_id, "meta"), ["epoch", "seq"])
-            pipe.xrange(self.key(chat_id, "ev"), min=f"{after_seq + 1}-0")
-            (epoch, top), entries = await pipe.execute()
-        events = [
-            (int(_text(entry_id).split("-")[0]), _text(fields["f"])) for entry_id, fields in entries
-        ]
-        return LogRead(
-            None if epoch is None else _text(epoch), int(top) if top is not None else 0, events
-        )
+        """The log's events after `after_seq`, with its epoch and last seq (one script, so
+        the events are exactly those up to that seq)."""
+        keys = [self.key(chat_id, "meta"), self.key(chat_id, "ev")]
+        answer = await self._read(keys=keys, args=[after_seq + 1])
+        epoch, top = answer[0], int(answer[1])
+        events = list(zip(map(int, answer[2::2]), map(_text, answer[3::2]), strict=True))
+        return LogRead(None if epoch is None else _text(epoch), top, events)
 
     @staticmethod
     def parse_live(message: str | bytes) -> LiveEvent:

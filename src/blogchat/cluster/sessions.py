@@ -299,8 +299,13 @@ class FollowerSession(ChatSession):
         self.draft = None
         known = {row.id for row in self.history}
         unsettled = {row.id: row for row in rows if row.id not in known and row.seq_start <= top}
+        settled = _seq_ranges(self.history)
         for seq, frame in events:
             self.log.append(seq, frame)
+            # Most of a long log is answers already saved: their frames are only relayed,
+            # never taken apart (the parse was most of a cold follower's CPU).
+            if settled.covers(seq):
+                continue
             event = wire.parse_server_message(frame)
             if getattr(event, "message_id", None) in known:
                 continue
@@ -539,6 +544,29 @@ def cut_answer(
         start = new_answer(cut_id, chat_id, reply_to, "")
     own = [event for event in parsed if isinstance(event, answers) and event.message_id == cut_id]
     return draft_of(start, own)
+
+
+class _SeqRanges:
+    """The seqs of saved messages, asked about in rising order (as a log is read).
+
+    Turns run one at a time, so every event whose seq lies within a saved answer's seqs
+    belongs to that answer or to a message saved before it was published (a question
+    queued behind it): an event there changes nothing in the transcript."""
+
+    def __init__(self, ranges: list[tuple[int, int]]) -> None:
+        self._ranges = sorted(ranges)
+        self._next = 0
+
+    def covers(self, seq: int) -> bool:
+        """Whether a saved message's seqs include `seq` (`seq` never goes down)."""
+        ranges = self._ranges
+        while self._next < len(ranges) and ranges[self._next][1] < seq:
+            self._next += 1
+        return self._next < len(ranges) and ranges[self._next][0] <= seq
+
+
+def _seq_ranges(history: list[MessageRecord]) -> _SeqRanges:
+    return _SeqRanges([(m.seq_start, m.seq_end) for m in history if m.seq_start])
 
 
 def _settled(row: MessageRecord, top: int) -> bool:
