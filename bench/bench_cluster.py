@@ -5,7 +5,10 @@ times the bus's scripts as the owner and the followers call them (`cluster/bus.p
 key prefix of its own: taking and giving up a lease, renewing it, appending one event (one
 script: fence and seq checks, XADD, PUBLISH), the time from an append to its arrival at a
 pub/sub subscriber, and reading a log of 5,001 events (a cold follower's first read),
-with the parsing of those frames that a follower's `load` adds.
+with the parsing of those frames that a follower's `load` adds. And the wait the owner's
+own readers have for each event, which reaches them only once the shared log has it
+(`FencedLog`): for one event alone (a first token: what the owner adds to the time to
+first token against one instance), and for each event of a burst of 256.
 """
 
 from __future__ import annotations
@@ -24,10 +27,15 @@ import redis.asyncio
 from bench.support import Row, goal_row, info_row, print_rows, summarize
 from blogchat import protocol as wire
 from blogchat.cluster.bus import Bus, Lease
+from blogchat.cluster.sessions import FencedLog
+from blogchat.eventlog import MemoryEventLog
 
 BENCH = "7. several instances"
 # The acceptance goal for a replay of 5,001 events from a non-owner (docs/cluster.md).
 GOAL_REPLAY_P99_MS = 150.0
+# The acceptance goal for the time to first token over one instance's, p50.
+GOAL_FIRST_TOKEN_EXTRA_MS = 2.0
+BURST = 256
 
 
 def token_frame(chat_id: str, seq: int) -> str:
@@ -78,6 +86,8 @@ async def measure(samples: int, redis_url: str) -> list[Row]:
         rows.append(info_row(BENCH, "append of one event (fenced, XADD, PUBLISH)", _ms(appends)))
         rows.append(info_row(BENCH, "append until a subscriber has it", _ms(arrivals)))
 
+        rows += await measure_owner(bus, samples)
+
         big = await bus.acquire("long-chat", floor=0)
         assert isinstance(big, Lease)
         events = [(seq, token_frame("long-chat", seq)) for seq in range(1, 5002)]
@@ -122,6 +132,58 @@ async def measure(samples: int, redis_url: str) -> list[Row]:
             await client.delete(*keys)
         await client.aclose()
     return rows
+
+
+async def measure_owner(bus: Bus, samples: int) -> list[Row]:
+    """How long an event the owner publishes takes to reach its own readers."""
+    lease = await bus.acquire("owned", floor=0)
+    assert isinstance(lease, Lease)
+    published: dict[int, float] = {}
+    waits: dict[int, float] = {}
+    arrived = asyncio.Event()
+
+    def deliver(seq: int, frame: str) -> None:
+        waits[seq] = time.perf_counter() - published.pop(seq)
+        if not published:
+            arrived.set()
+
+    def lost(chat_id: str) -> None:
+        raise AssertionError(f"the bench's lease on {chat_id} was lost")
+
+    shared = FencedLog(MemoryEventLog(0), bus, lease, lost, deliver)
+    seq = 0
+    try:
+        for _ in range(samples):
+            seq += 1
+            arrived.clear()
+            published[seq] = time.perf_counter()
+            shared.append(seq, token_frame("owned", seq))
+            await arrived.wait()
+        alone = list(waits.values())
+        waits.clear()
+        for _ in range(max(5, samples // BURST)):
+            arrived.clear()
+            for _ in range(BURST):
+                seq += 1
+                published[seq] = time.perf_counter()
+                shared.append(seq, token_frame("owned", seq))
+            await arrived.wait()
+        burst = list(waits.values())
+    finally:
+        await shared.aclose()
+    first = summarize(alone)
+    return [
+        goal_row(
+            BENCH,
+            "owner: an event alone until its own reader has it, p50",
+            measured=first.p50 * 1000,
+            goal=GOAL_FIRST_TOKEN_EXTRA_MS,
+            unit="ms",
+            shown=_ms(alone),
+            note="added to the first token against one instance",
+        ),
+        info_row(BENCH, f"owner: each event of a burst of {BURST} until delivered", _ms(burst)),
+    ]
 
 
 def _ms(samples: list[float]) -> str:
