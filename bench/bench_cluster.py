@@ -7,7 +7,10 @@ PostgreSQL at 127.0.0.1:5432). Two parts, in one run:
 1. the bus (`cluster/bus.py`), on a key prefix of its own: taking and giving up a lease,
    renewing it, appending one event (one script: fence and seq checks, XADD, PUBLISH), the
    time from an append to its arrival at a pub/sub subscriber, and reading a log of 5,001
-   events (a cold follower's first read), with the parsing of those frames;
+   events (a cold follower's first read), with the parsing of those frames; and the wait
+   of the owner's own readers for each event, which reaches them only once the shared log
+   has it (`FencedLog`): one event alone (what the owner adds to a first token) and each
+   event of a burst of 256;
 2. real servers (`bench/serve.py`, scripted engine): two instances in cluster mode on one
    PostgreSQL schema and one Redis prefix, and one instance without Redis on PostgreSQL.
    Side by side, interleaved sample by sample:
@@ -57,6 +60,8 @@ from bench.support import (
 )
 from blogchat import protocol as wire
 from blogchat.cluster.bus import Bus, Lease
+from blogchat.cluster.sessions import FencedLog
+from blogchat.eventlog import MemoryEventLog
 
 BENCH = "8. several instances"
 # The acceptance goals (issue 13): a replay of 5,001 events from a non-owner, p99; a stop
@@ -69,6 +74,8 @@ GOAL_STOP_MAX_S = 2.0
 GOAL_FIRST_TOKEN_EXTRA_P50_MS = 2.0
 # Tokens of the long answer: with its question and its `done`, a log of 5,001 events.
 REPLAY_TOKENS = 4999
+# Events the owner publishes at once in the burst case of its own readers' wait.
+BURST = 256
 
 
 def token_frame(chat_id: str, seq: int) -> str:
@@ -119,6 +126,8 @@ async def measure_bus(samples: int, redis_url: str) -> list[Row]:
         rows.append(info_row(BENCH, "append of one event (fenced, XADD, PUBLISH)", _ms(appends)))
         rows.append(info_row(BENCH, "append until a subscriber has it", _ms(arrivals)))
 
+        rows += await measure_owner(bus, samples)
+
         big = await bus.acquire("long-chat", floor=0)
         assert isinstance(big, Lease)
         events = [(seq, token_frame("long-chat", seq)) for seq in range(1, 5002)]
@@ -159,6 +168,58 @@ async def measure_bus(samples: int, redis_url: str) -> list[Row]:
             await client.delete(*keys)
         await client.aclose()
     return rows
+
+
+async def measure_owner(bus: Bus, samples: int) -> list[Row]:
+    """How long an event the owner publishes takes to reach its own readers."""
+    lease = await bus.acquire("owned", floor=0)
+    assert isinstance(lease, Lease)
+    published: dict[int, float] = {}
+    waits: dict[int, float] = {}
+    arrived = asyncio.Event()
+
+    def deliver(seq: int, frame: str) -> None:
+        waits[seq] = time.perf_counter() - published.pop(seq)
+        if not published:
+            arrived.set()
+
+    def lost(chat_id: str) -> None:
+        raise AssertionError(f"the bench's lease on {chat_id} was lost")
+
+    shared = FencedLog(MemoryEventLog(0), bus, lease, lost, deliver)
+    seq = 0
+    try:
+        for _ in range(samples):
+            seq += 1
+            arrived.clear()
+            published[seq] = time.perf_counter()
+            shared.append(seq, token_frame("owned", seq))
+            await arrived.wait()
+        alone = list(waits.values())
+        waits.clear()
+        for _ in range(max(5, samples // BURST)):
+            arrived.clear()
+            for _ in range(BURST):
+                seq += 1
+                published[seq] = time.perf_counter()
+                shared.append(seq, token_frame("owned", seq))
+            await arrived.wait()
+        burst = list(waits.values())
+    finally:
+        await shared.aclose()
+    first = summarize(alone)
+    return [
+        goal_row(
+            BENCH,
+            "owner: an event alone until its own reader has it, p50",
+            measured=first.p50 * 1000,
+            goal=GOAL_FIRST_TOKEN_EXTRA_P50_MS,
+            unit="ms",
+            shown=_ms(alone),
+            note="added to the first token against one instance",
+        ),
+        info_row(BENCH, f"owner: each event of a burst of {BURST} until delivered", _ms(burst)),
+    ]
 
 
 # --- real servers ---------------------------------------------------------------------------

@@ -261,6 +261,31 @@ async def test_readers_on_other_instances_see_every_event_exactly_as_the_owners_
         assert rows[1]["seq_end"] == witnessed[-1]["seq"]
 
 
+async def test_a_follower_that_loses_its_pub_sub_connection_still_sends_every_event_once(
+    fleet_of: Any, redis_client: redis.asyncio.Redis
+) -> None:
+    fleet = fleet_of("a", "b", speed=20)
+    async with Visitor(fleet) as visitor:
+        owner = await visitor.connect("a")
+        await owner.chat(QUESTION)
+        chat_id = (await owner.expect("chat_created"))["chatId"]
+        witnessed = [await owner.expect("user_message")]
+        follower = await visitor.connect("b")
+        await follower.send(type="subscribe", chatId=chat_id, afterSeq=0)
+        on_b = await follower.until("token")
+        # Only b's connection: other tests share this Redis.
+        name = f"blogchat:{fleet.prefix}:b"
+        connections = await redis_client.client_list(_type="pubsub")
+        ids = [c["id"] for c in connections if c["name"] == name]
+        assert len(ids) == 1, connections
+        assert await redis_client.client_kill_filter(_id=ids[0]) == 1
+        witnessed += await owner.until("done", timeout=60)
+        on_b += await follower.until("done", timeout=60)
+        await logged(fleet.servers["b"], f"chat {chat_id}: its live channel is back")
+    assert witnessed[-1]["reason"] == "complete"
+    assert transcript(on_b) == transcript(witnessed)
+
+
 # --- moving between instances mid-answer ----------------------------------------------------
 
 
@@ -750,19 +775,17 @@ async def test_an_owner_killed_mid_answer_is_taken_over_and_nothing_acknowledged
         # Its sender heard about it, wherever the message ran.
         await late.until("user_message", timeout=60, clientMessageId=late_id)
 
-    # No seq is used twice: the new owner continues after every seq the dead one may have
-    # handed out (its reservation in the database), so the log jumps once, at the `error`.
+    # Every seq once, none skipped: the new owner continues right after the last event
+    # any reader was sent.
     seqs = seqs_of(seen)
-    jump = seqs.index(error["seq"])
-    assert contiguous(seqs[:jump])
-    assert contiguous(seqs[jump:])
-    assert seqs[jump] > seqs[jump - 1]
+    assert seqs == list(range(1, len(seqs) + 1))
     rows = await sql(
         postgres_database,
-        "SELECT id, role, text, status, reply_to FROM messages "
+        "SELECT id, role, text, status, reply_to, seq_start, seq_end FROM messages "
         "WHERE chat_id = $1 ORDER BY seq_start",
         chat_id,
     )
+    assert_rows_match_events(rows, seen)
     answers = {row["reply_to"]: row for row in rows if row["role"] == "assistant"}
     cut = next(row for row in rows if row["id"] == cut_id)
     assert cut["status"] == "incomplete"
@@ -771,6 +794,91 @@ async def test_an_owner_killed_mid_answer_is_taken_over_and_nothing_acknowledged
     users = [row for row in rows if row["role"] == "user"]
     assert len(users) == 3
     assert all(answers[user["id"]] for user in users), "every question has its answer"
+
+
+def assert_rows_match_events(rows: list[asyncpg.Record], events: list[Event]) -> None:
+    """The saved messages hold exactly the seqs of their events: a question its
+    `user_message`'s, an answer from its first event to its `done`."""
+    by_message: dict[str, list[int]] = {}
+    pending: list[int] = []
+    for event in transcript(events):
+        if event["type"] == "user_message":
+            by_message[event["messageId"]] = [event["seq"]]
+        elif event["type"] == "error":
+            pending.append(event["seq"])  # (An answer's error comes right before its done.)
+        else:
+            by_message.setdefault(event["messageId"], []).extend([*pending, event["seq"]])
+            pending = []
+    assert {row["id"]: [row["seq_start"], row["seq_end"]] for row in rows} == {
+        message_id: [seqs[0], seqs[-1]] for message_id, seqs in by_message.items()
+    }
+
+
+async def test_an_owner_killed_mid_answer_with_nobody_else_watching_is_taken_over_by_a_sweep(
+    fleet_of: Any, postgres_database: Database
+) -> None:
+    fleet = fleet_of(speed=20)
+    async with Visitor(fleet) as visitor:
+        owner = await visitor.connect("a")
+        await owner.chat(QUESTION)
+        chat_id = (await owner.expect("chat_created"))["chatId"]
+        on_a = [await owner.expect("user_message")]
+        on_a += await owner.until("token")
+        queued_id = await owner.chat("And at what hydration?", chat_id)
+        on_a += await owner.until("user_message", clientMessageId=queued_id)
+        queued = on_a[-1]
+        on_a += await owner.until("token")
+        # Nobody reads the chat on b or c, and nobody sends anything: only the sweep of
+        # lapsed leases can find it.
+        fleet.servers["a"].kill()
+
+        async def answers() -> dict[str, str]:
+            rows = await sql(
+                postgres_database,
+                "SELECT reply_to, status FROM messages WHERE chat_id = $1 AND role = 'assistant'",
+                chat_id,
+            )
+            return {row["reply_to"]: row["status"] for row in rows}
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 90
+        while (await answers()).get(queued["messageId"]) != "complete":
+            assert loop.time() < deadline, "the waiting message was never answered"
+            await asyncio.sleep(0.2)
+        # The whole chat, as its log has it: what every reader was (or would have been) sent.
+        late = await visitor.connect("b")
+        await late.send(type="subscribe", chatId=chat_id, afterSeq=0)
+        assert (await late.expect("subscribed")).get("messages") is None
+        logged_events = await late.until("done")
+        logged_events += await late.until("done")
+
+    seqs = seqs_of(logged_events)
+    assert seqs == list(range(1, len(seqs) + 1)), "seqs are contiguous across the takeover"
+    assert transcript(on_a) == transcript(logged_events)[: len(transcript(on_a))], (
+        "the dead owner's reader was sent exactly the start of the log"
+    )
+    events = transcript(logged_events)
+    cut_done = next(event for event in events if event["type"] == "done")
+    assert cut_done["reason"] == "error"
+    cut_id = cut_done["messageId"]
+    error = events[events.index(cut_done) - 1]
+    assert error["type"] == "error"
+    assert error["retryable"] is True
+    streamed = answer_text(logged_events, cut_id)
+    assert answer_text(on_a, cut_id), "nothing was streamed before the kill"
+    assert logged_events[-1]["reason"] == "complete"
+    rows = await sql(
+        postgres_database,
+        "SELECT id, role, text, status, reply_to, seq_start, seq_end FROM messages "
+        "WHERE chat_id = $1 ORDER BY seq_start",
+        chat_id,
+    )
+    cut = next(row for row in rows if row["id"] == cut_id)
+    assert cut["status"] == "incomplete"
+    assert cut["text"] == streamed, "the cut answer is saved exactly as streamed"
+    answered = next(row for row in rows if row["reply_to"] == queued["messageId"])
+    assert answered["text"] == answer_text(logged_events, logged_events[-1]["messageId"])
+    assert_rows_match_events(rows, logged_events)
 
 
 async def test_a_zombie_owner_writes_nothing_after_its_chat_was_taken_over(

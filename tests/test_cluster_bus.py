@@ -1,4 +1,5 @@
-"""The cluster bus on a real Redis: fenced leases, a gap-free log, the live feed, the epoch."""
+"""The cluster bus on a real Redis: fenced leases, a gap-free log, the live feed, the epoch,
+the list of leases; and what a new owner finds unfinished in the log and the rows."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio
 
-from blogchat.cluster.bus import Bus, Fenced, Holder, Lease, LiveEvent, LogRead, SeqGap
+from blogchat import protocol as wire
+from blogchat.cluster.bus import Bus, Fenced, Holder, Lease, Listed, LiveEvent, LogRead, SeqGap
+from blogchat.cluster.sessions import cut_answers
+from blogchat.store import STREAMING, MessageRecord
 from tests.support.redis import REDIS_URL, forget_prefix, require_redis, unique_prefix
 
 CHAT = "chat-1"
@@ -33,8 +37,10 @@ def bus(client: redis.asyncio.Redis, instance: str) -> Bus:
 
 
 async def lapse(client: redis.asyncio.Redis, one: Bus, chat_id: str = CHAT) -> None:
-    """The holder stops renewing and its lease runs out (as after a crash or a pause)."""
+    """The holder stops renewing and its lease runs out (as after a crash or a pause): the
+    lease key expires, and the list shows it past its time."""
     await client.delete(one.key(chat_id, "lease"))
+    await client.zadd(one.leases, {f"{chat_id} {one.instance}": 0})
 
 
 def frames(first: int, last: int) -> list[tuple[int, str]]:
@@ -104,7 +110,7 @@ async def test_seqs_in_the_log_are_contiguous(client: redis.asyncio.Redis) -> No
     assert read.epoch == lease.epoch
 
 
-async def test_the_log_continues_after_the_databases_high_water_mark(
+async def test_a_new_holder_continues_right_after_the_log_whatever_the_database_reserved(
     client: redis.asyncio.Redis,
 ) -> None:
     a, b = bus(client, "a"), bus(client, "b")
@@ -112,14 +118,15 @@ async def test_the_log_continues_after_the_databases_high_water_mark(
     assert isinstance(first, Lease)
     await a.append(first, frames(1, 2))
     await lapse(client, a)
-    # The dead holder had reserved seqs up to 1000 in the database: none may be reused.
+    # The dead holder had reserved seqs up to 1000 in the database, but no reader was sent
+    # any event the log does not have: the log goes on without a hole.
     second = await b.acquire(CHAT, floor=1000)
     assert isinstance(second, Lease)
-    assert second.seq == 1000
+    assert second.seq == 2
     with pytest.raises(SeqGap):
-        await b.append(second, frames(3, 3))
-    await b.append(second, frames(1001, 1001))
-    assert [seq for seq, _ in (await b.read(CHAT)).events] == [1, 2, 1001]
+        await b.append(second, frames(1001, 1001))
+    await b.append(second, frames(3, 3))
+    assert [seq for seq, _ in (await b.read(CHAT)).events] == [1, 2, 3]
 
 
 async def test_every_append_is_published_in_order_with_its_epoch(
@@ -259,3 +266,121 @@ async def test_a_read_gives_the_frames_exactly_and_nothing_past_the_log(
     assert (await a.read(CHAT)).events == odd
     assert (await a.read(CHAT, after_seq=2)).events == odd[2:]
     assert await a.read(CHAT, after_seq=3) == LogRead(lease.epoch, 3, [])
+
+
+# --- the list of leases, for the sweep of lapsed ones -----------------------------------------
+
+
+async def listed(client: redis.asyncio.Redis, one: Bus) -> list[str]:
+    return [str(member) for member in await client.zrange(one.leases, 0, -1)]
+
+
+async def test_a_lease_is_listed_while_held_and_leaves_the_list_when_given_up(
+    client: redis.asyncio.Redis,
+) -> None:
+    a = bus(client, "a")
+    lease = await a.acquire(CHAT, floor=0)
+    assert isinstance(lease, Lease)
+    assert await listed(client, a) == [f"{CHAT} a"]
+    assert await a.lapsed(10) == [], "a lease just taken is not lapsed"
+    assert await a.renew(lease)
+    await a.release(lease)
+    assert await listed(client, a) == []
+
+
+async def test_a_lapsed_lease_is_found_and_exactly_one_instance_takes_the_chat_over(
+    client: redis.asyncio.Redis,
+) -> None:
+    a = bus(client, "a")
+    old = await a.acquire(CHAT, floor=0)
+    assert isinstance(old, Lease)
+    await a.append(old, frames(1, 4))
+    await lapse(client, a)
+    others = [bus(client, name) for name in ("b", "c", "d")]
+    found = await asyncio.gather(*(one.lapsed(10) for one in others))
+    assert found == [[Listed(CHAT, "a")]] * 3
+    claims = await asyncio.gather(*(one.acquire(CHAT, floor=1000) for one in others))
+    leases = [claim for claim in claims if isinstance(claim, Lease)]
+    assert len(leases) == 1
+    assert leases[0].fence > old.fence
+    assert leases[0].seq == 4
+    for one in others:
+        await one.forget(Listed(CHAT, "a"))
+    # The new holder is listed; the dead one is not any more.
+    assert f"{CHAT} {leases[0].instance}" in await listed(client, a)
+    assert f"{CHAT} a" not in await listed(client, a)
+
+
+async def test_forgetting_a_lapsed_entry_spares_one_renewed_meanwhile(
+    client: redis.asyncio.Redis,
+) -> None:
+    a, b = bus(client, "a"), bus(client, "b")
+    lease = await a.acquire(CHAT, floor=0)
+    assert isinstance(lease, Lease)
+    await client.zadd(a.leases, {f"{CHAT} a": 0})
+    assert await b.lapsed(10) == [Listed(CHAT, "a")]
+    # a was only late: it renews before b gets to forget the entry.
+    assert await a.renew(lease)
+    await b.forget(Listed(CHAT, "a"))
+    assert f"{CHAT} a" in await listed(client, a)
+    assert await b.lapsed(10) == []
+
+
+# --- what a new owner finds unfinished -------------------------------------------------------
+
+
+def test_a_new_owner_finds_every_answer_left_unfinished_and_rebuilds_it_as_streamed() -> None:
+    def token(seq: int, answer: str, text: str) -> tuple[int, str]:
+        event = wire.Token(chat_id=CHAT, seq=seq, message_id=answer, text=text)
+        return seq, event.to_json()
+
+    done = wire.Done(
+        chat_id=CHAT,
+        seq=4,
+        message_id="finished",
+        reason="complete",
+        model="m",
+        usage=wire.Usage(input_tokens=1, output_tokens=2),
+    )
+    log = [token(2, "finished", "Done "), token(3, "finished", "here."), (4, done.to_json())]
+    log += [token(6, "cut", "Hel"), token(7, "cut", "lo")]
+    top = 7
+    history = [
+        MessageRecord(id="q1", chat_id=CHAT, role="user", seq_start=1, seq_end=1),
+        MessageRecord(
+            id="finished", chat_id=CHAT, role="assistant", seq_start=2, seq_end=4, reply_to="q1"
+        ),
+        MessageRecord(id="q2", chat_id=CHAT, role="user", seq_start=5, seq_end=5),
+        # Saved as finished, but its last events and its done never reached the log.
+        MessageRecord(
+            id="cut",
+            chat_id=CHAT,
+            role="assistant",
+            seq_start=6,
+            seq_end=11,
+            text="Hello, world",
+            reply_to="q2",
+            model="m",
+        ),
+    ]
+    cuts = cut_answers(log, history, CHAT, top)
+    assert [(cut.id, cut.text, cut.seq_start, cut.seq_end) for cut, _ in cuts] == [
+        ("cut", "Hello", 6, 7)
+    ]
+    rebuilt, streamed = cuts[0]
+    assert (rebuilt.status, rebuilt.reply_to, rebuilt.model) == (STREAMING, "q2", "m")
+    assert [event.seq for event in streamed] == [6, 7]
+    # An answer saved beyond the log with none of its events in it: cut, with nothing shown.
+    history.append(
+        MessageRecord(id="q3", chat_id=CHAT, role="user", seq_start=12, seq_end=12),
+    )
+    history.append(
+        MessageRecord(
+            id="unseen", chat_id=CHAT, role="assistant", seq_start=13, seq_end=15, text="No."
+        )
+    )
+    cuts = cut_answers(log, history, CHAT, top)
+    assert [(cut.id, cut.text, cut.seq_start) for cut, _ in cuts] == [
+        ("cut", "Hello", 6),
+        ("unseen", "", 0),
+    ]

@@ -340,6 +340,7 @@ class ChatSession:
             if replaces and (self.busy or any(m not in self.history for m in replaces)):
                 # (Checked again under the lock: another turn may have begun since.)
                 raise RewriteRefused("The chat changed meanwhile; try again.")
+            await self._flush()
             seq = await self.seqs.next()
             record = MessageRecord(
                 id=str(uuid.uuid4()),
@@ -823,6 +824,10 @@ class ChatSession:
 
     async def _ending_seq(self) -> int:
         return await self.seqs.next(ending=True)
+
+    async def _flush(self) -> None:
+        """Wait until the events published so far went out (here they did at once; an owner
+        among several instances sends each to the shared log first)."""
 
     async def _reserve(self, upto: int) -> None:
         await self.store.chats.reserve_seq(self.chat.id, upto)

@@ -19,6 +19,11 @@ out in the current epoch and the seq follows the last one exactly, so a stale ho
 (paused, partitioned, presumed dead) can never write, and the seqs in the log have no holes
 and no repeats.
 
+One key is not per chat: `p:leases`, a sorted set with a member `<chat> <instance>` for
+every lease an instance took or tried to take, scored by when it lapses unless renewed
+(milliseconds of the instance's clock). Every instance looks there for lapsed leases (a
+dead owner's chats) and takes those chats over; a lease given up leaves it.
+
 The epoch changes when the meta hash is gone (Redis lost its data, or a flush): readers that
 see another epoch know the log they mirrored is gone and fall back to the history.
 """
@@ -26,7 +31,9 @@ see another epoch know the log they mirrored is gone and fall back to the histor
 from __future__ import annotations
 
 import secrets
+import time
 from dataclasses import dataclass
+from typing import cast
 
 import redis.asyncio
 
@@ -50,13 +57,12 @@ end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '-1')
 local floor = tonumber(ARGV[3])
+-- The log continues right after its last seq: every event a reader was sent is in it.
+-- A lost log starts again above every seq the database may hold.
 if not epoch then
   epoch = ARGV[4]
   redis.call('HSET', KEYS[1], 'epoch', epoch)
   redis.call('DEL', KEYS[3])
-  seq = floor
-end
-if seq < floor then
   seq = floor
 end
 redis.call('HSET', KEYS[1], 'seq', seq)
@@ -103,6 +109,17 @@ end
 redis.call('HSET', KEYS[1], 'seq', top)
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 return {1, top}
+"""
+
+# KEYS: the lease index. ARGV: a member, the time (ms) before which it counts as lapsed.
+# Only if it did not come back meanwhile (its instance renewed it): a live lease stays found.
+_FORGET = """
+local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if deadline and tonumber(deadline) <= tonumber(ARGV[2]) then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
 """
 
 _TRIM = """
@@ -177,6 +194,14 @@ class Holder:
 
 
 @dataclass(frozen=True)
+class Listed:
+    """An entry of the lease list: a chat whose lease an instance took or tried to take."""
+
+    chat_id: str
+    instance: str
+
+
+@dataclass(frozen=True)
 class LogRead:
     """Events of a chat's log after some seq, and the log's epoch and last seq."""
 
@@ -213,6 +238,7 @@ class Bus:
         self._trim = client.register_script(_TRIM)
         self._say = client.register_script(_SAY)
         self._read = client.register_script(_READ)
+        self._forget = client.register_script(_FORGET)
 
     # --- names ------------------------------------------------------------------------
 
@@ -232,6 +258,11 @@ class Bus:
         """The channel every instance listens to (chats moved to an account)."""
         return f"{self.prefix}:all"
 
+    @property
+    def leases(self) -> str:
+        """The sorted set of leases by when they lapse (see the module docstring)."""
+        return f"{self.prefix}:leases"
+
     # --- the lease --------------------------------------------------------------------
 
     async def acquire(self, chat_id: str, floor: int, fence_floor: int = 0) -> Lease | Holder:
@@ -239,6 +270,9 @@ class Bus:
         `floor` is the last seq the database may have seen used: the log continues after
         it; `fence_floor` the last token the database saw: the new one is higher.
         Otherwise the current Holder."""
+        # Listed before it is taken, so that an instance that dies right after taking it
+        # still leaves its lease to be found.
+        await self._touch(chat_id)
         keys = [self.key(chat_id, "meta"), self.key(chat_id, "lease"), self.key(chat_id, "ev")]
         args: list[str | int] = [
             self.instance,
@@ -256,11 +290,31 @@ class Bus:
     async def renew(self, lease: Lease) -> bool:
         """Extend the lease; False if it lapsed (someone else may hold it now)."""
         args: list[str | int] = [lease.value, self.lease_ms]
-        return bool(await self._renew(keys=[self.key(lease.chat_id, "lease")], args=args))
+        renewed = bool(await self._renew(keys=[self.key(lease.chat_id, "lease")], args=args))
+        if renewed:
+            await self._touch(lease.chat_id)
+        return renewed
 
     async def release(self, lease: Lease) -> None:
         """Give the lease up, if it is still ours."""
         await self._release(keys=[self.key(lease.chat_id, "lease")], args=[lease.value])
+        await self.client.zrem(self.leases, _member(lease.chat_id, self.instance))
+
+    async def lapsed(self, limit: int) -> list[Listed]:
+        """Up to `limit` leases listed past their time: their holders stopped renewing
+        them (died, or hang), or tried to take them and did not get them."""
+        members = await self.client.zrangebyscore(self.leases, "-inf", _now_ms(), 0, limit)
+        return [Listed(*_text(cast(str, member)).split(" ", 1)) for member in members]
+
+    async def forget(self, listed: Listed) -> None:
+        """Take a lapsed lease off the list (not if its instance renewed it meanwhile)."""
+        member = _member(listed.chat_id, listed.instance)
+        await self._forget(keys=[self.leases], args=[member, _now_ms()])
+
+    async def _touch(self, chat_id: str) -> None:
+        # (Only ever raised: a late write from an earlier try never shortens it.)
+        deadline = _now_ms() + self.lease_ms
+        await self.client.zadd(self.leases, {_member(chat_id, self.instance): deadline}, gt=True)
 
     async def holder(self, chat_id: str) -> Holder | None:
         """Who holds the chat's lease now, if anyone."""
@@ -319,6 +373,14 @@ class Bus:
 
 def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _member(chat_id: str, instance: str) -> str:
+    return f"{chat_id} {instance}"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _holder(value: str) -> Holder:

@@ -23,12 +23,12 @@ from redis.asyncio.client import PubSub
 
 from blogchat import policy
 from blogchat import protocol as wire
-from blogchat.cluster.bus import Bus, Lease
+from blogchat.cluster.bus import Bus, Lease, Listed
 from blogchat.cluster.commands import Commands, ForwardRefused, OwnerGone, unreachable
 from blogchat.cluster.sessions import (
     FollowerSession,
     OwnedSession,
-    cut_answer,
+    cut_answers,
     starting_record,
 )
 from blogchat.cluster.slots import RedisSlots
@@ -48,6 +48,8 @@ CATCH_UP_SECONDS = 1.0
 # How long a reader's message may wait for the same reader's previous one, on any instance.
 VISITOR_LOCK_SECONDS = 30.0
 MOVED = "This chat just moved to another instance. Try again."
+# The most lapsed leases one sweep looks at.
+SWEEP_BATCH = 100
 
 
 class ClusterNode:
@@ -58,7 +60,13 @@ class ClusterNode:
         self.settings = settings
         self.instance = settings.instance_id
         self.lease_seconds = settings.chat_lease_seconds
-        self.client = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=True)
+        # Named, so that an operator (or a test) can tell its connections apart.
+        name = "".join(c if c.isalnum() or c in "-_.:" else "_" for c in self.instance)
+        self.client = redis.asyncio.Redis.from_url(
+            settings.redis_url,
+            decode_responses=True,
+            client_name=f"blogchat:{settings.redis_prefix}:{name}",
+        )
         self.bus = Bus(
             self.client,
             settings.redis_prefix,
@@ -100,6 +108,8 @@ class ClusterNode:
         self._deleting: set[str] = set()
         # Followed channels to read back once subscribed again (after a lost connection).
         self._stale: set[str] = set()
+        # Leases the sweeper took, for the session it opens with each.
+        self._claimed: dict[str, Lease] = {}
 
     # --- life -------------------------------------------------------------------------
 
@@ -134,7 +144,9 @@ class ClusterNode:
         """The chat's session here: the owner's if nobody holds its lease, else a
         follower of the instance that does."""
         fresh = await self.store.chats.get_chat(chat.id) or chat
-        claim = await self.bus.acquire(chat.id, floor=fresh.last_seq, fence_floor=fresh.lease_fence)
+        claim = self._claimed.pop(chat.id, None) or await self.bus.acquire(
+            chat.id, floor=fresh.last_seq, fence_floor=fresh.lease_fence
+        )
         if isinstance(claim, Lease):
             try:
                 # Read again under the lease: a chat's last owner deletes it before it lets
@@ -170,29 +182,29 @@ class ClusterNode:
         return await sessions.reopen(session.chat.id) or session
 
     async def _own(self, chat: ChatRecord, lease: Lease, sessions: ChatSessions) -> ChatSession:
+        # First the database's token: from here on an earlier owner (paused, not dead)
+        # saves nothing more, so the rows read below are all it left.
+        await self.store.chats.claim(chat.id, lease.fence)
         # The log so far is kept here too, so a reader moving to this instance resumes
-        # exactly from it.
+        # exactly from it. It ends at the last event any reader was sent: the session
+        # continues right after it.
         read = await self.bus.read(chat.id)
-        # (After a dead owner's reservation the seqs jump: nothing was ever published in
-        # between, so a replay across the jump is still exact.)
-        memory = MemoryEventLog(read.events[0][0] - 1 if read.events else lease.seq)
+        top = lease.seq
+        memory = MemoryEventLog(read.events[0][0] - 1 if read.events else top)
         for seq, frame in read.events:
             memory.append(seq, frame)
         history = await self.store.chats.get_messages(chat.id)
-        cut = cut_answer(read.events, history, chat.id)
-        # Answers left streaming by an owner that died before they reached the log.
-        stale = [
-            message.id
-            for message in history
-            if message.status == STREAMING and (cut is None or message.id != cut.id)
-        ]
+        cuts = cut_answers(read.events, history, chat.id, top)
+        cut_ids = {cut.id for cut, _ in cuts}
+        # Answers left streaming by an owner that died long before (their events trimmed
+        # from the log, or lost with it).
+        stale = [m for m in history if m.status == STREAMING and m.id not in cut_ids]
         if stale:
-            await self.store.chats.mark_incomplete(stale)
-            for message in history:
-                if message.id in stale:
-                    message.status = "incomplete"
+            await self.store.chats.mark_incomplete([m.id for m in stale])
+            for message in stale:
+                message.status = "incomplete"
         session = OwnedSession(
-            starting_record(chat, lease.seq),
+            starting_record(chat, top),
             history,
             lease=lease,
             bus=self.bus,
@@ -202,9 +214,17 @@ class ClusterNode:
             **sessions.session_options(),
         )
         self.owned[chat.id] = session
-        if cut is not None:
-            log.warning("chat %s: taken over from a dead owner mid-answer", chat.id)
-            await session.end_cut_answer(cut)
+        try:
+            # A message saved and acknowledged to nobody yet: the dead owner's last act.
+            unpublished = [m for m in history if m.role == "user" and m.seq_start > top]
+            if unpublished:
+                await session.republish(unpublished)
+            for cut, streamed in cuts:
+                log.warning("chat %s: taken over from a dead owner mid-answer", chat.id)
+                await session.end_cut_answer(cut, streamed)
+        except BaseException:
+            await session.close()
+            raise
         # Messages acknowledged but not answered yet (their owner died, or stopped with
         # them waiting) are answered here, in order.
         waiting = await self.store.chats.unanswered(chat.id)
@@ -306,6 +326,10 @@ class ClusterNode:
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
             await self._check_followed()
+            try:
+                await self._sweep()
+            except Exception:
+                log.exception("the sweep of lapsed leases failed")
             for chat_id, session in list(self.owned.items()):
                 try:
                     renewed = await self.bus.renew(session.lease)
@@ -325,6 +349,49 @@ class ClusterNode:
                     self._spawn(self._take_over(chat_id))
             except Exception:
                 log.exception("chat %s: could not check its lease", chat_id)
+
+    async def _sweep(self) -> None:
+        """Chats whose owner died with nobody reading them here: the first instance to find
+        one's lease lapsed takes it over (the lease's token decides which), so its cut
+        answer ends and its waiting messages are answered, whoever watches."""
+        for listed in await self.bus.lapsed(SWEEP_BATCH):
+            holder = await self.bus.holder(listed.chat_id)
+            if holder is not None and holder.instance == listed.instance:
+                continue  # Late to renew (or paused): its lease decides.
+            # (A chat followed here is taken over by `_check_followed`.)
+            sessions = self._sessions
+            if holder is None and sessions is not None and sessions.get(listed.chat_id) is None:
+                if listed.chat_id not in self._taking_over:
+                    # Off the renewals' way: a takeover reads and writes the database.
+                    self._taking_over.add(listed.chat_id)
+                    self._spawn(self._adopt(listed, sessions))
+                continue
+            await self.bus.forget(listed)
+
+    async def _adopt(self, listed: Listed, sessions: ChatSessions) -> None:
+        chat_id = listed.chat_id
+        try:
+            chat = await self.store.chats.get_chat(chat_id)
+            claim = None
+            if chat is not None:  # (Not deleted meanwhile.)
+                claim = await self.bus.acquire(
+                    chat_id, floor=chat.last_seq, fence_floor=chat.lease_fence
+                )
+            if chat is not None and isinstance(claim, Lease):
+                log.warning("chat %s: its owner's lease lapsed; taking it over", chat_id)
+                self._claimed[chat_id] = claim
+                try:
+                    await sessions.open(chat)
+                finally:
+                    unused = self._claimed.pop(chat_id, None)
+                    if unused is not None:
+                        # The chat was opened here meanwhile, with a lease of its own.
+                        await self.bus.release(unused)
+            # Taken over, here or by another instance first: off the list. (A failure
+            # leaves it there, for the next sweep.)
+            await self.bus.forget(listed)
+        finally:
+            self._taking_over.discard(chat_id)
 
     async def _take_over(self, chat_id: str) -> None:
         if self._sessions is None:
@@ -557,22 +624,23 @@ class ClusterNode:
                 raise
             except Exception:
                 log.exception("the cluster's pub/sub connection failed; listening again")
-                # redis-py subscribes again when it reconnects; once a channel is back, what
-                # was published on it meanwhile is read from the log.
-                self._stale.update(self.followed)
                 await asyncio.sleep(0.5)
 
     def _dispatch(self, inbox: str, message: dict[str, Any]) -> None:
         kind, channel, data = message["type"], message["channel"], message["data"]
         if kind == "subscribe":
-            for confirmed in self._confirmations.pop(channel, []):
+            confirmations = self._confirmations.pop(channel, [])
+            for confirmed in confirmations:
                 if not confirmed.done():
                     confirmed.set_result(None)
-            if channel in self._stale:
-                self._stale.discard(channel)
-                follower = self.followed.get(channel)
-                if follower is not None:
-                    follower.resync()
+            follower = self.followed.get(channel)
+            if not confirmations and follower is not None:
+                # Subscribed again, unasked: the connection was lost, and redis-py
+                # reconnected. What was published meanwhile is read from the log.
+                log.warning(
+                    "chat %s: its live channel is back; reading what it missed", follower.chat.id
+                )
+                follower.resync()
         elif kind != "message":
             return
         elif channel == inbox:

@@ -27,7 +27,7 @@ from blogchat.session import ChatSession, PendingTurn, SessionState
 from blogchat.store import STREAMING, ChatRecord, ChatStore, Database, MessageRecord, Store
 from blogchat.store.chats import StaleOwner, conversation_order
 from blogchat.store.tables import utcnow
-from blogchat.views import usage_of
+from blogchat.views import usage_of, user_message_event
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +43,25 @@ class NotOwner(Exception):
 
 
 class FencedLog:
-    """The owner's event log: kept in memory for this instance's readers, and appended, in
-    order and fenced by the lease, to the chat's shared log for every other instance."""
+    """The owner's event log. Each event goes to the chat's shared log first (appended in
+    order, in batches, fenced by the lease), and only once it is there to this instance:
+    to its copy of the log, for resumes, and to `deliver`, for its readers. So every event
+    any reader was sent is in the shared log, and an owner that takes over after a crash
+    continues right after the log's last seq."""
 
     def __init__(
-        self, memory: MemoryEventLog, bus: Bus, lease: Lease, on_lost: Callable[[str], None]
+        self,
+        memory: MemoryEventLog,
+        bus: Bus,
+        lease: Lease,
+        on_lost: Callable[[str], None],
+        deliver: Callable[[int, str], None],
     ) -> None:
         self.memory = memory
         self.bus = bus
         self.lease = lease
         self._on_lost = on_lost
+        self._deliver = deliver
         self._pending: deque[tuple[Literal["append", "trim", "say"], int, str]] = deque()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -60,18 +69,21 @@ class FencedLog:
         self.lost = False
         self._writer = asyncio.create_task(self._write_forever(), name=f"log-{lease.chat_id}")
 
+    @property
+    def pending(self) -> bool:
+        """Whether some events are still on their way to the shared log."""
+        return bool(self._pending)
+
     def append(self, seq: int, frame: str) -> None:
-        """Add the next event here, and queue it for the shared log."""
-        self.memory.append(seq, frame)
+        """Queue the next event: it is delivered once the shared log has it."""
         self._queue("append", seq, frame)
 
     def since(self, after_seq: int) -> list[str] | None:
-        """Every event after `after_seq`, from this instance's copy."""
+        """Every event after `after_seq` delivered here, from this instance's copy."""
         return self.memory.since(after_seq)
 
     def trim(self, before_seq: int) -> None:
-        """Forget events before `before_seq`, here and in the shared log."""
-        self.memory.trim(before_seq)
+        """Forget events before `before_seq`, in the shared log and then here."""
         self._queue("trim", before_seq, "")
 
     def say(self, after_seq: int, frame: str) -> None:
@@ -109,6 +121,7 @@ class FencedLog:
                     if kind == "trim":
                         await self.bus.trim(self.lease, seq)
                         self._pending.popleft()
+                        self.memory.trim(seq)
                         continue
                     if kind == "say":
                         await self.bus.say(self.lease, seq, frame)
@@ -120,15 +133,19 @@ class FencedLog:
                             break
                         batch.append((item[1], item[2]))
                     await self._append(batch)
-                    for _ in batch:
-                        self._pending.popleft()
                 except Exception as exc:
                     # Refused (another instance holds the chat now) or Redis is gone: this
-                    # instance may no longer speak for the chat.
+                    # instance may no longer speak for the chat, and what it could not
+                    # append nobody is sent.
                     log.error("chat %s: the shared log refused us: %s", self.lease.chat_id, exc)
                     self.lost = True
                     self._pending.clear()
                     self._on_lost(self.lease.chat_id)
+                    break
+                for seq, frame in batch:
+                    self._pending.popleft()
+                    self.memory.append(seq, frame)
+                    self._deliver(seq, frame)
             self._idle.set()
 
     async def _append(self, batch: list[tuple[int, str]]) -> None:
@@ -179,8 +196,9 @@ def fenced_store(store: Store, fence: int, on_lost: Callable[[], None]) -> Store
 
 
 class OwnedSession(ChatSession):
-    """The session of a chat this instance owns: it runs the turns; its events go to the
-    shared log too. Closing it gives the lease up once the log has everything."""
+    """The session of a chat this instance owns: it runs the turns; its events reach its
+    readers through the shared log (`FencedLog`). Closing it gives the lease up once the
+    log has everything."""
 
     def __init__(
         self,
@@ -200,13 +218,94 @@ class OwnedSession(ChatSession):
         options["saves"] = None
         super().__init__(chat, history, **options)
         self.lease = lease
-        self.shared = FencedLog(memory, bus, lease, on_lost)
+        self.shared = FencedLog(memory, bus, lease, on_lost, self._delivered)
         self.log = self.shared
         self._on_closed = on_closed
+        # Events published and not delivered yet (on their way to the shared log), by seq.
+        self._sending: dict[int, wire.TranscriptEvent] = {}
+        # The delivered events of the answer whose `done` was not delivered yet.
+        self._sent: list[wire.TranscriptEvent] = []
 
-    async def end_cut_answer(self, cut: MessageRecord) -> None:
+    def _publish(self, seq: int, event: wire.TranscriptEvent) -> None:
+        """Send an event to the shared log; this instance's readers get it from there."""
+        self._sending[seq] = event
+        self.shared.append(seq, event.to_json())
+
+    def _delivered(self, seq: int, frame: str) -> None:
+        """The shared log has the event: this instance's readers get it now."""
+        event = self._sending.pop(seq)
+        self.last_seq = seq
+        self.fanout.publish(frame)
+        self.last_activity = time.monotonic()
+        if isinstance(event, wire.Done):
+            self._sent = []
+        elif not isinstance(event, wire.UserMessage):
+            self._sent.append(event)
+
+    def messages(self) -> list[MessageRecord]:
+        """The transcript as its readers were sent it: as of `last_seq`, the last event
+        delivered, though the turn may have published a few more, still on their way."""
+        if not self._sending:
+            return super().messages()
+        records = [record for record in self.history if _settled(record, self.last_seq)]
+        answer = self._sent_answer()
+        if answer is not None:
+            records.append(answer)
+        return conversation_order(records)
+
+    def _sent_answer(self) -> MessageRecord | None:
+        """The answer being delivered, as far as it was."""
+        ids = [event.message_id for event in self._sent if not isinstance(event, wire.Error)]
+        if not ids:
+            return None
+        answer_id = ids[-1]
+        live = next((m for m in self.history if m.id == answer_id), None)
+        if self.draft is not None and self.draft.record.id == answer_id:
+            live = self.draft.record
+        if live is None:
+            return None
+        start = new_answer(answer_id, self.chat.id, live.reply_to or "", live.model or "")
+        start.created_at = live.created_at
+        start.client_address = live.client_address
+        return draft_of(start, self._sent)
+
+    async def _flush(self) -> None:
+        """Before a message takes a seq: every event before it is in the shared log, so
+        that if this instance dies once the message is saved, it is the one event the
+        saved rows hold beyond the log (and the next owner publishes it)."""
+        await self.shared.flush()
+        if self.shared.lost:
+            raise StaleOwner(self.chat.id)
+
+    async def _settle(self, reserved: int, published: int) -> bool:
+        """Give back the seqs after the last one the shared log has: once what is on its
+        way got there. An owner refused by the log keeps its reservation (a message it
+        saved may hold a seq the log never had)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.shared.flush(), 10)
+        if self.shared.lost or self.shared.pending:
+            return False
+        return await super()._settle(reserved, self.last_seq)
+
+    async def republish(self, users: list[MessageRecord]) -> None:
+        """User messages the previous owner saved but never got into the shared log (it
+        died in between): published now, in order, right after the log's last event. A
+        message's seq is kept when it is the next one (as it always is, `_flush`)."""
+        async with self._lock:
+            for user in users:
+                seq = await self.seqs.next()
+                if user.seq_start != seq:
+                    moved = dataclasses.replace(user, seq_start=seq, seq_end=seq)
+                    await self.store.chats.save_message(moved)
+                    self.history = [moved if m.id == user.id else m for m in self.history]
+                    user = moved
+                self._publish(seq, user_message_event(user))
+
+    async def end_cut_answer(
+        self, cut: MessageRecord, streamed: list[wire.TranscriptEvent]
+    ) -> None:
         """The previous owner died while writing `cut` (rebuilt from the shared log, as
-        streamed): every watcher gets `error` then `done`, and it is saved incomplete."""
+        `streamed`): every watcher gets `error` then `done`, and it is saved incomplete."""
         async with self._lock:
             draft = Draft(cut)
             error = wire.Error(
@@ -230,6 +329,7 @@ class OwnedSession(ChatSession):
             record.status = "incomplete"
             await self.store.chats.save_message(draft.snapshot())
             self.history = [m for m in self.history if m.id != record.id] + [record]
+            self._sent = list(streamed)
             self._publish(error.seq or 0, error)
             self._publish(done.seq, done)
 
@@ -515,35 +615,58 @@ class FollowerSession(ChatSession):
         await self._on_closed(self)
 
 
-def cut_answer(
-    events: list[tuple[int, str]], history: list[MessageRecord], chat_id: str
-) -> MessageRecord | None:
-    """The answer the shared log shows being written but never finished (its owner died),
-    rebuilt exactly as streamed; None if every answer in the log was finished."""
+def cut_answers(
+    events: list[tuple[int, str]], history: list[MessageRecord], chat_id: str, top: int
+) -> list[tuple[MessageRecord, list[wire.TranscriptEvent]]]:
+    """The answers a dead owner left unfinished, in order: those the shared log (up to
+    `top`) shows begun and not done, and those saved with seqs beyond the log (their last
+    events never got there). Each rebuilt exactly as streamed, with its events."""
     parsed = [wire.parse_server_message(frame) for _, frame in events]
     finished = {event.message_id for event in parsed if isinstance(event, wire.Done)}
     answers = (wire.Token, wire.Thinking, wire.ToolUse, wire.ToolResult)
-    cut_id = None
+    streamed: dict[str, list[wire.TranscriptEvent]] = {}
     for event in parsed:
         if isinstance(event, answers) and event.message_id not in finished:
-            cut_id = event.message_id
-    if cut_id is None:
-        return None
-    saved = next((m for m in history if m.id == cut_id), None)
-    # (Marked incomplete already by an instance's start-up sweep: its watchers still wait.)
-    if saved is not None and saved.status not in (STREAMING, "incomplete"):
-        return None
+            streamed.setdefault(event.message_id, []).append(event)
+    for message in sorted(history, key=lambda m: m.seq_start):
+        beyond = message.role == "assistant" and message.seq_end > top
+        if beyond and message.id not in finished:
+            streamed.setdefault(message.id, [])
+    saved = {message.id: message for message in history}
+    return [
+        (_rebuilt(answer_id, own, saved.get(answer_id), history, chat_id), own)
+        for answer_id, own in streamed.items()
+        if not _ended(saved.get(answer_id), top)
+    ]
+
+
+def _ended(saved: MessageRecord | None, top: int) -> bool:
+    """Saved as ended within the log, though its `done` is not there (the turn could not
+    get a seq for it)."""
+    return (
+        saved is not None
+        and saved.status not in (STREAMING, "incomplete")
+        and (saved.seq_end <= top)
+    )
+
+
+def _rebuilt(
+    answer_id: str,
+    events: list[wire.TranscriptEvent],
+    saved: MessageRecord | None,
+    history: list[MessageRecord],
+    chat_id: str,
+) -> MessageRecord:
     if saved is not None:
-        start = new_answer(cut_id, chat_id, saved.reply_to or "", saved.model or "")
+        start = new_answer(answer_id, chat_id, saved.reply_to or "", saved.model or "")
         start.created_at = saved.created_at
         start.client_address = saved.client_address
     else:
         answered = {m.reply_to for m in history if m.role == "assistant"}
         waiting = [m for m in conversation_order(history) if m.role == "user"]
         reply_to = next((m.id for m in waiting if m.id not in answered), "")
-        start = new_answer(cut_id, chat_id, reply_to, "")
-    own = [event for event in parsed if isinstance(event, answers) and event.message_id == cut_id]
-    return draft_of(start, own)
+        start = new_answer(answer_id, chat_id, reply_to, "")
+    return draft_of(start, events)
 
 
 class _SeqRanges:

@@ -400,6 +400,21 @@ class ChatStore:
             return bool(getattr(result, "rowcount", 0))
 
     @runs_to_completion
+    async def claim(self, chat_id: str, fence: int) -> None:
+        """Advance the chat's token to `fence` (a new owner's, `cluster/`): from here on a
+        save with a lower one is refused, so what the chat's rows hold now is all an older
+        owner ever saves. StaleOwner if a higher token saved already. Its activity time
+        stays: taking a chat over is not using it."""
+        async with self.db.session() as session:
+            result = await session.execute(
+                update(Chat)
+                .where(Chat.id == chat_id, Chat.lease_fence <= fence)
+                .values(lease_fence=fence)
+            )
+            if not getattr(result, "rowcount", 0):
+                raise StaleOwner(chat_id)
+
+    @runs_to_completion
     async def find_client_message(
         self, owner_id: str, client_message_id: str
     ) -> MessageRecord | None:
