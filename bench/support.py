@@ -227,6 +227,9 @@ class BenchServer:
     deflate: bool = True
     profile: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
+    # The source tree to serve: this one, or a checkout of another revision to compare with
+    # (run on this tree's environment).
+    source: Path = REPO
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     _tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -267,6 +270,8 @@ class BenchServer:
             **unlimited_env(),
             **self.env,
         }
+        if self.source != REPO:
+            env["PYTHONPATH"] = f"{self.source / 'src'}{os.pathsep}{self.source}"
         if self.database == "postgresql":
             self._schema = f"bench_{uuid.uuid4().hex[:12]}"
             env["DATABASE_URL"] = POSTGRES_URL
@@ -281,7 +286,7 @@ class BenchServer:
             command += ["--profile", str(self.profile)]
         log = (data / "server.log").open("ab")
         self.process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+            command, cwd=self.source, env=env, stdout=log, stderr=subprocess.STDOUT
         )
         log.close()
         deadline = time.monotonic() + 60

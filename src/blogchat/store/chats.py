@@ -7,7 +7,19 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, cast
 
-from sqlalchemy import Table, bindparam, case, delete, exists, func, insert, select, update
+from sqlalchemy import (
+    Select,
+    Table,
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased, selectinload
@@ -220,6 +232,19 @@ def _new_row(record: MessageRecord) -> dict[str, Any]:
     }
 
 
+def _sent_by(owner_id: str, client_message_id: str) -> Select[str]:
+    """The ids of the user messages an owner sent with this clientMessageId."""
+    return (
+        select(Message.id)
+        .join(Chat, Chat.id == Message.chat_id)
+        .where(
+            Chat.owner_id == owner_id,
+            Message.client_message_id == client_message_id,
+            Message.role == "user",
+        )
+    )
+
+
 def _tool_call_columns(record: MessageRecord) -> list[dict[str, Any]]:
     """The rows of a message's tool calls, in call order."""
     return [
@@ -424,16 +449,7 @@ class ChatStore:
     ) -> MessageRecord | None:
         # Every message a reader sends is looked up first, and almost never found: the
         # plain id query keeps that path short; a resend loads the whole message.
-        found = await session.scalar(
-            select(Message.id)
-            .join(Chat, Chat.id == Message.chat_id)
-            .where(
-                Chat.owner_id == owner_id,
-                Message.client_message_id == client_message_id,
-                Message.role == "user",
-            )
-            .limit(1)
-        )
+        found = await session.scalar(_sent_by(owner_id, client_message_id).limit(1))
         if found is None:
             return None
         row = await session.get(Message, found, options=[selectinload(Message.tool_calls)])
@@ -461,17 +477,23 @@ class ChatStore:
     ) -> MessageRecord | None:
         """A message a reader sent, in one transaction: the message its owner already sent
         with this clientMessageId, if any, is returned and nothing is written; otherwise
-        `admit` is awaited (what it raises rolls everything back: it must not use the
-        store), the message is inserted (marking the messages it replaces superseded), and
-        its chat is touched, with seqs reserved up to `reserve` and its model set to
-        `model` when given; with a `fence`, only if no higher token saved to the chat
+        the message is inserted, `admit` is awaited (what it raises rolls everything back:
+        it must not use the store), the messages it replaces are marked superseded, and its
+        chat is touched, with seqs reserved up to `reserve` and its model set to `model`
+        when given; with a `fence`, only if no higher token saved to the chat
         (StaleOwner). Returns None when the message was saved.
 
-        A message's way to its first token goes through here: one transaction, not one for
-        the lookup, one for the insert and one for the seqs.
+        A message's way to its first token goes through here, so it is short: the lookup
+        and the insert are one statement, the chat's update another, then the commit.
         """
         assert record.client_message_id is not None
+        messages = cast(Table, Message.__table__)
         chat = cast(Table, Chat.__table__)
+        row = _new_row(record)
+        new = select(*(literal(value, messages.c[name].type) for name, value in row.items()))
+        inserted = insert(messages).from_select(
+            list(row), new.where(~exists(_sent_by(owner_id, record.client_message_id)))
+        )
         values: dict[str, Any] = {"updated_at": utcnow()}
         if reserve is not None:
             values["last_seq"] = case((chat.c.last_seq < reserve, reserve), else_=chat.c.last_seq)
@@ -484,12 +506,11 @@ class ChatStore:
             values["lease_fence"] = fence
         try:
             async with self.db.session() as session:
-                previous = await self._sent_before(session, owner_id, record.client_message_id)
-                if previous is not None:
-                    return previous
+                result = await session.execute(inserted)
+                if not result.rowcount:  # type: ignore[attr-defined]
+                    return await self._sent_before(session, owner_id, record.client_message_id)
                 if admit is not None:
                     await admit()
-                await session.execute(insert(Message).values(_new_row(record)))
                 if record.replaces:
                     await session.execute(
                         update(Message)
