@@ -289,7 +289,7 @@ class BenchServer:
             command, cwd=self.source, env=env, stdout=log, stderr=subprocess.STDOUT
         )
         log.close()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"bench server exited:\n{self.log()[-3000:]}")
@@ -297,7 +297,10 @@ class BenchServer:
                 if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
                     return self
             time.sleep(0.05)
-        raise RuntimeError(f"bench server did not start:\n{self.log()[-3000:]}")
+        printed = self.log()[-3000:]
+        # Nothing started may outlive the failure.
+        self.stop()
+        raise RuntimeError(f"bench server did not start:\n{printed}")
 
     def log(self) -> str:
         """What the server printed."""
