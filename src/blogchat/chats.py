@@ -268,8 +268,13 @@ class Chats:
         self, visitor: Visitor, message: wire.Chat, text: str, sender: Subscriber, address: str
     ) -> str:
         who = Who(visitor.id, address, visitor.anonymous)
+        counted = False
         if message.chat_id is None:
+            # Counted before the chat exists: a refused message creates no chat (it was
+            # looked up first, so it is no resend).
             await self._admissible(who, None)
+            await self._count(who, None)
+            counted = True
             session = await self._new_chat(visitor, message, text, sender)
             replaces: Sequence[MessageRecord] = ()
         elif await self._forwarded(visitor, message, sender, address):
@@ -279,7 +284,7 @@ class Chats:
         if message.regenerate is not None:
             # The question is asked again as it was.
             text = replaces[0].text
-        record = await self._accept(session, message, text, visitor, who, replaces)
+        record = await self._accept(session, message, text, visitor, who, replaces, counted=counted)
         if not session.watched_by(sender):
             # The sender always hears about its own message, from it on.
             session.subscribe(
@@ -429,6 +434,15 @@ class Chats:
         except QuotaExceeded as exc:
             raise _refusal(exc, chat_id) from None
 
+    async def _count(self, who: Who, chat_id: str | None) -> None:
+        """Count a message's turn against the rates (refused if they allow none now)."""
+        if self.quotas is None:
+            return
+        try:
+            await self.quotas.count(who)
+        except QuotaExceeded as exc:
+            raise _refusal(exc, chat_id) from None
+
     async def _accept(
         self,
         session: ChatSession,
@@ -437,19 +451,17 @@ class Chats:
         visitor: Visitor,
         who: Who,
         replaces: Sequence[MessageRecord] = (),
+        *,
+        counted: bool = False,
     ) -> MessageRecord:
-        """Save the message and queue its turn (AlreadySent: it was sent before). Its turn
-        is counted against the visitor's and address's rates in the same transaction, once
-        the message is known to be new: a resend is never counted."""
-        quotas = self.quotas
+        """Save the message and queue its turn (AlreadySent: it was sent before). Unless
+        it was `counted` already, its turn is counted against the visitor's and address's
+        rates in the same transaction, once the message is known to be new: a resend is
+        never counted."""
         chat_id = session.chat.id
 
         async def count() -> None:
-            assert quotas is not None
-            try:
-                await quotas.count(who)
-            except QuotaExceeded as exc:
-                raise _refusal(exc, chat_id) from None
+            await self._count(who, chat_id)
 
         model = message.model or self.model_for(session.chat, visitor)
         try:
@@ -461,7 +473,7 @@ class Chats:
                 anonymous=visitor.anonymous,
                 address=who.address,
                 replaces=replaces,
-                admit=None if quotas is None else count,
+                admit=None if self.quotas is None or counted else count,
             )
         except RewriteRefused as exc:
             raise ChatError("bad_request", str(exc), chat_id) from None
