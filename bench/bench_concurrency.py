@@ -30,6 +30,11 @@ the machine's drift; at once, the one client process would be the bottleneck). I
 the server CPU per delivered token of each, their paired ratio, and blogchat's own time to
 the first token of a message in a running chat after each load (sent to received, on the
 scripted engine, whose first token costs it nothing: all of that time is blogchat's).
+
+`--compare-source CHECKOUT` measures that own time to first token (in a running chat and in
+a new chat) and the server CPU per message on two idle servers side by side, one serving
+this tree and one a checkout of another revision (`git archive REV | tar -x -C DIR`), the
+samples alternating between them.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.support import (
     KB,
     MB,
+    REPO,
     BenchServer,
     Row,
     chat_frame,
@@ -326,8 +332,9 @@ async def measure(
     return rows
 
 
-async def first_token(ws: ClientConnection, chat_id: str) -> float:
-    """Seconds from sending a message in this chat to its first token; reads to `done`."""
+async def first_token(ws: ClientConnection, chat_id: str | None) -> float:
+    """Seconds from sending a message in this chat (None: a new chat) to its first token;
+    reads to `done`."""
     sent = time.monotonic_ns()
     await ws.send(chat_frame("tokens=2 rate=0", chat_id))
     received: int | None = None
@@ -460,6 +467,79 @@ async def compare_saves(
     return rows
 
 
+async def compare_source(baseline: Path, database: str, samples: int) -> list[Row]:
+    """Blogchat's own time to first token on an idle server of this tree and one of
+    `baseline` (a checkout of another revision), side by side: each sample is taken on both,
+    in alternating order, in a running chat and in a new chat."""
+    sources = {"baseline": baseline, "this tree": REPO}
+    kinds = ("a message in a running chat", "a new chat")
+    taken: dict[tuple[str, str], list[float]] = {
+        (way, kind): [] for way in sources for kind in kinds
+    }
+    with contextlib.ExitStack() as stack:
+        # Both started before any socket opens: starting one blocks this loop meanwhile.
+        benches = {
+            way: stack.enter_context(server(engine="scripted", database=database, source=source))
+            for way, source in sources.items()
+        }
+        probes: dict[str, tuple[ClientConnection, str]] = {}
+        for way, bench in benches.items():
+            ws = (await open_many(bench, await visitors(bench, 1)))[0]
+            chat_id = await chat_of(ws)
+            for _ in range(5):  # warm: both paths once the server has served a few
+                await first_token(ws, chat_id)
+                await first_token(ws, None)
+            probes[way] = (ws, chat_id)
+        before = {way: cpu_seconds(bench.ps) for way, bench in benches.items()}
+        for index in range(samples):
+            order = list(sources) if index % 2 == 0 else list(reversed(sources))
+            for way in order:
+                ws, chat_id = probes[way]
+                taken[(way, kinds[0])].append(await first_token(ws, chat_id))
+                taken[(way, kinds[1])].append(await first_token(ws, None))
+        # Each sample is two messages (one in each kind of chat), each a whole short turn.
+        cpu = {
+            way: (cpu_seconds(bench.ps) - before[way]) / (2 * samples)
+            for way, bench in benches.items()
+        }
+        await asyncio.gather(*(ws.close() for ws, _ in probes.values()))
+    rows: list[Row] = [
+        info_row(
+            BENCH,
+            "server CPU per message and its two-token turn: baseline / this tree",
+            f"{cpu['baseline'] * 1e3:.2f} / {cpu['this tree'] * 1e3:.2f} ms"
+            f" ({cpu['this tree'] / cpu['baseline']:.2f})",
+        )
+    ]
+    for kind in kinds:
+        for way in sources:
+            own = summarize(taken[(way, kind)])
+            rows.append(
+                goal_row(
+                    BENCH,
+                    f"{way}: blogchat's own time to first token, p50 ({kind})",
+                    measured=own.p50 * 1000,
+                    goal=3.0,
+                    unit="ms",
+                    shown=f"{own.p50 * 1000:.2f} ms (p99 {own.p99 * 1000:.2f}, n={own.n})",
+                )
+            )
+        paired = [
+            after / before
+            for before, after in zip(
+                taken[("baseline", kind)], taken[("this tree", kind)], strict=True
+            )
+        ]
+        rows.append(
+            info_row(
+                BENCH,
+                f"this tree / baseline, paired samples ({kind})",
+                f"{statistics.median(paired):.2f} median",
+            )
+        )
+    return rows
+
+
 async def idle_rows(connections: int, database: str) -> list[Row]:
     """Idle memory per connection with and without compression, on fresh servers."""
     with_deflate = await idle_memory(connections, "deflate", database)
@@ -497,7 +577,21 @@ def main(argv: list[str] | None = None) -> list[Row]:
     )
     parser.add_argument("--samples", type=int, default=50, help="first-token samples a run")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each way, in turn")
+    parser.add_argument(
+        "--compare-source",
+        type=Path,
+        metavar="CHECKOUT",
+        help="own time to first token of this tree against a checkout of another revision",
+    )
     args = parser.parse_args(argv)
+    if args.compare_source is not None:
+        rows = asyncio.run(compare_source(args.compare_source, args.database, args.samples))
+        print_rows(
+            f"Own time to first token, {args.compare_source} against this tree"
+            f" (idle servers, scripted engine, {args.database})",
+            rows,
+        )
+        return rows
     if args.compare_saves:
         rows = asyncio.run(
             compare_saves(

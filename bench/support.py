@@ -231,6 +231,9 @@ class BenchServer:
     # A PostgreSQL schema shared with other servers (`cluster`), which drops it; None: one
     # of this server's own.
     schema: str | None = None
+    # The source tree to serve: this one, or a checkout of another revision to compare with
+    # (run on this tree's environment).
+    source: Path = REPO
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     _tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -271,6 +274,8 @@ class BenchServer:
             **unlimited_env(),
             **self.env,
         }
+        if self.source != REPO:
+            env["PYTHONPATH"] = f"{self.source / 'src'}{os.pathsep}{self.source}"
         if self.database == "postgresql":
             if self.schema is None:
                 self._schema = f"bench_{uuid.uuid4().hex[:12]}"
@@ -286,7 +291,7 @@ class BenchServer:
             command += ["--profile", str(self.profile)]
         log = (data / "server.log").open("ab")
         self.process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+            command, cwd=self.source, env=env, stdout=log, stderr=subprocess.STDOUT
         )
         log.close()
         # Generous: on the shared machine, under load, importing the app alone took 34 s.
@@ -298,9 +303,10 @@ class BenchServer:
                 if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
                     return self
             time.sleep(0.05)
-        failed = self.log()[-3000:]
-        self.stop()  # (not left running with nothing to end it)
-        raise RuntimeError(f"bench server did not start:\n{failed}")
+        printed = self.log()[-3000:]
+        # Nothing started may outlive the failure.
+        self.stop()
+        raise RuntimeError(f"bench server did not start:\n{printed}")
 
     def log(self) -> str:
         """What the server printed."""

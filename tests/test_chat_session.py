@@ -30,7 +30,7 @@ from blogchat.engines.base import (
 )
 from blogchat.protocol import parse_server_message
 from blogchat.seqs import BLOCK
-from blogchat.session import NO_SEQS, NOT_SAVED, ChatSession, SessionTimings
+from blogchat.session import NO_SEQS, NOT_SAVED, AlreadySent, ChatSession, SessionTimings
 from blogchat.settings import Settings
 from blogchat.store import ChatRecord, Store
 
@@ -298,6 +298,31 @@ async def test_a_user_message_the_store_refuses_uses_up_no_seq(
     await listener.until("done")
     assert listener.seqs() == list(range(1, len(listener.seqs()) + 1))
     assert listener.frames[1]["text"] == "Kept."
+
+
+async def test_a_message_sent_before_is_found_by_its_save_and_uses_no_seq(
+    store: Store, open_session: Callable[..., Any]
+) -> None:
+    engine = ScriptedEngine(Script(answer_events("Once.")), Script(answer_events("Next.")))
+    session = await open_session(engine)
+    listener = Listener()
+    session.subscribe(listener, after_seq=None, request_id=None)
+    sent_id = str(uuid.uuid4())
+    options: dict[str, Any] = {"model_alias": "haiku", "model_id": "m", "anonymous": True}
+    await session.accept(client_message_id=sent_id, text="Once?", **options)
+    await listener.until("done")
+    # The first message's own save reserved the chat's seqs: no write of its own for that.
+    assert await last_seq(store, session.chat.id) == BLOCK
+    with pytest.raises(AlreadySent) as sent:
+        await session.accept(client_message_id=sent_id, text="Twice?", **options)
+    assert (sent.value.previous.text, sent.value.previous.seq_start) == ("Once?", 1)
+    await ask(session, "Next?")
+    await listener.until("done", 2)
+
+    assert [request.text for request in engine.requests] == ["Once?", "Next?"]
+    assert listener.seqs() == list(range(1, len(listener.seqs()) + 1))
+    texts = [m.text for m in await store.chats.get_messages(session.chat.id)]
+    assert texts == ["Once?", "Once.", "Next?", "Next."]
 
 
 async def test_a_turn_that_cannot_reserve_seqs_ends_within_its_reservation(

@@ -96,3 +96,33 @@ async def test_settling_gives_back_the_unused_reservation_unless_someone_reserve
     db.last_seq = 900
     await other.settle(7, db.settle)
     assert db.last_seq == 900
+
+
+async def test_a_user_message_takes_its_seq_with_the_reservation_its_save_must_write() -> None:
+    db = Database(last_seq=10)
+    counter = SeqCounter(10, db.reserve, block=1000)
+    # Nothing reserved yet: the message's own transaction writes the reservation.
+    seq, upto = counter.take()
+    assert (seq, upto) == (11, 1010)
+    counter.reserved_to(1010)
+    # Covered now: the events that follow need no write until the block runs low.
+    assert counter.take() == (12, None)
+    assert [await counter.next() for _ in range(3)] == [13, 14, 15]
+    assert db.reservations == []
+    # A save that failed gives its seq back; the reservation it carried was not written.
+    seq, upto = counter.take()
+    counter.give_back(seq)
+    assert counter.take() == (seq, upto)
+
+
+async def test_a_taken_seq_past_the_reservation_always_comes_with_a_reservation() -> None:
+    counter = SeqCounter(0, Database().reserve, block=1000)
+    seq, upto = counter.take()
+    counter.reserved_to(upto or 0)
+    while True:
+        seq, upto = counter.take()
+        if upto is not None:
+            break
+        assert seq <= 1000 - AHEAD
+    # Asked for ahead, as `next` does, so the block never runs out under a message.
+    assert (seq, upto) == (1000 - AHEAD + 1, 1000 - AHEAD + 1000)

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import StatementError
+from sqlalchemy.exc import IntegrityError, StatementError
 
 from blogchat.settings import Settings
 from blogchat.store import (
@@ -352,6 +352,111 @@ async def test_find_client_message_ignores_answers(store: Store) -> None:
     stray = new_id()
     await store.chats.save_message(answer(chat, 2, 3, question.id, client_message_id=stray))
     assert await store.chats.find_client_message(owner, stray) is None
+
+
+async def test_a_readers_message_is_saved_with_its_chats_seqs_and_model_in_one_go(
+    store: Store,
+) -> None:
+    chat = await make_chat(store)
+    question = user_message(chat, 1, "first")
+    admitted: list[str] = []
+
+    async def admit() -> None:
+        admitted.append(question.id)
+
+    sent = await store.chats.add_user_message(
+        question, owner_id=chat.owner_id, admit=admit, reserve=1000, model="sonnet"
+    )
+    assert sent is None
+    assert admitted == [question.id]
+    saved = await store.chats.get_chat(chat.id)
+    assert saved is not None
+    assert (saved.last_seq, saved.model) == (1000, "sonnet")
+    assert saved.updated_at >= chat.updated_at
+    assert [m.id for m in await store.chats.get_messages(chat.id)] == [question.id]
+    # Without a reservation or a model, the chat keeps both (a reservation never goes back).
+    await store.chats.reserve_seq(chat.id, 2000)
+    assert await store.chats.add_user_message(user_message(chat, 2), owner_id=chat.owner_id) is None
+    again = await store.chats.get_chat(chat.id)
+    assert again is not None
+    assert (again.last_seq, again.model) == (2000, "sonnet")
+    await store.chats.add_user_message(user_message(chat, 3), owner_id=chat.owner_id, reserve=5)
+    assert (await last_seq_of(store, chat.id)) == 2000
+
+
+async def test_a_message_its_owner_sent_before_is_returned_and_nothing_is_written(
+    store: Store,
+) -> None:
+    owner = new_id()
+    first_chat, second_chat = await make_chat(store, owner), await make_chat(store, owner)
+    question = user_message(first_chat, 1, "asked once")
+    assert await store.chats.add_user_message(question, owner_id=owner) is None
+
+    async def admit() -> None:
+        raise AssertionError("a resend is never admitted (counted)")
+
+    # Sent again, to another of the owner's chats: the first one is what comes back.
+    again = user_message(
+        second_chat, 1, "asked twice", client_message_id=question.client_message_id
+    )
+    previous = await store.chats.add_user_message(
+        again, owner_id=owner, admit=admit, reserve=1000, model="opus"
+    )
+    assert previous is not None
+    assert (previous.id, previous.chat_id, previous.text) == (
+        question.id,
+        first_chat.id,
+        "asked once",
+    )
+    assert await store.chats.get_messages(second_chat.id) == []
+    untouched = await store.chats.get_chat(second_chat.id)
+    assert untouched is not None
+    assert (untouched.last_seq, untouched.model) == (0, "haiku")
+    # Another owner's message with the same id is none of this owner's business.
+    stranger = await make_chat(store)
+    mine = user_message(stranger, 1, client_message_id=question.client_message_id)
+    assert await store.chats.add_user_message(mine, owner_id=stranger.owner_id) is None
+
+
+async def test_a_message_admit_refuses_leaves_nothing_behind(store: Store) -> None:
+    chat = await make_chat(store)
+
+    class Refused(Exception):
+        pass
+
+    async def admit() -> None:
+        raise Refused
+
+    with pytest.raises(Refused):
+        await store.chats.add_user_message(
+            user_message(chat, 1), owner_id=chat.owner_id, admit=admit, reserve=1000
+        )
+    assert await store.chats.get_messages(chat.id) == []
+    assert await last_seq_of(store, chat.id) == 0
+
+
+async def test_only_the_idempotency_index_makes_a_readers_message_already_used(
+    store: Store,
+) -> None:
+    chat = await make_chat(store)
+    first = user_message(chat, 1)
+    await store.chats.add_message(first)
+    # The chat changed hands meanwhile (an anonymous reader signed in): the lookup by the
+    # new owner misses it, and the unique index has the last word.
+    with pytest.raises(DuplicateClientMessage):
+        await store.chats.add_user_message(
+            user_message(chat, 2, client_message_id=first.client_message_id), owner_id=new_id()
+        )
+    # A message to a chat that is gone breaks another rule: reported as itself.
+    await store.chats.delete_chat(chat.id)
+    with pytest.raises(IntegrityError):
+        await store.chats.add_user_message(user_message(chat, 3), owner_id=chat.owner_id)
+
+
+async def last_seq_of(store: Store, chat_id: str) -> int:
+    chat = await store.chats.get_chat(chat_id)
+    assert chat is not None
+    return chat.last_seq
 
 
 # --- ordering and seq ----------------------------------------------------------------------

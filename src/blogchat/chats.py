@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from blogchat import policy
@@ -22,6 +22,7 @@ from blogchat.eventlog import Subscriber
 from blogchat.personas import Persona, Personas
 from blogchat.quotas import QuotaExceeded, Quotas, Who
 from blogchat.session import (
+    AlreadySent,
     ChatSession,
     ChatSessions,
     PendingTurn,
@@ -242,25 +243,60 @@ class Chats:
             )
         lock = self._visitor_locks.setdefault(visitor.id, asyncio.Lock())
         async with lock, self._everywhere(visitor):
-            previous = await self.store.chats.find_client_message(
-                visitor.id, message.client_message_id
-            )
-            if previous is not None:
+            # A new chat, or with several instances, the message is looked up first: a
+            # resend must create nothing, and never be forwarded. Otherwise the lookup is
+            # part of the transaction that saves the message (ChatSession.accept).
+            looked = message.chat_id is None or self.cluster is not None
+            if looked:
+                previous = await self.store.chats.find_client_message(
+                    visitor.id, message.client_message_id
+                )
+                if previous is not None:
+                    return await self._resend(message, previous, sender)
+            try:
+                return await self._carry_out(visitor, message, text, sender, address)
+            except AlreadySent as sent:
+                return await self._resend(message, sent.previous, sender)
+            except ChatError:
+                if looked:
+                    raise
+                # Refused before its lookup (a full queue, a limit, a rewrite that no
+                # longer applies): a resend of a message accepted earlier is re-sent
+                # instead, as if it had been looked up first.
+                previous = await self.store.chats.find_client_message(
+                    visitor.id, message.client_message_id
+                )
+                if previous is None:
+                    raise
                 return await self._resend(message, previous, sender)
-            who = Who(visitor.id, address, visitor.anonymous)
-            if message.chat_id is None:
-                await self._admit(who, None)
-                session = await self._new_chat(visitor, message, text, sender)
-                replaces: Sequence[MessageRecord] = ()
-            elif await self._forwarded(visitor, message, sender, address):
-                return message.chat_id
-            else:
-                session, replaces = await self._join(visitor, message, sender, who)
-            if message.regenerate is not None:
-                # The question is asked again as it was.
-                text = replaces[0].text
-            await self._accept(session, message, text, visitor, address, replaces)
-            return session.chat.id
+
+    async def _carry_out(
+        self, visitor: Visitor, message: wire.Chat, text: str, sender: Subscriber, address: str
+    ) -> str:
+        who = Who(visitor.id, address, visitor.anonymous)
+        counted = False
+        if message.chat_id is None:
+            # Counted before the chat exists: a refused message creates no chat (it was
+            # looked up first, so it is no resend).
+            await self._admissible(who, None)
+            await self._count(who, None)
+            counted = True
+            session = await self._new_chat(visitor, message, text, sender)
+            replaces: Sequence[MessageRecord] = ()
+        elif await self._forwarded(visitor, message, sender, address):
+            return message.chat_id
+        else:
+            session, replaces = await self._join(visitor, message, who)
+        if message.regenerate is not None:
+            # The question is asked again as it was.
+            text = replaces[0].text
+        record = await self._accept(session, message, text, visitor, who, replaces, counted=counted)
+        if not session.watched_by(sender):
+            # The sender always hears about its own message, from it on.
+            session.subscribe(
+                sender, after_seq=record.seq_start - 1, request_id=None, announce=False
+            )
+        return session.chat.id
 
     def _everywhere(self, visitor: Visitor) -> contextlib.AbstractAsyncContextManager[None]:
         """With several instances, the visitor's lock is held across all of them."""
@@ -326,14 +362,20 @@ class Chats:
         assert message.chat_id is not None
         visitor = Visitor(id=visitor_id, anonymous=anonymous)
         who = Who(visitor_id, address, anonymous)
-        session, replaces = await self._join(visitor, message, None, who)
+        session, replaces = await self._join(visitor, message, who)
         if self.cluster is not None and self.cluster.follows(session):
             raise ChatError(
                 "busy", "This chat just moved to another instance. Try again.", retryable=True
             )
         # A regenerate asks the question again as it was.
         text = replaces[0].text if message.regenerate is not None else message.text.strip()
-        await self._accept(session, message, text, visitor, address, replaces)
+        try:
+            await self._accept(session, message, text, visitor, who, replaces)
+        except AlreadySent:
+            # (Its sender looked it up first, under the visitor's lock on every instance.)
+            raise ChatError(
+                "bad_request", "This clientMessageId was already used.", session.chat.id
+            ) from None
 
     async def _new_chat(
         self, visitor: Visitor, message: wire.Chat, text: str, sender: Subscriber
@@ -360,7 +402,7 @@ class Chats:
             # The chat does not exist: nothing the engine prepared for it may linger.
             await self.engine.release(chat_id)
             raise
-        session = await self.sessions.open(chat)
+        session = await self.sessions.open(chat, created=True)
         sender.deliver(
             wire.ChatCreated(
                 chat_id=chat.id,
@@ -374,7 +416,7 @@ class Chats:
         return session
 
     async def _join(
-        self, visitor: Visitor, message: wire.Chat, sender: Subscriber | None, who: Who
+        self, visitor: Visitor, message: wire.Chat, who: Who
     ) -> tuple[ChatSession, Sequence[MessageRecord]]:
         """The chat's session for a message to it, and the messages it replaces (a
         regenerate or an edit: checked before the message is counted against any limit)."""
@@ -388,18 +430,12 @@ class Chats:
                 replaces = session.rewrite(regenerate=message.regenerate, edit=message.edit)
             except ValueError as exc:
                 raise ChatError("bad_request", str(exc), chat.id) from None
-        await self._admit(who, session)
-        model = message.model or self.model_for(chat, visitor)
-        if model != chat.model:
-            await self.store.chats.update_chat(chat.id, model=model)
-            session.set_chat(replace(chat, model=model))
-        if sender is not None and not session.watched_by(sender):
-            # The sender always hears about its own message, as with a new chat.
-            session.subscribe(sender, after_seq=session.last_seq, request_id=None, announce=False)
+        await self._admissible(who, session)
         return session, replaces
 
-    async def _admit(self, who: Who, session: ChatSession | None) -> None:
-        """Refuse a message the chat or the visitor may not take now; count it otherwise."""
+    async def _admissible(self, who: Who, session: ChatSession | None) -> None:
+        """Refuse a message the chat or the visitor may not take now (counting nothing: a
+        message is counted when it is saved, see `_accept`)."""
         chat_id = session.chat.id if session is not None else None
         refusal = session.admits() if session is not None else None
         if refusal == "queue_full":
@@ -409,11 +445,18 @@ class Chats:
         if self.quotas is None:
             return
         try:
-            await self.quotas.admit(who)
+            await self.quotas.check(who)
         except QuotaExceeded as exc:
-            raise ChatError(
-                exc.code, exc.message, chat_id, retryable=True, retry_after=exc.retry_after
-            ) from None
+            raise _refusal(exc, chat_id) from None
+
+    async def _count(self, who: Who, chat_id: str | None) -> None:
+        """Count a message's turn against the rates (refused if they allow none now)."""
+        if self.quotas is None:
+            return
+        try:
+            await self.quotas.count(who)
+        except QuotaExceeded as exc:
+            raise _refusal(exc, chat_id) from None
 
     async def _accept(
         self,
@@ -421,28 +464,40 @@ class Chats:
         message: wire.Chat,
         text: str,
         visitor: Visitor,
-        address: str,
+        who: Who,
         replaces: Sequence[MessageRecord] = (),
-    ) -> None:
+        *,
+        counted: bool = False,
+    ) -> MessageRecord:
+        """Save the message and queue its turn (AlreadySent: it was sent before). Unless
+        it was `counted` already, its turn is counted against the visitor's and address's
+        rates in the same transaction, once the message is known to be new: a resend is
+        never counted."""
+        chat_id = session.chat.id
+
+        async def count() -> None:
+            await self._count(who, chat_id)
+
         model = message.model or self.model_for(session.chat, visitor)
         try:
-            await session.accept(
+            return await session.accept(
                 client_message_id=message.client_message_id,
                 text=text,
                 model_alias=model,
                 model_id=policy.model_id(self.settings, model),
                 anonymous=visitor.anonymous,
-                address=address,
+                address=who.address,
                 replaces=replaces,
+                admit=None if self.quotas is None or counted else count,
             )
         except RewriteRefused as exc:
-            raise ChatError("bad_request", str(exc), session.chat.id) from None
+            raise ChatError("bad_request", str(exc), chat_id) from None
         except DuplicateClientMessage:
             raise ChatError(
-                "bad_request", "This clientMessageId was already used.", session.chat.id
+                "bad_request", "This clientMessageId was already used.", chat_id
             ) from None
         except SessionClosed:
-            raise ChatError("not_found", "This chat no longer exists.", session.chat.id) from None
+            raise ChatError("not_found", "This chat no longer exists.", chat_id) from None
 
     async def _resend(
         self, message: wire.Chat, previous: MessageRecord, sender: Subscriber
@@ -564,6 +619,10 @@ class Chats:
         except SessionClosed:
             # Deleted on another instance while this one opened it.
             raise ChatError("not_found", NO_SUCH_CHAT, chat_id) from None
+
+
+def _refusal(exc: QuotaExceeded, chat_id: str | None) -> ChatError:
+    return ChatError(exc.code, exc.message, chat_id, retryable=True, retry_after=exc.retry_after)
 
 
 def _check_same_chat(chat: ChatRecord, message: wire.Chat) -> None:

@@ -97,7 +97,27 @@ class Quotas:
 
     async def admit(self, who: Who) -> None:
         """Count one more turn for `who`, or raise QuotaExceeded (counting nothing)."""
+        await self.check(who)
+        await self.count(who)
+
+    async def check(self, who: Who) -> None:
+        """Raise QuotaExceeded if `who` may not start a turn now; count nothing."""
+        await self._test_rates(self._rates(who))
+        for budget, kind, key in self._budgets(who):
+            wait = await self._over_budget(budget, kind, key)
+            if wait is not None:
+                raise QuotaExceeded("budget_exceeded", _out_of_tokens(budget, wait), wait)
+
+    async def count(self, who: Who) -> None:
+        """Count one more turn for `who` (after `check`), or raise QuotaExceeded if its turn
+        rates allow none now (counting nothing). Uses no store: the message path counts a
+        turn inside the transaction that saves its message."""
         rates = self._rates(who)
+        await self._test_rates(rates)
+        for rate, key in rates:
+            await self.limiter.hit(rate, key)
+
+    async def _test_rates(self, rates: list[tuple[Rate, str]]) -> None:
         for rate, key in rates:
             decision = await self.limiter.test(rate, key)
             if not decision.allowed:
@@ -106,12 +126,6 @@ class Quotas:
                     _too_many_turns(rate, decision.retry_after),
                     decision.retry_after,
                 )
-        for budget, kind, key in self._budgets(who):
-            wait = await self._over_budget(budget, kind, key)
-            if wait is not None:
-                raise QuotaExceeded("budget_exceeded", _out_of_tokens(budget, wait), wait)
-        for rate, key in rates:
-            await self.limiter.hit(rate, key)
 
     def spent(self, who: Who, tokens: int) -> None:
         """A turn of `who` ended having used `tokens` (just saved with its answer)."""

@@ -63,6 +63,21 @@ class SeqCounter:
         self.allocated = seq
         return seq
 
+    def take(self) -> tuple[int, int | None]:
+        """The next seq for an event saved in a transaction that can record a reservation
+        too (a user message): the seq, and the high-water mark that transaction must write
+        with it (None: the reservation covers it already). Once the transaction committed,
+        `reserved_to` that mark; if it failed, `give_back` the seq."""
+        seq = self.allocated + 1
+        upto = seq + self._block - 1 if seq > self.reserved - AHEAD else None
+        self.allocated = seq
+        return seq, upto
+
+    def reserved_to(self, upto: int) -> None:
+        """The database holds a reservation up to `upto` now (see `take`)."""
+        if upto > self.reserved:
+            self.reserved = upto
+
     def give_back(self, seq: int) -> None:
         """A seq handed out but never published (its event could not be saved): the next
         event takes it, so the published seqs stay contiguous."""

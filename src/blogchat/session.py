@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -73,6 +73,14 @@ class SessionState(enum.Enum):
 
 class SessionClosed(Exception):
     """The session was closed (chat deleted, idle reclaim, shutdown)."""
+
+
+class AlreadySent(Exception):
+    """The chat's owner sent a message with this clientMessageId before: `previous`."""
+
+    def __init__(self, previous: MessageRecord) -> None:
+        super().__init__(previous.client_message_id)
+        self.previous = previous
 
 
 class RewriteRefused(Exception):
@@ -331,17 +339,23 @@ class ChatSession:
         anonymous: bool,
         address: str = "",
         replaces: Sequence[MessageRecord] = (),
+        admit: Callable[[], Awaitable[None]] | None = None,
     ) -> MessageRecord:
         """Save a user message, announce it, and queue its turn. A message that `replaces`
         the chat's last turn (see `rewrite`) takes its place: the replaced messages are
-        marked superseded in the same save and leave the conversation."""
+        marked superseded in the same save and leave the conversation.
+
+        The save is one transaction: the idempotency lookup (AlreadySent if the chat's
+        owner sent this clientMessageId before: nothing is saved), then `admit` (what it
+        raises refuses the message), the insert, the chat's model when it changes, and the
+        chat's seq reservation when it runs low."""
         self._ensure_open()
         async with self._lock:
             if replaces and (self.busy or any(m not in self.history for m in replaces)):
                 # (Checked again under the lock: another turn may have begun since.)
                 raise RewriteRefused("The chat changed meanwhile; try again.")
             await self._flush()
-            seq = await self.seqs.next()
+            seq, reserve = self.seqs.take()
             record = MessageRecord(
                 id=str(uuid.uuid4()),
                 chat_id=self.chat.id,
@@ -354,11 +368,28 @@ class ChatSession:
                 replaces=[message.id for message in replaces],
             )
             try:
-                await self.store.chats.add_message(record)
+                previous = await self.store.chats.add_user_message(
+                    record,
+                    owner_id=self.chat.owner_id,
+                    admit=admit,
+                    reserve=reserve,
+                    model=model_alias if model_alias != self.chat.model else None,
+                )
+            except asyncio.CancelledError:
+                # The save goes on without us (store.database.runs_to_completion) and may
+                # land: its seq is never handed out again.
+                raise
             except BaseException:
                 # Nothing was published with this seq: the next event takes it.
                 self.seqs.give_back(seq)
                 raise
+            if previous is not None:
+                self.seqs.give_back(seq)
+                raise AlreadySent(previous)
+            if reserve is not None:
+                self.seqs.reserved_to(reserve)
+            if model_alias != self.chat.model:
+                self.chat = dataclasses.replace(self.chat, model=model_alias)
             if replaces:
                 gone = set(record.replaces)
                 self.history = [m for m in self.history if m.id not in gone]
@@ -931,8 +962,9 @@ class ChatSessions:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    async def open(self, chat: ChatRecord) -> ChatSession:
-        """The chat's session, loading it if it is not live yet (once, even if asked twice)."""
+    async def open(self, chat: ChatRecord, *, created: bool = False) -> ChatSession:
+        """The chat's session, loading it if it is not live yet (once, even if asked twice).
+        A chat `created` just now has nothing to load (on one instance)."""
         session = self._sessions.get(chat.id)
         if session is not None:
             return session
@@ -944,6 +976,8 @@ class ChatSessions:
         try:
             if self.placement is not None:
                 session = await self.placement.open(chat, self)
+            elif created:
+                session = ChatSession(chat, [], **self.session_options())
             else:
                 history = await self.store.chats.get_messages(chat.id)
                 fresh = await self.store.chats.get_chat(chat.id) or chat

@@ -179,6 +179,16 @@ class FencedChatStore(ChatStore):
             self._on_lost()
             raise
 
+    async def add_user_message(
+        self, record: MessageRecord, *, fence: int | None = None, **options: Any
+    ) -> MessageRecord | None:
+        """Save a reader's message (or find it sent before), fenced."""
+        try:
+            return await super().add_user_message(record, fence=self.fence, **options)
+        except StaleOwner:
+            self._on_lost()
+            raise
+
     async def save_message(self, record: MessageRecord, *, fence: int | None = None) -> None:
         """Save a message, fenced."""
         try:

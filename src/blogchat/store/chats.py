@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, cast
 
-from sqlalchemy import Table, bindparam, case, delete, exists, func, insert, select, update
+from sqlalchemy import (
+    Select,
+    Table,
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased, selectinload
 
 from blogchat.protocol import MessageStatus, ModelAlias
@@ -206,6 +219,30 @@ def _columns(record: MessageRecord) -> dict[str, Any]:
         "content": record.content,
         "updated_at": utcnow(),
     }
+
+
+def _new_row(record: MessageRecord) -> dict[str, Any]:
+    """Every column of a new message row (its tool calls aside)."""
+    return _columns(record) | {
+        "id": record.id,
+        "chat_id": record.chat_id,
+        "role": record.role,
+        "client_message_id": record.client_message_id,
+        "created_at": record.created_at,
+    }
+
+
+def _sent_by(owner_id: str, client_message_id: str) -> Select[str]:
+    """The ids of the user messages an owner sent with this clientMessageId."""
+    return (
+        select(Message.id)
+        .join(Chat, Chat.id == Message.chat_id)
+        .where(
+            Chat.owner_id == owner_id,
+            Message.client_message_id == client_message_id,
+            Message.role == "user",
+        )
+    )
 
 
 def _tool_call_columns(record: MessageRecord) -> list[dict[str, Any]]:
@@ -420,49 +457,99 @@ class ChatStore:
     ) -> MessageRecord | None:
         """The user message a visitor sent with this clientMessageId, in any of its chats."""
         async with self.db.session() as session:
-            # Every message a reader sends is looked up first, and almost never found: the
-            # plain id query keeps that path short; a resend loads the whole message.
-            found = await session.scalar(
-                select(Message.id)
-                .join(Chat, Chat.id == Message.chat_id)
-                .where(
-                    Chat.owner_id == owner_id,
-                    Message.client_message_id == client_message_id,
-                    Message.role == "user",
-                )
-                .limit(1)
-            )
-            if found is None:
-                return None
-            row = await session.get(Message, found, options=[selectinload(Message.tool_calls)])
-            if row is None:
-                return None
-            record = _message_record(row)
-            replaced = await session.scalars(
-                select(Message.id)
-                .where(Message.chat_id == row.chat_id, Message.superseded_by == row.id)
-                .order_by(Message.seq_start)
-            )
-            record.replaces = list(replaced)
-            return record
+            return await self._sent_before(session, owner_id, client_message_id)
+
+    async def _sent_before(
+        self, session: AsyncSession, owner_id: str, client_message_id: str
+    ) -> MessageRecord | None:
+        # Every message a reader sends is looked up first, and almost never found: the
+        # plain id query keeps that path short; a resend loads the whole message.
+        found = await session.scalar(_sent_by(owner_id, client_message_id).limit(1))
+        if found is None:
+            return None
+        row = await session.get(Message, found, options=[selectinload(Message.tool_calls)])
+        if row is None:
+            return None
+        record = _message_record(row)
+        replaced = await session.scalars(
+            select(Message.id)
+            .where(Message.chat_id == row.chat_id, Message.superseded_by == row.id)
+            .order_by(Message.seq_start)
+        )
+        record.replaces = list(replaced)
+        return record
+
+    @runs_to_completion
+    async def add_user_message(
+        self,
+        record: MessageRecord,
+        *,
+        owner_id: str,
+        admit: Callable[[], Awaitable[None]] | None = None,
+        reserve: int | None = None,
+        model: ModelAlias | None = None,
+        fence: int | None = None,
+    ) -> MessageRecord | None:
+        """A message a reader sent, in one transaction: the message its owner already sent
+        with this clientMessageId, if any, is returned and nothing is written; otherwise
+        the message is inserted, `admit` is awaited (what it raises rolls everything back:
+        it must not use the store), the messages it replaces are marked superseded, and its
+        chat is touched, with seqs reserved up to `reserve` and its model set to `model`
+        when given; with a `fence`, only if no higher token saved to the chat
+        (StaleOwner). Returns None when the message was saved.
+
+        A message's way to its first token goes through here, so it is short: the lookup
+        and the insert are one statement, the chat's update another, then the commit.
+        """
+        assert record.client_message_id is not None
+        messages = cast(Table, Message.__table__)
+        chat = cast(Table, Chat.__table__)
+        row = _new_row(record)
+        new = select(*(literal(value, messages.c[name].type) for name, value in row.items()))
+        inserted = insert(messages).from_select(
+            list(row), new.where(~exists(_sent_by(owner_id, record.client_message_id)))
+        )
+        values: dict[str, Any] = {"updated_at": utcnow()}
+        if reserve is not None:
+            values["last_seq"] = case((chat.c.last_seq < reserve, reserve), else_=chat.c.last_seq)
+        if model is not None:
+            values["model"] = model
+        touch = update(chat).where(chat.c.id == record.chat_id)
+        if fence is not None:
+            # The same statement checks the token and advances it.
+            touch = touch.where(chat.c.lease_fence <= fence)
+            values["lease_fence"] = fence
+        try:
+            async with self.db.session() as session:
+                result = await session.execute(inserted)
+                if not result.rowcount:  # type: ignore[attr-defined]
+                    return await self._sent_before(session, owner_id, record.client_message_id)
+                if admit is not None:
+                    await admit()
+                if record.replaces:
+                    await session.execute(
+                        update(Message)
+                        .where(Message.chat_id == record.chat_id, Message.id.in_(record.replaces))
+                        .values(superseded_by=record.id)
+                    )
+                touched = await session.execute(touch.values(values))
+                if not touched.rowcount:  # type: ignore[attr-defined]
+                    # (Without a fence the chat always matches: the insert needs it.)
+                    raise StaleOwner(record.chat_id)
+        except IntegrityError as exc:
+            if _violates(exc, DUPLICATE_CLIENT_MESSAGE):
+                raise DuplicateClientMessage(record.client_message_id) from None
+            raise
+        return None
 
     @runs_to_completion
     async def add_message(self, record: MessageRecord, *, fence: int | None = None) -> None:
         """Insert a new message (a user message that replaces others marks them superseded
         in the same transaction); with a `fence`, only if no higher token saved to the chat
         (StaleOwner)."""
-        columns = _columns(record) | {
-            "id": record.id,
-            "chat_id": record.chat_id,
-            "role": record.role,
-            "client_message_id": record.client_message_id,
-            "created_at": record.created_at,
-        }
         try:
             async with self.db.session() as session:
-                # Statements rather than ORM objects: this is on the way to a turn's first
-                # token (every message a reader sends is saved before it is acknowledged).
-                await session.execute(insert(Message).values(columns))
+                await session.execute(insert(Message).values(_new_row(record)))
                 if record.replaces:
                     await session.execute(
                         update(Message)
