@@ -384,3 +384,35 @@ def test_a_new_owner_finds_every_answer_left_unfinished_and_rebuilds_it_as_strea
         ("cut", "Hello", 6),
         ("unseen", "", 0),
     ]
+
+
+async def test_every_owned_lease_is_renewed_in_one_call_and_a_lost_one_is_told_apart(
+    client: redis.asyncio.Redis,
+) -> None:
+    a, b = bus(client, "a"), bus(client, "b")
+    chats = [f"chat-{n}" for n in range(5)]
+    leases = [await a.acquire(chat_id, floor=0) for chat_id in chats]
+    assert all(isinstance(lease, Lease) for lease in leases)
+    held = [lease for lease in leases if isinstance(lease, Lease)]
+    # chat-2's lease lapses and b takes it: a's renewal of it must fail, the others hold.
+    await lapse(client, a, "chat-2")
+    assert isinstance(await b.acquire("chat-2", floor=0), Lease)
+    # The others are about to lapse: the renewal must reach every one of them.
+    for chat_id in chats:
+        if chat_id != "chat-2":
+            await client.pexpire(a.key(chat_id, "lease"), 500)
+    assert await a.renew_all(held) == [True, True, False, True, True]
+    for chat_id in chats:
+        ttl = await client.pttl(a.key(chat_id, "lease"))
+        assert ttl > 1000, f"{chat_id}: {ttl} ms left"
+    assert await a.holders(chats) == [
+        Holder("a", held[0].fence),
+        Holder("a", held[1].fence),
+        Holder("b", held[2].fence + 1),
+        Holder("a", held[3].fence),
+        Holder("a", held[4].fence),
+    ]
+    # The list of leases has each renewed one past now, and b's new one.
+    assert await a.lapsed(10) == [Listed("chat-2", "a")]
+    assert await a.renew_all([]) == []
+    assert await a.holders([]) == []

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -294,6 +295,35 @@ class Bus:
         if renewed:
             await self._touch(lease.chat_id)
         return renewed
+
+    async def renew_all(self, leases: Sequence[Lease]) -> list[bool]:
+        """`renew` for many leases in one round trip (a pipeline, not a transaction: each
+        script checks its own lease), then their list entries in one more; whether each
+        was still held. An instance renews every chat it owns at once, so how long that
+        takes does not grow with their number on a busy machine."""
+        if not leases:
+            return []
+        async with self.client.pipeline(transaction=False) as pipe:
+            for lease in leases:
+                args: list[str | int] = [lease.value, self.lease_ms]
+                await self._renew(keys=[self.key(lease.chat_id, "lease")], args=args, client=pipe)
+            renewed = [bool(answer) for answer in await pipe.execute()]
+        held = [lease.chat_id for lease, kept in zip(leases, renewed, strict=True) if kept]
+        if held:
+            deadline = _now_ms() + self.lease_ms
+            entries = {_member(chat_id, self.instance): deadline for chat_id in held}
+            await self.client.zadd(self.leases, entries, gt=True)
+        return renewed
+
+    async def holders(self, chat_ids: Sequence[str]) -> list[Holder | None]:
+        """`holder` of each chat, in one round trip."""
+        if not chat_ids:
+            return []
+        async with self.client.pipeline(transaction=False) as pipe:
+            for chat_id in chat_ids:
+                pipe.get(self.key(chat_id, "lease"))
+            values = await pipe.execute()
+        return [None if value is None else _holder(_text(value)) for value in values]
 
     async def release(self, lease: Lease) -> None:
         """Give the lease up, if it is still ours."""

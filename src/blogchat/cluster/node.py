@@ -323,32 +323,49 @@ class ClusterNode:
     # --- leases -----------------------------------------------------------------------
 
     async def _renew_forever(self) -> None:
+        """Every third of the lease: renew what this instance owns first (all of it in one
+        round trip, so a busy machine does not let leases lapse one after another while
+        it works down a list), then look after the chats it follows and the lapsed ones.
+        The ticks keep their rhythm: the time a round takes comes off the next wait."""
+        loop = asyncio.get_running_loop()
+        period = self.lease_seconds / 3
+        due = loop.time()
         while True:
-            await asyncio.sleep(self.lease_seconds / 3)
+            due = max(due + period, loop.time())
+            await asyncio.sleep(due - loop.time())
+            await self._renew_owned()
             await self._check_followed()
             try:
                 await self._sweep()
             except Exception:
                 log.exception("the sweep of lapsed leases failed")
-            for chat_id, session in list(self.owned.items()):
-                try:
-                    renewed = await self.bus.renew(session.lease)
-                except Exception:
-                    log.exception("chat %s: could not renew its lease", chat_id)
-                    continue
-                if not renewed:
-                    self._lost(chat_id)
+
+    async def _renew_owned(self) -> None:
+        owned = list(self.owned.items())
+        if not owned:
+            return
+        try:
+            renewed = await self.bus.renew_all([session.lease for _, session in owned])
+        except Exception:
+            log.exception("could not renew the leases of %d chats", len(owned))
+            return
+        for (chat_id, session), kept in zip(owned, renewed, strict=True):
+            # (A session given up meanwhile is no longer this instance's to lose.)
+            if not kept and self.owned.get(chat_id) is session:
+                self._lost(chat_id)
 
     async def _check_followed(self) -> None:
         """A chat followed here whose lease lapsed (its owner died or hangs) is taken
         over: its readers here must not wait forever."""
-        for follower in list(self.followed.values()):
-            chat_id = follower.chat.id
-            try:
-                if await self.bus.holder(chat_id) is None and chat_id not in self._taking_over:
-                    self._spawn(self._take_over(chat_id))
-            except Exception:
-                log.exception("chat %s: could not check its lease", chat_id)
+        chat_ids = [follower.chat.id for follower in list(self.followed.values())]
+        try:
+            holders = await self.bus.holders(chat_ids)
+        except Exception:
+            log.exception("could not check the leases of %d followed chats", len(chat_ids))
+            return
+        for chat_id, holder in zip(chat_ids, holders, strict=True):
+            if holder is None and chat_id not in self._taking_over:
+                self._spawn(self._take_over(chat_id))
 
     async def _sweep(self) -> None:
         """Chats whose owner died with nobody reading them here: the first instance to find
