@@ -302,6 +302,7 @@ class TurnGate:
         self._line.append(waiter)
         try:
             await self._admit()
+            waiter.passed = True
             if not waiter.admitted.done():
                 self._tell_places()
                 await asyncio.wait_for(asyncio.shield(waiter.admitted), wait)
@@ -379,7 +380,9 @@ class TurnGate:
 
     def _tell_places(self) -> None:
         for place, waiter in enumerate(self._line, start=1):
-            if waiter.place != place:
+            # A waiter not through its own first pass yet is not told to wait: that pass
+            # may well let it in (another pass held the line, waiting on shared counts).
+            if waiter.passed and waiter.place != place:
                 waiter.place = place
                 waiter.on_place(place)
 
@@ -390,6 +393,7 @@ class _Waiter:
     admitted: asyncio.Future[Slot]
     on_place: Callable[[int], None]
     place: int = 0
+    passed: bool = False
 
 
 class Connections:

@@ -56,12 +56,14 @@ class FencedLog:
         lease: Lease,
         on_lost: Callable[[str], None],
         deliver: Callable[[int, str], None],
+        said: Callable[[str], None] | None = None,
     ) -> None:
         self.memory = memory
         self.bus = bus
         self.lease = lease
         self._on_lost = on_lost
         self._deliver = deliver
+        self._said = said
         self._pending: deque[tuple[Literal["append", "trim", "say"], int, str]] = deque()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -87,8 +89,9 @@ class FencedLog:
         self._queue("trim", before_seq, "")
 
     def say(self, after_seq: int, frame: str) -> None:
-        """Queue a frame without a seq for the other instances' readers, in its place
-        after the event `after_seq` (what this instance's readers got is theirs already)."""
+        """Queue a frame without a seq for every instance's readers, in its place after the
+        event `after_seq`: published, then handed to `said` (this instance's readers), in
+        order with the events queued before it."""
         if not self._writer.done():
             self._queue("say", after_seq, frame)
 
@@ -126,6 +129,8 @@ class FencedLog:
                     if kind == "say":
                         await self.bus.say(self.lease, seq, frame)
                         self._pending.popleft()
+                        if self._said is not None:
+                            self._said(frame)
                         continue
                     batch: list[tuple[int, str]] = []
                     for item in self._pending:
@@ -228,7 +233,7 @@ class OwnedSession(ChatSession):
         options["saves"] = None
         super().__init__(chat, history, **options)
         self.lease = lease
-        self.shared = FencedLog(memory, bus, lease, on_lost, self._delivered)
+        self.shared = FencedLog(memory, bus, lease, on_lost, self._delivered, self._said_here)
         self.log = self.shared
         self._on_closed = on_closed
         # Events published and not delivered yet (on their way to the shared log), by seq.
@@ -344,10 +349,13 @@ class OwnedSession(ChatSession):
             self._publish(done.seq, done)
 
     def _say(self, frame: str) -> None:
-        """To this instance's readers, and through the shared log's writer (in order with
-        the events before it) to every other instance's."""
+        """Through the shared log's writer, in order with the events before it, to every
+        instance's readers: this instance's get it once it is published (as its events),
+        so a `status` never overtakes the `user_message` or the tokens it follows."""
+        self.shared.say(max(self._sending, default=self.last_seq), frame)
+
+    def _said_here(self, frame: str) -> None:
         super()._say(frame)
-        self.shared.say(self.last_seq, frame)
 
     async def close(self) -> None:
         """Close as any session, then flush the shared log and give the lease up."""
