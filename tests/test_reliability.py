@@ -27,6 +27,7 @@ from schemathesis.core.result import Err
 from websockets.exceptions import ConnectionClosed
 
 from blogchat.connection import CLOSE_SLOW_CONSUMER, Connection, ConnectionState
+from blogchat.quotas import MemorySlots
 from blogchat.settings import Settings
 from blogchat.visitors import Visitor
 from tests.support.anthropic_server import (
@@ -855,9 +856,10 @@ async def test_an_attacker_with_many_cookies_at_one_address_stays_within_its_cap
         sampling = True
 
         async def sample() -> None:
-            gate = server.state.sessions.gate
+            slots = server.state.sessions.gate._slots
+            assert isinstance(slots, MemorySlots)
             while sampling:
-                running.append(gate._running.get(f"address:{ATTACKER}", 0))
+                running.append(slots.count(f"address:{ATTACKER}"))
                 await asyncio.sleep(0.01)
 
         sampler = asyncio.ensure_future(sample())

@@ -249,6 +249,10 @@ class MemorySlots:
             if not self._held[key]:
                 del self._held[key]
 
+    def count(self, key: str) -> int:
+        """Places held under a key now."""
+        return self._held.get(key, 0)
+
     def on_freed(self, listener: Callable[[], None]) -> None:
         """Places here only free up through `give_back`: nothing to listen to."""
 

@@ -104,6 +104,7 @@ class RedisSlots:
         self._held: dict[str, Slot] = {}
         self._listeners: list[Callable[[], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
         self._pubsub: PubSub | None = None
         # How many times this instance renewed its places (tests wait on it).
         self.renewals = 0
@@ -149,6 +150,9 @@ class RedisSlots:
 
     async def aclose(self) -> None:
         """Stop renewing and listening (the places still held lapse on their own)."""
+        # (redis-py may turn a cancellation mid-read into a connection error, which the
+        # loops would otherwise take for a lost connection and go on.)
+        self._closing = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -158,15 +162,21 @@ class RedisSlots:
             with contextlib.suppress(Exception):
                 await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
+    def closing(self) -> bool:
+        """Whether `aclose` began."""
+        return self._closing
+
     def _member(self, slot: Slot) -> str:
         return f"{self.instance}:{slot.id}"
 
     async def _renew_forever(self) -> None:
-        while True:
+        while not self.closing():
             await asyncio.sleep(self.ttl_ms / 3000)
             try:
                 await self._renew_all()
             except Exception:
+                if self.closing():
+                    return
                 log.exception("could not renew this instance's places")
             self.renewals += 1
             self._freed()
@@ -184,7 +194,7 @@ class RedisSlots:
             )
 
     async def _listen(self, pubsub: PubSub) -> None:
-        while True:
+        while not self.closing():
             try:
                 async for message in pubsub.listen():
                     if message["type"] == "message":
@@ -192,6 +202,8 @@ class RedisSlots:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if self.closing():
+                    return
                 # redis-py subscribes again when it reconnects; meanwhile the renewals
                 # still wake the waiters.
                 log.exception("the freed places channel failed; listening again")
