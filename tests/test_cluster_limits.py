@@ -10,7 +10,7 @@ test, two `RedisSlots` standing for two instances. Then real server processes (t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,9 @@ from tests.support.client import ChatSocket, Event
 from tests.support.redis import REDIS_URL, forget_prefix, require_redis, unique_prefix
 from tests.support.server import Database
 from tests.test_cluster import QUESTION, Fleet, Visitor, sql
+
+# (A fixture, used by its name: the explicit re-export keeps it.)
+from tests.test_cluster import fleet_of as fleet_of
 
 ALICE = Who("alice", "203.0.113.7", anonymous=True)
 LONG_QUESTION = "Tell me about sourdough starters at length?"
@@ -183,44 +186,17 @@ async def until_async(condition: Any, timeout: float = 30) -> None:
 # --- real instances --------------------------------------------------------------------------
 
 
-class LimitedFleet(Fleet):
-    """A fleet whose instances all run with some limits set."""
-
-    def __init__(
-        self, database: Database, prefix: str, tmp_path: Path, speed: int, limits: dict[str, str]
-    ) -> None:
-        super().__init__(database, prefix, tmp_path, speed)
-        self.limits = limits
-
-    def env(self, name: str) -> dict[str, str]:
-        return {**super().env(name), **self.limits}
-
-
 @pytest.fixture
-def limited_fleet(postgres_database: Database, tmp_path: Path) -> Iterator[Any]:
-    """Start instances (`a` and `b` unless named) with these limits (settings' names)."""
-    asyncio.run(require_redis())
-    prefix = unique_prefix()
-    fleets: list[Fleet] = []
+def limited_fleet(fleet_of: Any) -> Any:
+    """Start instances (`a` and `b` unless named) with these limits (settings' names), as
+    `tests/test_cluster.py`'s fleets."""
 
     def start(*names: str, speed: int = 0, **limits: Any) -> Fleet:
         env = {Settings.env_name(field): str(value) for field, value in limits.items()}
-        fleet = LimitedFleet(postgres_database, prefix, tmp_path, speed, env)
-        fleets.append(fleet)
-        try:
-            for name in names or ("a", "b"):
-                fleet.start(name)
-        except BaseException:
-            fleet.stop()
-            raise
+        fleet: Fleet = fleet_of(*(names or ("a", "b")), speed=speed, env=env)
         return fleet
 
-    try:
-        yield start
-    finally:
-        for fleet in fleets:
-            fleet.stop()
-        asyncio.run(test_cluster._forget(prefix))
+    return start
 
 
 async def ask(ws: ChatSocket, question: str, chat_id: str | None = None) -> list[Event]:
