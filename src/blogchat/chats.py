@@ -243,10 +243,11 @@ class Chats:
             )
         lock = self._visitor_locks.setdefault(visitor.id, asyncio.Lock())
         async with lock, self._everywhere(visitor):
-            # A new chat, or with several instances, the message is looked up first: a
-            # resend must create nothing, and never be forwarded. Otherwise the lookup is
-            # part of the transaction that saves the message (ChatSession.accept).
-            looked = message.chat_id is None or self.cluster is not None
+            # A new chat's message is looked up first: a resend must create nothing (and
+            # one forwarded to another instance's chat is, in `_forwarded`: a resend is
+            # never forwarded). Otherwise the lookup is part of the transaction that saves
+            # the message (ChatSession.accept).
+            looked = message.chat_id is None
             if looked:
                 previous = await self.store.chats.find_client_message(
                     visitor.id, message.client_message_id
@@ -320,6 +321,12 @@ class Chats:
             if not self.cluster.follows(session):
                 return False
             _check_same_chat(session.chat, message)
+            if attempt == 0:
+                previous = await self.store.chats.find_client_message(
+                    visitor.id, message.client_message_id
+                )
+                if previous is not None:
+                    raise AlreadySent(previous)
             if not session.watched_by(sender):
                 session.subscribe(
                     sender, after_seq=session.last_seq, request_id=None, announce=False
