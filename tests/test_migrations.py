@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -128,3 +129,21 @@ async def test_a_postgresql_schema_that_does_not_exist_yet_is_created(
         async with db.engine.begin() as connection:
             await connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         await db.dispose()
+
+
+async def test_instances_starting_together_on_an_empty_database_all_start(
+    postgres_database: Backend, tmp_path: Path
+) -> None:
+    # Several instances deployed at once each migrate at start-up: they must not collide.
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    url = settings_for(postgres_database, tmp_path).database
+    instances = [Database(url, schema=schema) for _ in range(4)]
+    try:
+        await asyncio.gather(*(db.migrate() for db in instances))
+        assert await state(instances[0]) == (TABLES | {"alembic_version"}, HEAD)
+        assert await differences(instances[0]) == []
+    finally:
+        async with instances[0].engine.begin() as connection:
+            await connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        for db in instances:
+            await db.dispose()

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import zlib
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -128,10 +129,20 @@ class Database:
             yield session
 
     async def migrate(self) -> None:
-        """Bring the schema up to the newest migration."""
+        """Bring the schema up to the newest migration.
+
+        On PostgreSQL, instances that start together migrate one after the other: each
+        takes a transaction-scoped advisory lock (one per schema) before it looks, so the
+        first creates the tables and the others find them at the newest revision. Side by
+        side, two `CREATE TABLE`s of one name collide in the catalogue
+        (`pg_type_typname_nsp_index`) and the second instance fails to start.
+        """
         async with self.engine.begin() as connection:
-            if self.schema and not self.is_sqlite:
-                await connection.run_sync(_ensure_schema, self.schema)
+            if not self.is_sqlite:
+                key = zlib.crc32(f"blogchat migrations {self.schema or ''}".encode())
+                await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+                if self.schema:
+                    await connection.run_sync(_ensure_schema, self.schema)
             await connection.run_sync(_upgrade)
 
     async def dispose(self, *, drain: float = 10.0) -> None:
