@@ -772,6 +772,9 @@ async def test_an_owner_killed_mid_answer_is_taken_over_and_nothing_acknowledged
         streamed = answer_text(seen, cut_id)
         assert streamed, "nothing was streamed before the kill"
         # The queued question is answered by the new owner, then the late one.
+        seen += await watcher.until("token", timeout=60)
+        resumed = asyncio.get_running_loop().time() - killed
+        print(f"owner killed: the next answer's first token {resumed:.2f} s after the kill")
         seen += await watcher.until("done", timeout=60)
         assert seen[-1]["reason"] == "complete"
         seen += await watcher.until("done", timeout=60)
