@@ -26,6 +26,18 @@ with its baseline, measured side by side under the same machine noise:
    session or socket) streams 20 stamped answers at once at 50 deltas/s, round after
    round, in rotating order, on the SDK's default httpx transport and on the aiohttp one
    the engine uses: CPU per delta of this process, and each delta's delay.
+5. where the engine's CPU per delta goes, in this process on uvloop (as the server runs):
+   the same 20 stamped answers at once at 50 deltas/s, round after round, in rotating
+   order, read five ways, each adding one layer to the one before: aiohttp reading the
+   SSE lines (the floor), the SDK's raw events (`create(stream=True)`), its typed stream
+   (`messages.stream()`: the message snapshot and a derived event per delta), its
+   streaming tool runner, and the Messages engine.
+
+`--compare-source CHECKOUT` measures instead figure 2 on two servers side by side, one
+serving this tree and one a checkout of another revision (`git archive REV | tar -x -C
+DIR`): `--compare-rounds` pairs of rounds, each on fresh servers, each tree first every other
+round so that a pair shares the machine's drift. It prints each tree's median CPU per
+delivered token and their paired ratio.
 """
 
 from __future__ import annotations
@@ -34,17 +46,21 @@ import argparse
 import asyncio
 import contextlib
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
+import aiohttp
 import httpx
+import uvloop
 from anthropic import AsyncAnthropic
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
@@ -73,6 +89,7 @@ from bench.support import (
 from blogchat.app import load_content
 from blogchat.engines.base import TextDelta, TurnEnded, TurnRequest
 from blogchat.engines.messages import MessagesEngine
+from blogchat.engines.messages.engine import http_client
 
 BENCH = "7. messages engine"
 GOAL_TTFT_P50_MS = 5.0
@@ -216,6 +233,95 @@ async def stamped_turn(bench: MessagesBench) -> list[float]:
         elif isinstance(event, TurnEnded) and event.reason != "complete":
             raise RuntimeError(f"messages engine turn ended {event.reason}")
     return delays
+
+
+async def layer_rounds(base_url: str, chats: int, rounds: int) -> dict[str, float]:
+    """CPU per text delta of each layer of the engine's stream (figure 5), in rotating
+    order each round."""
+    body: dict[str, Any] = {
+        "model": "claude-haiku-4-5",
+        "max_tokens": 4096,
+        "messages": [{"role": "user", "content": QUESTION}],
+    }
+    client = AsyncAnthropic(
+        api_key="bench-key", base_url=base_url, max_retries=0, http_client=http_client()
+    )
+
+    async def deltas(events: AsyncIterator[Any]) -> int:
+        return sum([event.type == "content_block_delta" async for event in events])
+
+    with tempfile.TemporaryDirectory(prefix="bench-messages-") as tmp:
+        bench = MessagesBench(base_url, Path(tmp))
+        async with aiohttp.ClientSession() as session:
+
+            async def lines() -> int:
+                async with session.post(
+                    f"{base_url}/v1/messages", json={**body, "stream": True}
+                ) as response:
+                    return sum(
+                        [
+                            line.startswith(b"data: ") and b"text_delta" in line
+                            async for line in response.content
+                        ]
+                    )
+
+            async def raw() -> int:
+                return await deltas(await client.beta.messages.create(**body, stream=True))
+
+            async def typed() -> int:
+                async with client.beta.messages.stream(**body) as stream:
+                    return await deltas(stream)
+
+            async def runner() -> int:
+                total = 0
+                requests = client.beta.messages.tool_runner(
+                    **body, tools=[], stream=True, thread=False
+                )
+                async for stream in requests:
+                    total += await deltas(stream)
+                return total
+
+            async def engine() -> int:
+                return len(await stamped_turn(bench))
+
+            ways: dict[str, Callable[[], Awaitable[int]]] = {
+                "aiohttp reading the SSE lines": lines,
+                "the SDK's raw events, create(stream=True)": raw,
+                "the SDK's typed stream, messages.stream()": typed,
+                "the SDK's tool runner, tool_runner(stream=True)": runner,
+                "the Messages engine": engine,
+            }
+            cpu = dict.fromkeys(ways, 0.0)
+            count = dict.fromkeys(ways, 0)
+            for way in ways.values():  # Warm up: connect, import, fill the caches.
+                await asyncio.gather(*(way() for _ in range(chats)))
+            names = list(ways)
+            for index in range(rounds):
+                for name in names if index % 2 == 0 else names[::-1]:
+                    started = time.process_time()
+                    answers = await asyncio.gather(*(ways[name]() for _ in range(chats)))
+                    cpu[name] += time.process_time() - started
+                    count[name] += sum(answers)
+        await bench.engine.aclose()
+    await client.close()
+    return {name: cpu[name] / max(1, count[name]) * 1e6 for name in names}
+
+
+def layer_rows(per_delta: dict[str, float], chats: int, rate: float) -> list[Row]:
+    """Each layer's CPU per delta, and what it adds to the one before."""
+    rows: list[Row] = []
+    before: float | None = None
+    for name, value in per_delta.items():
+        added = "" if before is None else f" (+{value - before:.0f})"
+        rows.append(
+            info_row(
+                BENCH,
+                f"{chats} answers at once x {rate:g} deltas/s, CPU per delta: {name}",
+                f"{value:.0f} µs{added}",
+            )
+        )
+        before = value
+    return rows
 
 
 @dataclass
@@ -404,12 +510,13 @@ async def under_load(
     *,
     with_baseline: bool = False,
     spread: float | None = None,
+    source: Path = REPO,
 ) -> Load:
     """`chats` chats at once on a server of this engine: one warm-up turn each, then one
     measured turn each, with the server's CPU (children included) and memory."""
     with (
         stamped_model(tokens, rate) as base_url,
-        server(engine="default", env=engine_env(engine, base_url, chats)) as bench,
+        server(engine="default", env=engine_env(engine, base_url, chats), source=source) as bench,
     ):
         cookies = await visitors(bench, chats)
         sockets = await open_many(bench, cookies)
@@ -460,6 +567,41 @@ def cpu_row(name: str, load: Load, chats: int, rate: float) -> Row:
         unit="µs",
         shown=shown,
     )
+
+
+def compare_cpu(baseline: Path, rounds: int, chats: int, tokens: int, rate: float) -> list[Row]:
+    """Figure 2 on the Messages engine, on this tree and on `baseline`, in pairs of rounds."""
+    sources = {"baseline": baseline, "this tree": REPO}
+    per_token: dict[str, list[float]] = {way: [] for way in sources}
+    for index in range(rounds):
+        order = list(sources) if index % 2 == 0 else list(reversed(sources))
+        for way in order:
+            load = asyncio.run(under_load("messages", chats, tokens, rate, source=sources[way]))
+            if load.errors:
+                raise RuntimeError(f"{way}: {len(load.errors)} errors, first {load.errors[0]}")
+            per_token[way].append(load.cpu / max(1, load.tokens) * 1e6)
+    metric = f"server CPU per delivered token, {chats} chats x {rate:g} tokens/s"
+    rows = [
+        info_row(
+            BENCH,
+            f"{metric}, {way}",
+            f"{statistics.median(values):,.0f} µs median of {len(values)} "
+            f"({', '.join(f'{value:.0f}' for value in values)})",
+        )
+        for way, values in per_token.items()
+    ]
+    paired = [
+        after / before
+        for before, after in zip(per_token["baseline"], per_token["this tree"], strict=True)
+    ]
+    rows.append(
+        info_row(
+            BENCH,
+            f"{metric}: this tree / baseline, paired by round",
+            f"{statistics.median(paired):.2f} median ({min(paired):.2f}-{max(paired):.2f})",
+        )
+    )
+    return rows
 
 
 def crowd_rows(crowd: Load, crowd_chats: int, crowd_rate: float) -> list[Row]:
@@ -548,17 +690,34 @@ def main(argv: list[str] | None = None) -> list[Row]:
     )
     parser.add_argument("--crowd-tokens", type=int, default=100, help="tokens per crowd answer")
     parser.add_argument(
-        "--transport-rounds", type=int, default=6, help="rounds of each transport, engine alone"
+        "--transport-rounds",
+        type=int,
+        default=6,
+        help="rounds of each transport (and of each layer), engine alone",
     )
     parser.add_argument(
         "--only",
-        default="latency,cpu,crowd,transport",
-        help="parts to run: latency, cpu, crowd, transport",
+        default="latency,cpu,crowd,transport,layers",
+        help="parts to run: latency, cpu, crowd, transport, layers",
+    )
+    parser.add_argument(
+        "--compare-source",
+        type=Path,
+        help="measure figure 2 on this tree and on this checkout of another revision, only",
+    )
+    parser.add_argument(
+        "--compare-rounds", type=int, default=6, help="pairs of rounds with --compare-source"
     )
     args = parser.parse_args(argv)
     parts = set(args.only.split(","))
     raise_file_limit()
     rows: list[Row] = []
+    if args.compare_source is not None:
+        rows = compare_cpu(
+            args.compare_source, args.compare_rounds, args.chats, args.tokens, args.rate
+        )
+        print_rows(f"Messages engine, {args.compare_source} against this tree", rows)
+        return rows
     if "latency" in parts:
         with anthropic_api(500) as base_url:
             unpaced = asyncio.run(latency_rounds(base_url, args.rounds))
@@ -586,6 +745,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
         with stamped_model(args.tokens, args.rate) as base_url:
             transports = asyncio.run(transport_rounds(base_url, args.chats, args.transport_rounds))
         rows += transport_rows(transports, args.chats, args.rate)
+    if "layers" in parts:
+        with stamped_model(args.tokens, args.rate) as base_url:
+            layers = uvloop.run(layer_rounds(base_url, args.chats, args.transport_rounds))
+        rows += layer_rows(layers, args.chats, args.rate)
     print_rows("Messages engine beside the Agent SDK engine and direct", rows)
     return rows
 

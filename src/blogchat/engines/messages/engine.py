@@ -77,6 +77,10 @@ warnings.filterwarnings(
 
 Phase = Literal["streaming", "finishing_sentence", "finishing_tool", "done"]
 
+# The events the SDK's stream derives from the raw event it yielded just before (a `text`
+# event for every text delta, with the block's text so far): the raw ones say it all.
+_DERIVED = frozenset({"text", "thinking", "signature", "input_json", "citation", "compaction"})
+
 
 # Connections to the API, open at once and kept between requests: every running turn has
 # one, so the pool must never make a turn wait for another's (docs/performance.md, 7).
@@ -150,8 +154,9 @@ class _Call:
     stop_reason: str | None = None
     # Whether any of its text or thinking reached the reader.
     shown: bool = False
-    # The text of each block that reached the reader, by block index.
-    shown_text: dict[int, str] = field(default_factory=dict)
+    # The text of each block that reached the reader, by block index, in the pieces shown
+    # (joined only if the request ends early: adding each delta to a string copies it).
+    shown_text: dict[int, list[str]] = field(default_factory=dict)
     block: str | None = None
     block_index: int = -1
 
@@ -406,8 +411,11 @@ class _Turn:
     async def _stream(self, stream: Any, call: _Call) -> AsyncGenerator[EngineEvent, None]:
         """One request's stream, as engine events. Sets phase "done" when the turn ends in
         it (a stop took effect); a failure propagates."""
+        shown_text = call.shown_text
         async for event in stream:
             kind = event.type
+            if kind in _DERIVED:
+                continue
             if kind == "content_block_delta":
                 delta = event.delta
                 if delta.type == "text_delta":
@@ -416,8 +424,11 @@ class _Turn:
                     text = self._text(delta.text)
                     if text:
                         call.shown = True
-                        index = event.index
-                        call.shown_text[index] = call.shown_text.get(index, "") + text
+                        pieces = shown_text.get(event.index)
+                        if pieces is None:
+                            shown_text[event.index] = [text]
+                        else:
+                            pieces.append(text)
                         yield TextDelta(text)
                 elif delta.type == "thinking_delta":
                     if call.first_token_at is None:
@@ -540,8 +551,8 @@ class _Turn:
                 content.append(
                     {"type": "thinking", "thinking": block.thinking, "signature": block.signature}
                 )
-            elif call.shown_text.get(index, "").strip():
-                content.append({"type": "text", "text": call.shown_text[index]})
+            elif (text := "".join(call.shown_text.get(index, ()))).strip():
+                content.append({"type": "text", "text": text})
         if content:
             self.exchange.append({"role": "assistant", "content": content})
         return content
