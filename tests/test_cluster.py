@@ -23,7 +23,7 @@ import redis.asyncio
 
 from blogchat.settings import Settings
 from tests.conftest import POSTGRES_URL
-from tests.support.anthropic_server import AnthropicTestServer, text
+from tests.support.anthropic_server import AnthropicTestServer, gate, reply, text
 from tests.support.browser import record_measurement
 from tests.support.claude import agent_processes, claude_process_env, gone, wait_until
 from tests.support.client import ChatSocket, Event, Reader, answer_text, transcript
@@ -1048,6 +1048,77 @@ async def test_claude_follow_ups_use_the_owners_process_and_resume_after_the_own
         if block.get("type") == "text"
     ]
     assert answers == ["Echo: Remember the word damson", "Echo: Which word?"]
+
+
+@pytest.mark.claude
+@pytest.mark.agent_sdk
+async def test_a_zombie_claude_owner_saves_none_of_its_transcript_after_the_takeover(
+    fleet_of: Any,
+    api: AnthropicTestServer,
+    tmp_path: Path,
+    postgres_database: Database,
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    fleet = fleet_of("a", "b", env=claude_process_env(api, tmp_path / "agent"))
+    held = gate()
+    api.when(
+        lambda request: request.prompt == "Tell me everything.",
+        reply(text("Starters like warmth. ", chunk=100), held, text("And time.")),
+    )
+    async with Visitor(fleet) as visitor:
+        owner = await visitor.connect("a")
+        await owner.chat("Remember the word damson")
+        chat_id = (await owner.expect("chat_created"))["chatId"]
+        first = await owner.until("done", timeout=60)
+        assert first[-1]["reason"] == "complete"
+        watcher = await visitor.connect("b")
+        await watcher.send(type="subscribe", chatId=chat_id, afterSeq=first[-1]["seq"])
+        await watcher.expect("subscribed")
+        await owner.chat("Tell me everything.", chat_id)
+        seen = await watcher.until("token", timeout=60)
+        assert await asyncio.to_thread(held.reached.wait, 60)
+        zombie = fleet.servers["a"]
+        assert zombie.process is not None
+        # Paused past its lease: b takes the chat over and ends the cut answer.
+        zombie.process.send_signal(signal.SIGSTOP)
+        try:
+            seen += await watcher.until("done", timeout=30)
+            assert seen[-1]["reason"] == "error"
+            # Meanwhile a's agent process (not paused) gets the rest of its answer: its
+            # turn's transcript waits in the pipe for a to read it.
+            held.open()
+        finally:
+            zombie.process.send_signal(signal.SIGCONT)
+        cut = answer_text(seen, seen[-1]["messageId"])
+        # a wakes up and mirrors its turn's transcript: refused by the database.
+        await logged(zombie, f"chat {chat_id}: transcript write refused")
+        await logged(zombie, f"chat {chat_id}: given up here after losing its lease")
+        assert (await holder_of(redis_client, fleet, chat_id)).startswith("b:")
+        stored = await sql(
+            postgres_database,
+            "SELECT entry::text AS line FROM agent_transcripts WHERE session_id = $1",
+            chat_id,
+        )
+        assert any("Remember the word damson" in row["line"] for row in stored)
+        assert not any("Tell me everything" in row["line"] for row in stored), (
+            "the zombie's turn reached the stored transcript"
+        )
+
+        # The next question runs on b, which resumes the transcript the zombie left alone.
+        question = "Where were you?"
+        await watcher.chat(question, chat_id)
+        answered = await watcher.until("done", timeout=60)
+        assert answered[-1]["reason"] == "complete"
+        assert min(seqs_of(answered)) > seen[-1]["seq"]
+
+    prompts = api.last_request().user_prompts
+    assert prompts[0] == "Remember the word damson"
+    assert len(prompts) == 2
+    assert cut.strip() == "Starters like warmth."
+    assert prompts[1].startswith("<interrupted_exchange>\n")
+    exchange = f"\nReader: Tell me everything.\n\nYou: {cut}\n</interrupted_exchange>"
+    assert exchange in prompts[1]
+    assert prompts[1].endswith(f"</interrupted_exchange>\n\n{question}")
 
 
 # --- behind a reverse proxy ------------------------------------------------------------------

@@ -159,6 +159,11 @@ class ClusterNode:
                 raise
         return await self._follow(fresh, sessions)
 
+    def fence_of(self, chat_id: str) -> int | None:
+        """The token this instance holds for a chat it owns; None for any other chat."""
+        session = self.owned.get(chat_id)
+        return None if session is None else session.lease.fence
+
     def follows(self, session: ChatSession) -> bool:
         """Whether the session mirrors a chat another instance owns."""
         return isinstance(session, FollowerSession)
