@@ -9,6 +9,7 @@ every move is deterministic, except behind haproxy, which chooses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
 import time
@@ -545,6 +546,50 @@ async def test_a_rename_through_a_non_owner_reaches_every_reader_on_every_instan
             assert (await socket.expect("subscribed"))["chat"]["title"] == title
     rows = await sql(postgres_database, "SELECT title FROM chats WHERE id = $1", chat_id)
     assert [row["title"] for row in rows] == [title]
+
+
+async def test_a_model_change_through_a_non_owner_reaches_every_reader_on_every_instance(
+    fleet_of: Any, postgres_database: Database, redis_client: redis.asyncio.Redis
+) -> None:
+    fleet = fleet_of(speed=0)
+    async with contextlib.AsyncExitStack() as stack:
+        # Anonymous readers have one model: an account may choose.
+        first = await stack.enter_async_context(Reader(fleet.url("a")))
+        await first.register()
+        visitor = Visitor(fleet)
+        visitor.readers["a"] = first
+        for name in ("b", "c"):
+            visitor.readers[name] = await stack.enter_async_context(
+                Reader(fleet.url(name), cookie=first.cookie)
+            )
+        readers = {"a": await visitor.connect("a")}
+        await readers["a"].chat(QUESTION)
+        created = await readers["a"].expect("chat_created")
+        chat_id, before = created["chatId"], created["model"]
+        await readers["a"].until("done", timeout=60)
+        after = "opus" if before != "opus" else "sonnet"
+        for name in ("b", "c"):
+            readers[name] = await visitor.connect(name)
+            await readers[name].send(type="subscribe", chatId=chat_id)
+            assert (await readers[name].expect("subscribed"))["chat"]["model"] == before
+        assert (await holder_of(redis_client, fleet, chat_id)).startswith("a:")
+
+        # Sent through b, run by a: every reader's summary follows, after the question.
+        await readers["b"].chat("And on a bigger model?", chat_id, model=after)
+        seen = {name: await reader.until("done", timeout=60) for name, reader in readers.items()}
+        for name in INSTANCES:
+            kinds = [event["type"] for event in seen[name]]
+            assert kinds[:2] == ["user_message", "chat_updated"], f"on {name}: {kinds[:3]}"
+            assert kinds.count("chat_updated") == 1, f"on {name}"
+            assert seen[name][1]["chat"]["model"] == after
+            assert seen[name] == seen["a"]
+        # Every instance's session has the new model for its next subscriber.
+        for name in INSTANCES:
+            socket = await visitor.connect(name)
+            await socket.send(type="subscribe", chatId=chat_id)
+            assert (await socket.expect("subscribed"))["chat"]["model"] == after, name
+    rows = await sql(postgres_database, "SELECT model FROM chats WHERE id = $1", chat_id)
+    assert [row["model"] for row in rows] == [after]
 
 
 async def test_generated_titles_and_waiting_status_reach_readers_on_every_instance(
