@@ -1022,6 +1022,61 @@ async def test_after_redis_lost_its_data_seqs_go_on_and_a_stale_resume_gets_the_
         assert transcript(await owner.until("done", timeout=60)) == transcript(after)
 
 
+async def test_a_follower_whose_log_was_lost_mid_answer_is_rebuilt_from_the_new_one(
+    fleet_of: Any, postgres_database: Database, redis_client: redis.asyncio.Redis
+) -> None:
+    fleet = fleet_of("a", "b", speed=20)
+    async with Visitor(fleet) as visitor:
+        owner = await visitor.connect("a")
+        await owner.chat(QUESTION)
+        chat_id = (await owner.expect("chat_created"))["chatId"]
+        await owner.until("token")
+        watcher = await visitor.connect("b")
+        await watcher.send(type="subscribe", chatId=chat_id, afterSeq=0)
+        seen = await watcher.until("token")
+        follower = fleet.servers["b"]
+        assert follower.process is not None
+        # Redis loses the chat mid-answer while b looks away; a gives the chat up (its
+        # answer cut off and saved) and takes it again, in a new epoch of the log, where it
+        # publishes nothing: only b's check of the log can tell b.
+        follower.process.send_signal(signal.SIGSTOP)
+        try:
+            await forget_prefix(redis_client, fleet.prefix)
+            await logged(
+                fleet.servers["a"], f"chat {chat_id}: given up here after losing its lease"
+            )
+            assert (await holder_of(redis_client, fleet, chat_id)).startswith("a:")
+        finally:
+            follower.process.send_signal(signal.SIGCONT)
+        seen += await watcher.until("subscribed", timeout=30)
+        rebuilt = seen[-1]
+        assert rebuilt["messages"] is not None, "b's reader was not given the history"
+        # The owner's reader got the same history when a reopened the chat.
+        mine = (await owner.until("subscribed"))[-1]
+        assert rebuilt["messages"] == mine["messages"]
+        assert rebuilt["lastSeq"] == mine["lastSeq"]
+        rows = await sql(
+            postgres_database,
+            "SELECT id, role, text, status FROM messages WHERE chat_id = $1 ORDER BY seq_start",
+            chat_id,
+        )
+        assert [(m["id"], m["role"], m["text"], m["status"]) for m in rebuilt["messages"]] == [
+            (row["id"], row["role"], row["text"], row["status"]) for row in rows
+        ]
+        assert rows[-1]["status"] != "streaming"
+        # A fresh reader on b gets the same; the chat goes on through b.
+        fresh = await visitor.connect("b")
+        await fresh.send(type="subscribe", chatId=chat_id, afterSeq=seen[1]["seq"])
+        assert (await fresh.expect("subscribed"))["messages"] == rebuilt["messages"]
+        await watcher.chat("And at what hydration?", chat_id)
+        after = await watcher.until("done", timeout=60)
+        assert after[-1]["reason"] == "complete"
+        assert seqs_of(after)[0] == rebuilt["lastSeq"] + 1
+        assert contiguous(seqs_of(after))
+        assert transcript(await owner.until("done", timeout=60)) == transcript(after)
+    assert "rebuilt here after its log was lost" in (follower.log_path or Path()).read_text()
+
+
 # --- the Claude engine's agent processes ----------------------------------------------------
 
 LONG_ANSWER = "Starters like warmth. " + " ".join(
