@@ -380,10 +380,11 @@ class ClusterNode:
         over: its readers here must not wait forever. One whose log has a new epoch (Redis
         lost it, and an owner took the chat again) is rebuilt, even if the new owner
         publishes nothing: its readers here may be waiting for an answer that ended."""
+        # (The epoch each had before the round trip, if it was loaded: one loaded meanwhile
+        # is newer than the answer.)
         followers = [
-            (follower, follower.epoch)
+            (follower, None if follower.filling else follower.epoch)
             for follower in list(self.followed.values())
-            if not follower.filling
         ]
         chat_ids = [follower.chat.id for follower, _ in followers]
         try:
@@ -396,9 +397,12 @@ class ClusterNode:
             if holder is None:
                 if chat_id not in self._taking_over:
                     self._spawn(self._take_over(chat_id))
-            elif current != epoch and follower.epoch == epoch and not follower.filling:
-                # (Compared with the epoch the follower had before the round trip: one
-                # it loaded meanwhile is newer than the answer.)
+            elif (
+                epoch is not None
+                and current != epoch
+                and follower.epoch == epoch
+                and not follower.filling
+            ):
                 follower.new_epoch()
 
     async def _sweep(self) -> None:
