@@ -405,14 +405,21 @@ async def test_every_owned_lease_is_renewed_in_one_call_and_a_lost_one_is_told_a
     for chat_id in chats:
         ttl = await client.pttl(a.key(chat_id, "lease"))
         assert ttl > 1000, f"{chat_id}: {ttl} ms left"
-    assert await a.holders(chats) == [
-        Holder("a", held[0].fence),
-        Holder("a", held[1].fence),
-        Holder("b", held[2].fence + 1),
-        Holder("a", held[3].fence),
-        Holder("a", held[4].fence),
+    assert await a.holders_and_epochs(chats) == [
+        (Holder("a", held[0].fence), held[0].epoch),
+        (Holder("a", held[1].fence), held[1].epoch),
+        (Holder("b", held[2].fence + 1), held[2].epoch),
+        (Holder("a", held[3].fence), held[3].epoch),
+        (Holder("a", held[4].fence), held[4].epoch),
     ]
     # The list of leases has each renewed one past now, and b's new one.
     assert await a.lapsed(10) == [Listed("chat-2", "a")]
     assert await a.renew_all([]) == []
-    assert await a.holders([]) == []
+    assert await a.holders_and_epochs([]) == []
+    # A lost log has no epoch; the next holder's log has a new one.
+    await client.delete(a.key("chat-0", "meta"), a.key("chat-0", "lease"))
+    assert await a.holders_and_epochs(["chat-0"]) == [(None, None)]
+    again = await b.acquire("chat-0", floor=0)
+    assert isinstance(again, Lease)
+    assert again.epoch != held[0].epoch
+    assert await a.holders_and_epochs(["chat-0"]) == [(Holder("b", again.fence), again.epoch)]

@@ -298,8 +298,19 @@ async def test_a_registered_reader_may_choose_any_model_and_the_chat_keeps_it(
     ws, chat_id, start = await new_chat(reader, model="opus")
     assert start[0]["model"] == "opus"
     await ws.until("done")
+    other_tab = await reader.connect()
+    await other_tab.send(type="subscribe", chatId=chat_id)
+    assert (await other_tab.expect("subscribed"))["chat"]["model"] == "opus"
     await ws.chat("again", chat_id, model="sonnet")
-    await ws.until("done")
+    events = await ws.until("done")
+    # Every reader's summary of the chat follows the change, right after the question.
+    assert [e["type"] for e in events[:2]] == ["user_message", "chat_updated"]
+    assert events[1]["chat"]["model"] == "sonnet"
+    assert await other_tab.until("done") == events
+    assert [e["type"] for e in events].count("chat_updated") == 1
+    # The same model again changes nothing.
+    await ws.chat("once more", chat_id, model="sonnet")
+    assert "chat_updated" not in [e["type"] for e in await ws.until("done")]
     detail = (await reader.http.get(f"/api/chats/{chat_id}")).json()
     assert detail["chat"]["model"] == "sonnet"
 

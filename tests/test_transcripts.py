@@ -12,6 +12,7 @@ from sqlalchemy import delete
 
 from blogchat.settings import Settings
 from blogchat.store import ChatRecord, Store
+from blogchat.store.chats import StaleOwner
 from blogchat.store.tables import AgentTranscriptEntry
 from blogchat.store.transcripts import TranscriptStore
 
@@ -112,3 +113,47 @@ async def test_deleting_a_chat_deletes_its_agent_transcript_and_only_its(store: 
     loaded = await transcripts.load({**KEY, "session_id": kept.id})
     assert loaded is not None
     assert [line["uuid"] for line in loaded] == ["a", "b"]
+
+
+async def test_a_fenced_transcript_takes_writes_only_from_the_chats_current_owner(
+    store: Store,
+) -> None:
+    chat_id = KEY["session_id"]
+    await store.chats.create_chat(
+        ChatRecord(id=chat_id, owner_id="owner-1", title="t", persona="p", model="haiku")
+    )
+    # Instance a owns the chat with token 3.
+    held_by_a: dict[str, int] = {chat_id: 3}
+    on_a = TranscriptStore(store.db, held_by_a.get)
+    await store.chats.claim(chat_id, 3)
+    await on_a.append(KEY, [entry("a1"), entry("a2")])
+    mark = await on_a.mark(KEY["project_key"], chat_id)
+
+    # b takes the chat over (token 4) while a is paused; a still thinks it owns it.
+    on_b = TranscriptStore(store.db, {chat_id: 4}.get)
+    await store.chats.claim(chat_id, 4)
+    with pytest.raises(StaleOwner):
+        await on_a.append(KEY, [entry("late")])
+    with pytest.raises(StaleOwner):
+        await on_a.append({**KEY, "subpath": "subagents/agent-1"}, [entry("late-sub")])
+    await on_b.append(KEY, [entry("b1")])
+    with pytest.raises(StaleOwner):
+        await on_a.truncate(KEY["project_key"], chat_id, after=mark)
+    with pytest.raises(StaleOwner):
+        await on_a.delete(KEY)
+    # Once a gave the chat up it has no token for it at all.
+    del held_by_a[chat_id]
+    with pytest.raises(StaleOwner):
+        await on_a.append(KEY, [entry("later")])
+
+    loaded = await on_b.load(KEY)
+    assert loaded is not None
+    assert [dict(line)["uuid"] for line in loaded] == ["a1", "a2", "b1"]
+    assert await on_b.list_subkeys(KEY) == []
+    # The new owner's own writes go through: it cuts back its own entry.
+    assert await on_b.truncate(KEY["project_key"], chat_id, after=mark) == 1
+    # A chat this instance does not own takes nothing either.
+    elsewhere: SessionKey = {**KEY, "session_id": "7d1c2f9e-0000-4000-8000-00000000000f"}
+    with pytest.raises(StaleOwner):
+        await on_b.append(elsewhere, [entry("x")])
+    assert await on_b.load(elsewhere) is None

@@ -67,9 +67,12 @@ def load_content(settings: Settings) -> Content:
     return Content(blog, index, tools, personas)
 
 
-def make_engine(settings: Settings, content: Content, store: Store) -> AgentEngine:
+def make_engine(
+    settings: Settings, content: Content, store: Store, cluster: ClusterNode | None = None
+) -> AgentEngine:
     """Claude when credentials are configured (on the engine `BLOGCHAT_ENGINE` names),
-    otherwise the offline engine."""
+    otherwise the offline engine. With several instances the agent processes' transcripts
+    are saved only for the chats this instance owns, fenced by their tokens."""
     if settings.claude_enabled and settings.engine == "messages":
         from blogchat.engines.messages import MessagesEngine
 
@@ -81,7 +84,7 @@ def make_engine(settings: Settings, content: Content, store: Store) -> AgentEngi
         return ClaudeEngine(
             settings,
             content.tools,
-            TranscriptStore(store.db),
+            TranscriptStore(store.db, cluster.fence_of if cluster is not None else None),
             spare_persona=content.personas.default,
         )
     return OfflineEngine(content.tools, tokens_per_second=settings.offline_tokens_per_second)
@@ -122,7 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             interrupted = await _mark_interrupted_elsewhere(store, cluster)
         if interrupted:
             log.warning("marked %d answer(s) cut off by a crash as incomplete", interrupted)
-        engine = make_engine(settings, content, store)
+        engine = make_engine(settings, content, store, cluster)
         log.info(
             "engine: %s%s",
             engine.name,

@@ -380,8 +380,8 @@ class Status(WireModel):
 
 
 class ChatUpdated(WireModel):
-    """Extension: a chat's summary changed (a generated title, a rename). Transient: no
-    `seq`, not logged, not replayed (`subscribed.chat` has the chat as it is)."""
+    """Extension: a chat's summary changed (a generated title, a rename, a new model).
+    Transient: no `seq`, not logged, not replayed (`subscribed.chat` has the chat as it is)."""
 
     type: Literal["chat_updated"] = "chat_updated"
     chat_id: str

@@ -388,7 +388,8 @@ class ChatSession:
                 raise AlreadySent(previous)
             if reserve is not None:
                 self.seqs.reserved_to(reserve)
-            if model_alias != self.chat.model:
+            new_model = model_alias != self.chat.model
+            if new_model:
                 self.chat = dataclasses.replace(self.chat, model=model_alias)
             if replaces:
                 gone = set(record.replaces)
@@ -399,6 +400,11 @@ class ChatSession:
                 )
             self.history.append(record)
             self._publish(seq, user_message_event(record))
+            if new_model:
+                # Every reader's chat summary (another tab, another instance) shows it.
+                self._say(
+                    wire.ChatUpdated(chat_id=self.chat.id, chat=chat_info(self.chat)).to_json()
+                )
         self.enqueue(
             PendingTurn(record, model_alias, model_id, anonymous, rewritten=bool(replaces))
         )

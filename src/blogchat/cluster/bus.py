@@ -315,15 +315,24 @@ class Bus:
             await self.client.zadd(self.leases, entries, gt=True)
         return renewed
 
-    async def holders(self, chat_ids: Sequence[str]) -> list[Holder | None]:
-        """`holder` of each chat, in one round trip."""
+    async def holders_and_epochs(
+        self, chat_ids: Sequence[str]
+    ) -> list[tuple[Holder | None, str | None]]:
+        """`holder` of each chat and the epoch of its log (None: no log), in one round trip."""
         if not chat_ids:
             return []
         async with self.client.pipeline(transaction=False) as pipe:
             for chat_id in chat_ids:
                 pipe.get(self.key(chat_id, "lease"))
+                pipe.hget(self.key(chat_id, "meta"), "epoch")
             values = await pipe.execute()
-        return [None if value is None else _holder(_text(value)) for value in values]
+        return [
+            (
+                None if lease is None else _holder(_text(lease)),
+                None if epoch is None else _text(epoch),
+            )
+            for lease, epoch in zip(values[::2], values[1::2], strict=True)
+        ]
 
     async def release(self, lease: Lease) -> None:
         """Give the lease up, if it is still ours."""

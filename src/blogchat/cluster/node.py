@@ -159,6 +159,11 @@ class ClusterNode:
                 raise
         return await self._follow(fresh, sessions)
 
+    def fence_of(self, chat_id: str) -> int | None:
+        """The token this instance holds for a chat it owns; None for any other chat."""
+        session = self.owned.get(chat_id)
+        return None if session is None else session.lease.fence
+
     def follows(self, session: ChatSession) -> bool:
         """Whether the session mirrors a chat another instance owns."""
         return isinstance(session, FollowerSession)
@@ -251,6 +256,7 @@ class ClusterNode:
             on_stop=self._stop_elsewhere,
             on_closed=self._unfollow,
             on_deleted=self._deleted_elsewhere,
+            on_new_epoch=self._rebuild,
             **sessions.session_options(),
         )
         channel = self.bus.channel(chat.id)
@@ -295,6 +301,21 @@ class ClusterNode:
 
         self._spawn(close())
 
+    def _rebuild(self, follower: FollowerSession) -> None:
+        """The chat's log was lost and started again (a new epoch): what the follower
+        mirrored may have ended otherwise (a running answer cut off and saved by its owner
+        as it gave the chat up). Its session is reopened, as an owner's is when it loses
+        its lease: rebuilt from the new log and the saved messages, its readers given the
+        history."""
+        sessions = self._sessions
+
+        async def rebuild() -> None:
+            if sessions is not None and sessions.get(follower.chat.id) is follower:
+                await sessions.reopen(follower.chat.id)
+                log.warning("chat %s: rebuilt here after its log was lost", follower.chat.id)
+
+        self._spawn(rebuild())
+
     def _lost(self, chat_id: str) -> None:
         """Another instance holds the chat now: this one must stop speaking for it."""
         session = self.owned.get(chat_id)
@@ -316,7 +337,7 @@ class ClusterNode:
     def _fill(self, follower: FollowerSession) -> None:
         async def fill() -> None:
             read = await self.bus.read(follower.chat.id, follower.last_seq)
-            follower.filled(read.events)
+            follower.filled(read.epoch, read.events)
 
         self._spawn(fill())
 
@@ -356,16 +377,33 @@ class ClusterNode:
 
     async def _check_followed(self) -> None:
         """A chat followed here whose lease lapsed (its owner died or hangs) is taken
-        over: its readers here must not wait forever."""
-        chat_ids = [follower.chat.id for follower in list(self.followed.values())]
+        over: its readers here must not wait forever. One whose log has a new epoch (Redis
+        lost it, and an owner took the chat again) is rebuilt, even if the new owner
+        publishes nothing: its readers here may be waiting for an answer that ended."""
+        # (The epoch each had before the round trip, if it was loaded: one loaded meanwhile
+        # is newer than the answer.)
+        followers = [
+            (follower, None if follower.filling else follower.epoch)
+            for follower in list(self.followed.values())
+        ]
+        chat_ids = [follower.chat.id for follower, _ in followers]
         try:
-            holders = await self.bus.holders(chat_ids)
+            found = await self.bus.holders_and_epochs(chat_ids)
         except Exception:
             log.exception("could not check the leases of %d followed chats", len(chat_ids))
             return
-        for chat_id, holder in zip(chat_ids, holders, strict=True):
-            if holder is None and chat_id not in self._taking_over:
-                self._spawn(self._take_over(chat_id))
+        for (follower, epoch), (holder, current) in zip(followers, found, strict=True):
+            chat_id = follower.chat.id
+            if holder is None:
+                if chat_id not in self._taking_over:
+                    self._spawn(self._take_over(chat_id))
+            elif (
+                epoch is not None
+                and current != epoch
+                and follower.epoch == epoch
+                and not follower.filling
+            ):
+                follower.new_epoch()
 
     async def _sweep(self) -> None:
         """Chats whose owner died with nobody reading them here: the first instance to find

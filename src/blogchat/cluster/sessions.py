@@ -380,6 +380,7 @@ class FollowerSession(ChatSession):
         on_stop: Callable[[str], None],
         on_closed: Callable[[FollowerSession], Awaitable[None]],
         on_deleted: Callable[[FollowerSession], None],
+        on_new_epoch: Callable[[FollowerSession], None],
         **options: Any,
     ) -> None:
         super().__init__(chat, history, **options)
@@ -389,6 +390,9 @@ class FollowerSession(ChatSession):
         self._on_stop = on_stop
         self._on_closed = on_closed
         self._on_deleted = on_deleted
+        self._on_new_epoch = on_new_epoch
+        # The log it mirrors was lost: it waits to be rebuilt, and takes nothing more.
+        self.outdated = False
         # Live events that arrived while the mirror was loading or a gap was being filled.
         self.held: list[LiveEvent] = []
         # Frames without a seq that wait for the events they follow, in the owner's order.
@@ -439,19 +443,17 @@ class FollowerSession(ChatSession):
 
     def receive(self, event: LiveEvent) -> None:
         """A live event of the chat, in any order: mirrored and delivered in seq order."""
+        if self.outdated:
+            return
+        if self.filling:
+            (self.said if event.said else self.held).append(event)
+            return
+        if event.epoch != self.epoch:
+            self.new_epoch()
+            return
         if event.said:
             self._hear(event)
             return
-        if self.filling:
-            self.held.append(event)
-            return
-        if event.epoch != self.epoch:
-            # The shared log was lost (Redis restarted empty): what readers resume from
-            # is gone, so they get the history from here on.
-            log.warning("chat %s: the shared log has a new epoch", self.chat.id)
-            self.epoch = event.epoch
-            self.log = MemoryEventLog(event.seq - 1)
-            self.last_seq = event.seq - 1
         if event.seq <= self.last_seq:
             return
         if event.seq > self.last_seq + 1:
@@ -468,8 +470,24 @@ class FollowerSession(ChatSession):
             self.filling = True
             self._fill(self)
 
-    def filled(self, events: list[tuple[int, str]]) -> None:
+    def new_epoch(self) -> None:
+        """The shared log was lost (Redis restarted empty) and began again: what this
+        mirrors, and what its readers resume from, is gone. The session is rebuilt (its
+        readers get the history); meanwhile it takes nothing more."""
+        if self.outdated or self.state is SessionState.CLOSED:
+            return
+        log.warning("chat %s: the shared log has a new epoch; rebuilding", self.chat.id)
+        self.outdated = True
+        self.held, self.said = [], []
+        self._on_new_epoch(self)
+
+    def filled(self, epoch: str | None, events: list[tuple[int, str]]) -> None:
         """The log's events after `last_seq`, read to fill a gap; then what was held."""
+        if self.outdated:
+            return
+        if epoch != self.epoch:
+            self.new_epoch()
+            return
         held, self.held = self.held, []
         self.filling = False
         by_seq = dict(events)
@@ -512,7 +530,11 @@ class FollowerSession(ChatSession):
         """Deliver the said frames whose events are in; `final`: the log has no more to
         give (loaded or filled), so every one of them."""
         while self.said and (final or self.said[0].seq <= self.last_seq):
-            self._deliver_said(self.said.pop(0).frame)
+            said = self.said.pop(0)
+            if said.epoch != self.epoch:
+                self.new_epoch()
+                return
+            self._deliver_said(said.frame)
 
     def _deliver_said(self, frame: str) -> None:
         if self.state is SessionState.CLOSED:

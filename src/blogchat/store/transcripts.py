@@ -4,10 +4,15 @@ The SDK mirrors every line of a session's transcript to a `SessionStore` and rea
 to resume a session in a new CLI process (after an idle client was reclaimed, or after a
 restart). This is that store, on SQLite and PostgreSQL. It passes the SDK's conformance
 suite (`claude_agent_sdk.testing.run_session_store_conformance`).
+
+With several instances its writes are fenced as the chat's message saves are: a session is
+a chat (its id is the chat's), and only the chat's current owner may change its transcript.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from datetime import datetime
 from itertools import groupby
 from typing import Any, cast
@@ -21,11 +26,14 @@ from claude_agent_sdk import (
     SessionSummaryEntry,
     fold_session_summary,
 )
-from sqlalchemy import delete, exists, func, select
+from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from blogchat.store.chats import StaleOwner
 from blogchat.store.database import Database, runs_to_completion
-from blogchat.store.tables import AgentTranscriptEntry, utcnow
+from blogchat.store.tables import AgentTranscriptEntry, Chat, utcnow
+
+log = logging.getLogger(__name__)
 
 MAIN = ""  # The subpath of a session's main transcript.
 
@@ -45,11 +53,38 @@ def _where(key: SessionKey | SessionListSubkeysKey) -> list[Any]:
     ]
 
 
-class TranscriptStore(SessionStore):
-    """A SessionStore over the `agent_transcripts` table."""
+# The token this instance holds for a chat, or None when it does not own the chat.
+Fences = Callable[[str], int | None]
 
-    def __init__(self, db: Database) -> None:
+
+class TranscriptStore(SessionStore):
+    """A SessionStore over the `agent_transcripts` table.
+
+    With `fences` (several instances), a write to a chat's transcript lands only if this
+    instance owns the chat and no higher token saved to it since (else StaleOwner): an
+    owner paused past its lease cannot add its late turn, nor cut back the new owner's.
+    """
+
+    def __init__(self, db: Database, fences: Fences | None = None) -> None:
         self.db = db
+        self.fences = fences
+
+    async def _fence(self, session: Any, chat_id: str) -> None:
+        """Within a write's transaction: refuse it unless this instance still owns the chat
+        (the row lock taken here orders it with a new owner's claim)."""
+        if self.fences is None:
+            return
+        fence = self.fences(chat_id)
+        if fence is not None:
+            result = await session.execute(
+                update(Chat)
+                .where(Chat.id == chat_id, Chat.lease_fence <= fence)
+                .values(lease_fence=fence)
+            )
+            if result.rowcount:
+                return
+        log.warning("chat %s: transcript write refused: another instance owns the chat", chat_id)
+        raise StaleOwner(chat_id)
 
     @runs_to_completion
     async def append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
@@ -70,6 +105,7 @@ class TranscriptStore(SessionStore):
             for entry in entries
         ]
         async with self.db.session() as session:
+            await self._fence(session, key["session_id"])
             dialect = postgresql if self.db.url.get_backend_name() == "postgresql" else sqlite
             # An entry's uuid is its identity: a batch retried after a timeout that did
             # land must not be stored twice.
@@ -148,6 +184,7 @@ class TranscriptStore(SessionStore):
         if subpath := key.get("subpath"):
             conditions.append(AgentTranscriptEntry.subpath == subpath)
         async with self.db.session() as session:
+            await self._fence(session, key["session_id"])
             await session.execute(delete(AgentTranscriptEntry).where(*conditions))
 
     @runs_to_completion
@@ -196,6 +233,7 @@ class TranscriptStore(SessionStore):
         """Drop what a session's transcript gained after `mark` said `after`; returns how
         many entries went."""
         async with self.db.session() as session:
+            await self._fence(session, session_id)
             result = await session.execute(
                 delete(AgentTranscriptEntry).where(
                     AgentTranscriptEntry.project_key == project_key,

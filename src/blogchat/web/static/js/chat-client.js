@@ -169,7 +169,7 @@ function apply(state, event, now) {
     case "status":
       return onStatus(state, event, now);
     case "chat_updated":
-      // A generated title or a rename: not part of the transcript (no seq).
+      // A generated title, a rename or a new model: not part of the transcript (no seq).
       return belongs(state, event) ? { ...state, chat: { ...state.chat, ...event.chat } } : state;
     case "error":
       return onError(state, event);
