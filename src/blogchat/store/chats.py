@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, cast
 
 from sqlalchemy import (
+    Integer,
     Select,
     Table,
+    Update,
     bindparam,
     case,
     delete,
     exists,
     func,
     insert,
-    literal,
     select,
     update,
 )
@@ -232,8 +234,9 @@ def _new_row(record: MessageRecord) -> dict[str, Any]:
     }
 
 
-def _sent_by(owner_id: str, client_message_id: str) -> Select[str]:
-    """The ids of the user messages an owner sent with this clientMessageId."""
+def _sent_by(owner_id: Any, client_message_id: Any) -> Select[str]:
+    """The ids of the user messages an owner sent with this clientMessageId (values or bound
+    parameters)."""
     return (
         select(Message.id)
         .join(Chat, Chat.id == Message.chat_id)
@@ -243,6 +246,43 @@ def _sent_by(owner_id: str, client_message_id: str) -> Select[str]:
             Message.role == "user",
         )
     )
+
+
+# The statements of a message's way to its first token, built once: building one costs more
+# CPU than the database takes to run it. Their values are bound parameters.
+_MESSAGES = cast(Table, Message.__table__)
+_CHATS = cast(Table, Chat.__table__)
+_NEW_ROW_COLUMNS = list(
+    _new_row(MessageRecord(id="", chat_id="", role="user", seq_start=0, seq_end=0))
+)
+# One statement is the idempotency lookup and the insert: it inserts nothing when the owner
+# sent this clientMessageId before.
+_INSERT_USER_MESSAGE = insert(_MESSAGES).from_select(
+    _NEW_ROW_COLUMNS,
+    select(*(bindparam(name, type_=_MESSAGES.c[name].type) for name in _NEW_ROW_COLUMNS)).where(
+        ~exists(_sent_by(bindparam("owner_id"), bindparam("client_message_id")))
+    ),
+)
+
+
+@functools.cache
+def _touch_chat(reserve: bool, model: bool, fence: bool) -> Update:
+    """The update of a chat a user message's save makes: its activity time, and its seq
+    reservation (`reserve`), model and fencing token (a `fence`: only if no higher token
+    saved) when those are given. Bound: chat_id, now, and reserve, new_model, fence."""
+    chat = _CHATS
+    values: dict[str, Any] = {"updated_at": bindparam("now", type_=chat.c.updated_at.type)}
+    statement = update(chat).where(chat.c.id == bindparam("chat_id"))
+    if reserve:
+        upto = bindparam("reserve", type_=Integer)
+        values["last_seq"] = case((chat.c.last_seq < upto, upto), else_=chat.c.last_seq)
+    if model:
+        values["model"] = bindparam("new_model", type_=chat.c.model.type)
+    if fence:
+        token = bindparam("fence", type_=Integer)
+        statement = statement.where(chat.c.lease_fence <= token)
+        values["lease_fence"] = token
+    return statement.values(values)
 
 
 def _tool_call_columns(record: MessageRecord) -> list[dict[str, Any]]:
@@ -502,38 +542,30 @@ class ChatStore:
         and the insert are one statement, the chat's update another, then the commit.
         """
         assert record.client_message_id is not None
-        messages = cast(Table, Message.__table__)
-        chat = cast(Table, Chat.__table__)
-        row = _new_row(record)
-        new = select(*(literal(value, messages.c[name].type) for name, value in row.items()))
-        inserted = insert(messages).from_select(
-            list(row), new.where(~exists(_sent_by(owner_id, record.client_message_id)))
-        )
-        values: dict[str, Any] = {"updated_at": utcnow()}
-        if reserve is not None:
-            values["last_seq"] = case((chat.c.last_seq < reserve, reserve), else_=chat.c.last_seq)
-        if model is not None:
-            values["model"] = model
-        touch = update(chat).where(chat.c.id == record.chat_id)
-        if fence is not None:
-            # The same statement checks the token and advances it.
-            touch = touch.where(chat.c.lease_fence <= fence)
-            values["lease_fence"] = fence
+        params = _new_row(record) | {"owner_id": owner_id}
+        touch = _touch_chat(reserve is not None, model is not None, fence is not None)
+        # (Only the parameters the statement binds: a key named after a column would be
+        # taken as one more value to set.)
+        values: dict[str, Any] = {"chat_id": record.chat_id, "now": utcnow()}
+        for name, value in (("reserve", reserve), ("new_model", model), ("fence", fence)):
+            if value is not None:
+                values[name] = value
         try:
-            async with self.db.session() as session:
-                result = await session.execute(inserted)
-                if not result.rowcount:  # type: ignore[attr-defined]
-                    return await self._sent_before(session, owner_id, record.client_message_id)
+            async with self.db.transaction() as connection:
+                result = await connection.execute(_INSERT_USER_MESSAGE, params)
+                if not result.rowcount:
+                    async with self.db.sessions(bind=connection) as session:
+                        return await self._sent_before(session, owner_id, record.client_message_id)
                 if admit is not None:
                     await admit()
                 if record.replaces:
-                    await session.execute(
+                    await connection.execute(
                         update(Message)
                         .where(Message.chat_id == record.chat_id, Message.id.in_(record.replaces))
                         .values(superseded_by=record.id)
                     )
-                touched = await session.execute(touch.values(values))
-                if not touched.rowcount:  # type: ignore[attr-defined]
+                touched = await connection.execute(touch, values)
+                if not touched.rowcount:
                     # (Without a fence the chat always matches: the insert needs it.)
                     raise StaleOwner(record.chat_id)
         except IntegrityError as exc:
