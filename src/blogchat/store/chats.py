@@ -264,6 +264,9 @@ _INSERT_USER_MESSAGE = insert(_MESSAGES).from_select(
     ),
 )
 
+_FIND_SENT = _sent_by(bindparam("owner_id"), bindparam("client_message_id")).limit(1)
+_INSERT_CHAT = insert(_CHATS)
+
 
 @functools.cache
 def _touch_chat(reserve: bool, model: bool, fence: bool) -> Update:
@@ -340,21 +343,22 @@ class ChatStore:
     @runs_to_completion
     async def create_chat(self, chat: ChatRecord) -> ChatRecord:
         """Store a new chat (and its anonymous owner's row, the first time)."""
-        async with self.db.session() as session:
-            await ensure_user(session, chat.owner_id)
-            session.add(
-                Chat(
-                    id=chat.id,
-                    owner_id=chat.owner_id,
-                    title=chat.title,
-                    persona=chat.persona,
-                    model=chat.model,
-                    last_seq=chat.last_seq,
-                    created_by=chat.created_by,
-                    post_slug=chat.post_slug,
-                    created_at=chat.created_at,
-                    updated_at=chat.updated_at,
-                )
+        async with self.db.transaction() as connection:
+            await ensure_user(connection, chat.owner_id)
+            await connection.execute(
+                _INSERT_CHAT,
+                {
+                    "id": chat.id,
+                    "owner_id": chat.owner_id,
+                    "title": chat.title,
+                    "persona": chat.persona,
+                    "model": chat.model,
+                    "last_seq": chat.last_seq,
+                    "created_by": chat.created_by,
+                    "post_slug": chat.post_slug,
+                    "created_at": chat.created_at,
+                    "updated_at": chat.updated_at,
+                },
             )
         return chat
 
@@ -496,18 +500,27 @@ class ChatStore:
         self, owner_id: str, client_message_id: str
     ) -> MessageRecord | None:
         """The user message a visitor sent with this clientMessageId, in any of its chats."""
-        async with self.db.session() as session:
-            return await self._sent_before(session, owner_id, client_message_id)
+        # Every new chat's message is looked up first, and almost never found: the lookup
+        # is a statement built once; only a resend loads the whole message.
+        async with self.db.transaction() as connection:
+            found = await connection.scalar(
+                _FIND_SENT, {"owner_id": owner_id, "client_message_id": client_message_id}
+            )
+            if found is None:
+                return None
+            async with self.db.sessions(bind=connection) as session:
+                return await self._sent_message(session, found)
 
     async def _sent_before(
         self, session: AsyncSession, owner_id: str, client_message_id: str
     ) -> MessageRecord | None:
-        # Every message a reader sends is looked up first, and almost never found: the
-        # plain id query keeps that path short; a resend loads the whole message.
         found = await session.scalar(_sent_by(owner_id, client_message_id).limit(1))
-        if found is None:
-            return None
-        row = await session.get(Message, found, options=[selectinload(Message.tool_calls)])
+        return None if found is None else await self._sent_message(session, found)
+
+    @staticmethod
+    async def _sent_message(session: AsyncSession, message_id: str) -> MessageRecord | None:
+        """A sent user message, with the ids of the messages it replaced."""
+        row = await session.get(Message, message_id, options=[selectinload(Message.tool_calls)])
         if row is None:
             return None
         record = _message_record(row)
