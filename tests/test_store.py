@@ -23,7 +23,7 @@ from blogchat.store import (
     Store,
     ToolCallRecord,
 )
-from blogchat.store.chats import conversation_order
+from blogchat.store.chats import StaleOwner, conversation_order
 from blogchat.store.tables import Chat, LoginSession, Message, ToolCall, User
 
 # A fixed instant with microseconds, so that a lossy round-trip shows.
@@ -382,6 +382,31 @@ async def test_a_readers_message_is_saved_with_its_chats_seqs_and_model_in_one_g
     assert (again.last_seq, again.model) == (2000, "sonnet")
     await store.chats.add_user_message(user_message(chat, 3), owner_id=chat.owner_id, reserve=5)
     assert (await last_seq_of(store, chat.id)) == 2000
+
+
+async def test_a_user_message_saved_with_a_stale_fence_is_refused_and_nothing_is_written(
+    store: Store,
+) -> None:
+    chat = await make_chat(store)
+    first = user_message(chat, 1, "from the owner")
+    assert await store.chats.add_user_message(first, owner_id=chat.owner_id, fence=5) is None
+    fenced = await store.chats.get_chat(chat.id)
+    assert fenced is not None
+    assert fenced.lease_fence == 5
+    # An older owner (a lower token) saves nothing: neither the message nor the chat.
+    late = user_message(chat, 2, "from an older owner")
+    with pytest.raises(StaleOwner):
+        await store.chats.add_user_message(
+            late, owner_id=chat.owner_id, fence=4, reserve=1000, model="opus"
+        )
+    assert [m.id for m in await store.chats.get_messages(chat.id)] == [first.id]
+    after = await store.chats.get_chat(chat.id)
+    assert after is not None
+    assert (after.lease_fence, after.last_seq, after.model) == (5, 0, "haiku")
+    # The same token saves again.
+    again = user_message(chat, 3, "from the owner again")
+    assert await store.chats.add_user_message(again, owner_id=chat.owner_id, fence=5) is None
+    assert [m.id for m in await store.chats.get_messages(chat.id)] == [first.id, again.id]
 
 
 async def test_a_message_its_owner_sent_before_is_returned_and_nothing_is_written(

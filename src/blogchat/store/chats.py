@@ -256,12 +256,14 @@ _NEW_ROW_COLUMNS = list(
     _new_row(MessageRecord(id="", chat_id="", role="user", seq_start=0, seq_end=0))
 )
 # One statement is the idempotency lookup and the insert: it inserts nothing when the owner
-# sent this clientMessageId before.
+# sent this clientMessageId before. Its parameters are the row's columns prefixed with "new_"
+# and "sender" (no parameter may be named after a column of either table: in an UPDATE,
+# SQLAlchemy takes such a parameter for one more column to set).
 _INSERT_USER_MESSAGE = insert(_MESSAGES).from_select(
     _NEW_ROW_COLUMNS,
-    select(*(bindparam(name, type_=_MESSAGES.c[name].type) for name in _NEW_ROW_COLUMNS)).where(
-        ~exists(_sent_by(bindparam("owner_id"), bindparam("client_message_id")))
-    ),
+    select(
+        *(bindparam(f"new_{name}", type_=_MESSAGES.c[name].type) for name in _NEW_ROW_COLUMNS)
+    ).where(~exists(_sent_by(bindparam("sender"), bindparam("new_client_message_id")))),
 )
 
 _FIND_SENT = _sent_by(bindparam("owner_id"), bindparam("client_message_id")).limit(1)
@@ -272,7 +274,7 @@ _INSERT_CHAT = insert(_CHATS)
 def _touch_chat(reserve: bool, model: bool, fence: bool) -> Update:
     """The update of a chat a user message's save makes: its activity time, and its seq
     reservation (`reserve`), model and fencing token (a `fence`: only if no higher token
-    saved) when those are given. Bound: chat_id, now, and reserve, new_model, fence."""
+    saved) when those are given. Bound: chat_id, now, and reserve, chat_model, fence."""
     chat = _CHATS
     values: dict[str, Any] = {"updated_at": bindparam("now", type_=chat.c.updated_at.type)}
     statement = update(chat).where(chat.c.id == bindparam("chat_id"))
@@ -280,12 +282,30 @@ def _touch_chat(reserve: bool, model: bool, fence: bool) -> Update:
         upto = bindparam("reserve", type_=Integer)
         values["last_seq"] = case((chat.c.last_seq < upto, upto), else_=chat.c.last_seq)
     if model:
-        values["model"] = bindparam("new_model", type_=chat.c.model.type)
+        values["model"] = bindparam("chat_model", type_=chat.c.model.type)
     if fence:
         token = bindparam("fence", type_=Integer)
         statement = statement.where(chat.c.lease_fence <= token)
         values["lease_fence"] = token
     return statement.values(values)
+
+
+@functools.cache
+def _save_user_message(reserve: bool, model: bool, fence: bool) -> Select[Any]:
+    """On PostgreSQL, the insert and the chat's update in one statement (one round trip to
+    the database fewer): how many messages it inserted (0: sent before) and how many chats it
+    updated (none when nothing was inserted, or when a higher token saved to the chat)."""
+    inserted = _INSERT_USER_MESSAGE.returning(_MESSAGES.c.id).cte("inserted")
+    touched = (
+        _touch_chat(reserve, model, fence)
+        .where(exists(select(inserted.c.id)))
+        .returning(_CHATS.c.id)
+        .cte("touched")
+    )
+    return select(
+        select(func.count()).select_from(inserted).scalar_subquery(),
+        select(func.count()).select_from(touched).scalar_subquery(),
+    )
 
 
 def _tool_call_columns(record: MessageRecord) -> list[dict[str, Any]]:
@@ -552,21 +572,26 @@ class ChatStore:
         (StaleOwner). Returns None when the message was saved.
 
         A message's way to its first token goes through here, so it is short: the lookup
-        and the insert are one statement, the chat's update another, then the commit.
+        and the insert are one statement, the chat's update another (on PostgreSQL, both are
+        one), then the commit.
         """
         assert record.client_message_id is not None
-        params = _new_row(record) | {"owner_id": owner_id}
-        touch = _touch_chat(reserve is not None, model is not None, fence is not None)
-        # (Only the parameters the statement binds: a key named after a column would be
-        # taken as one more value to set.)
-        values: dict[str, Any] = {"chat_id": record.chat_id, "now": utcnow()}
-        for name, value in (("reserve", reserve), ("new_model", model), ("fence", fence)):
+        flags = (reserve is not None, model is not None, fence is not None)
+        params: dict[str, Any] = {f"new_{name}": value for name, value in _new_row(record).items()}
+        params |= {"sender": owner_id, "chat_id": record.chat_id, "now": utcnow()}
+        for name, value in (("reserve", reserve), ("chat_model", model), ("fence", fence)):
             if value is not None:
-                values[name] = value
+                params[name] = value
         try:
             async with self.db.transaction() as connection:
-                result = await connection.execute(_INSERT_USER_MESSAGE, params)
-                if not result.rowcount:
+                if connection.dialect.name == "postgresql":
+                    counts = (await connection.execute(_save_user_message(*flags), params)).one()
+                    inserted, touched = counts[0], counts[1]
+                else:
+                    # (SQLite has no INSERT inside WITH.)
+                    inserted = (await connection.execute(_INSERT_USER_MESSAGE, params)).rowcount
+                    touched = None
+                if not inserted:
                     async with self.db.sessions(bind=connection) as session:
                         return await self._sent_before(session, owner_id, record.client_message_id)
                 if admit is not None:
@@ -577,8 +602,9 @@ class ChatStore:
                         .where(Message.chat_id == record.chat_id, Message.id.in_(record.replaces))
                         .values(superseded_by=record.id)
                     )
-                touched = await connection.execute(touch, values)
-                if not touched.rowcount:
+                if touched is None:
+                    touched = (await connection.execute(_touch_chat(*flags), params)).rowcount
+                if not touched:
                     # (Without a fence the chat always matches: the insert needs it.)
                     raise StaleOwner(record.chat_id)
         except IntegrityError as exc:
