@@ -384,6 +384,37 @@ async def test_a_readers_message_is_saved_with_its_chats_seqs_and_model_in_one_g
     assert (await last_seq_of(store, chat.id)) == 2000
 
 
+async def test_a_readers_message_row_is_stored_exactly_as_the_orm_stores_a_message(
+    store: Store,
+) -> None:
+    # The message path writes its row with statements of its own (on SQLite, on the driver
+    # itself): column for column, what lands must be what any other save writes, down to
+    # how a timestamp is spelled (SQLite keeps text, and orders chats by it).
+    chat = await make_chat(store)
+    fast = user_message(chat, 1, client_address="203.0.113.9", created_at=T0, updated_at=T0)
+    assert await store.chats.add_user_message(fast, owner_id=chat.owner_id) is None
+    slow = dataclasses.replace(fast, id=new_id(), client_message_id=new_id(), seq_start=2)
+    slow.seq_end = 2
+    await store.chats.add_message(slow)
+    async with store.db.engine.connect() as connection:
+        rows = {
+            row[0]: row[1:]
+            for row in await connection.execute(
+                select(Message.__table__).where(Message.chat_id == chat.id)
+            )
+        }
+        raw = await connection.exec_driver_sql("SELECT id, created_at, content FROM messages")
+        spelled = {row[0]: row[1:] for row in raw}
+    columns = [column.name for column in Message.__table__.columns][1:]
+    differ = [
+        name
+        for name, a, b in zip(columns, rows[fast.id], rows[slow.id], strict=True)
+        if a != b and name not in {"client_message_id", "seq_start", "seq_end", "updated_at"}
+    ]
+    assert differ == []
+    assert spelled[fast.id] == spelled[slow.id]
+
+
 async def test_a_user_message_saved_with_a_stale_fence_is_refused_and_nothing_is_written(
     store: Store,
 ) -> None:

@@ -266,15 +266,17 @@ _INSERT_USER_MESSAGE = insert(_MESSAGES).from_select(
     ).where(~exists(_sent_by(bindparam("sender"), bindparam("new_client_message_id")))),
 )
 
+_NEW_USER_MESSAGE = _INSERT_USER_MESSAGE.returning(_MESSAGES.c.id)
 _FIND_SENT = _sent_by(bindparam("owner_id"), bindparam("client_message_id")).limit(1)
 _INSERT_CHAT = insert(_CHATS)
 
 
 @functools.cache
-def _touch_chat(reserve: bool, model: bool, fence: bool) -> Update:
+def _touch_chat(reserve: bool, model: bool, fence: bool, *, returning: bool = False) -> Update:
     """The update of a chat a user message's save makes: its activity time, and its seq
     reservation (`reserve`), model and fencing token (a `fence`: only if no higher token
-    saved) when those are given. Bound: chat_id, now, and reserve, chat_model, fence."""
+    saved) when those are given, `returning` the chat's id if asked. Bound: chat_id, now,
+    and reserve, chat_model, fence."""
     chat = _CHATS
     values: dict[str, Any] = {"updated_at": bindparam("now", type_=chat.c.updated_at.type)}
     statement = update(chat).where(chat.c.id == bindparam("chat_id"))
@@ -287,7 +289,8 @@ def _touch_chat(reserve: bool, model: bool, fence: bool) -> Update:
         token = bindparam("fence", type_=Integer)
         statement = statement.where(chat.c.lease_fence <= token)
         values["lease_fence"] = token
-    return statement.values(values)
+    statement = statement.values(values)
+    return statement.returning(chat.c.id) if returning else statement
 
 
 @functools.cache
@@ -295,7 +298,7 @@ def _save_user_message(reserve: bool, model: bool, fence: bool) -> Select[Any]:
     """On PostgreSQL, the insert and the chat's update in one statement (one round trip to
     the database fewer): how many messages it inserted (0: sent before) and how many chats it
     updated (none when nothing was inserted, or when a higher token saved to the chat)."""
-    inserted = _INSERT_USER_MESSAGE.returning(_MESSAGES.c.id).cte("inserted")
+    inserted = _NEW_USER_MESSAGE.cte("inserted")
     touched = (
         _touch_chat(reserve, model, fence)
         .where(exists(select(inserted.c.id)))
@@ -588,9 +591,9 @@ class ChatStore:
                     counts = (await connection.execute(_save_user_message(*flags), params)).one()
                     inserted, touched = counts[0], counts[1]
                 else:
-                    # (SQLite has no INSERT inside WITH.)
-                    inserted = (await connection.execute(_INSERT_USER_MESSAGE, params)).rowcount
-                    touched = None
+                    # (SQLite has no INSERT inside WITH; its statements run on the driver.)
+                    rows = await self.db.rows_on_driver(connection, _NEW_USER_MESSAGE, params)
+                    inserted, touched = len(rows), None
                 if not inserted:
                     async with self.db.sessions(bind=connection) as session:
                         return await self._sent_before(session, owner_id, record.client_message_id)
@@ -603,7 +606,8 @@ class ChatStore:
                         .values(superseded_by=record.id)
                     )
                 if touched is None:
-                    touched = (await connection.execute(_touch_chat(*flags), params)).rowcount
+                    touch = _touch_chat(*flags, returning=True)
+                    touched = len(await self.db.rows_on_driver(connection, touch, params))
                 if not touched:
                     # (Without a fence the chat always matches: the insert needs it.)
                     raise StaleOwner(record.chat_id)
