@@ -42,10 +42,10 @@ def _new_user(dialect: str) -> Insert:
     return insert(User).values(values).on_conflict_do_nothing()
 
 
-async def ensure_user(connection: AsyncConnection, user_id: str) -> None:
+async def ensure_user(db: Database, connection: AsyncConnection, user_id: str) -> None:
     """Create the row of an anonymous visitor the first time it owns something."""
     statement = _new_user(connection.dialect.name)
-    await connection.execute(statement, {"user_id": user_id, "now": utcnow()})
+    await db.run_prepared(connection, statement, {"user_id": user_id, "now": utcnow()})
 
 
 class AccountStore:

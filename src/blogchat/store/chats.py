@@ -268,7 +268,22 @@ _INSERT_USER_MESSAGE = insert(_MESSAGES).from_select(
 
 _NEW_USER_MESSAGE = _INSERT_USER_MESSAGE.returning(_MESSAGES.c.id)
 _FIND_SENT = _sent_by(bindparam("owner_id"), bindparam("client_message_id")).limit(1)
-_INSERT_CHAT = insert(_CHATS)
+_CHAT_COLUMNS = (
+    "id",
+    "owner_id",
+    "title",
+    "persona",
+    "model",
+    "last_seq",
+    "lease_fence",
+    "created_by",
+    "post_slug",
+    "created_at",
+    "updated_at",
+)
+_INSERT_CHAT = insert(_CHATS).values(
+    {name: bindparam(f"new_{name}", type_=_CHATS.c[name].type) for name in _CHAT_COLUMNS}
+)
 
 
 @functools.cache
@@ -367,22 +382,9 @@ class ChatStore:
     async def create_chat(self, chat: ChatRecord) -> ChatRecord:
         """Store a new chat (and its anonymous owner's row, the first time)."""
         async with self.db.transaction() as connection:
-            await ensure_user(connection, chat.owner_id)
-            await connection.execute(
-                _INSERT_CHAT,
-                {
-                    "id": chat.id,
-                    "owner_id": chat.owner_id,
-                    "title": chat.title,
-                    "persona": chat.persona,
-                    "model": chat.model,
-                    "last_seq": chat.last_seq,
-                    "created_by": chat.created_by,
-                    "post_slug": chat.post_slug,
-                    "created_at": chat.created_at,
-                    "updated_at": chat.updated_at,
-                },
-            )
+            await ensure_user(self.db, connection, chat.owner_id)
+            values = {f"new_{name}": getattr(chat, name) for name in _CHAT_COLUMNS}
+            await self.db.run_prepared(connection, _INSERT_CHAT, values)
         return chat
 
     @runs_to_completion
@@ -526,11 +528,11 @@ class ChatStore:
         # Every new chat's message is looked up first, and almost never found: the lookup
         # is a statement built once; only a resend loads the whole message.
         async with self.db.transaction() as connection:
-            found = await connection.scalar(
-                _FIND_SENT, {"owner_id": owner_id, "client_message_id": client_message_id}
-            )
-            if found is None:
+            params = {"owner_id": owner_id, "client_message_id": client_message_id}
+            rows = await self.db.run_prepared(connection, _FIND_SENT, params)
+            if not rows:
                 return None
+            found: str = rows[0][0]
             async with self.db.sessions(bind=connection) as session:
                 return await self._sent_message(session, found)
 

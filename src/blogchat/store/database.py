@@ -17,7 +17,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import Dialect, make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -87,6 +87,9 @@ class _Prepared:
         compiled = statement.compile(dialect=dialect)
         assert isinstance(compiled, SQLCompiler)
         assert compiled.positiontup is not None
+        if compiled.insert_prefetch or compiled.update_prefetch:
+            # Column defaults computed in Python are SQLAlchemy's execution's to fill in.
+            raise ValueError(f"give every column a value to run this on the driver: {statement}")
         binds = tuple(
             (name, compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect))
             for name in compiled.positiontup
@@ -178,7 +181,11 @@ class Database:
         prepared = self._prepared.get(statement)
         if prepared is None:
             prepared = self._prepared[statement] = _Prepared.of(statement, connection.dialect)
-        args = prepared.arguments(params)
+        try:
+            args = prepared.arguments(params)
+        except Exception as exc:
+            # A value its type refuses: as SQLAlchemy reports it.
+            raise StatementError(str(exc), prepared.sql, params, exc) from exc
         raw = await connection.get_raw_connection()
         driver = raw.driver_connection
         assert driver is not None
@@ -187,6 +194,16 @@ class Database:
         except sqlite3.Error as exc:
             # As SQLAlchemy raises it, so that callers tell the errors apart the same way.
             raise DBAPIError.instance(prepared.sql, args, exc, sqlite3.Error) from exc
+
+    async def run_prepared(
+        self, connection: AsyncConnection, statement: ClauseElement, params: Mapping[str, Any]
+    ) -> list[Any]:
+        """Run a statement built once, in `connection`'s transaction: on SQLite on the driver
+        (`rows_on_driver`), elsewhere through SQLAlchemy. Its rows, if it returns any."""
+        if self.is_sqlite:
+            return await self.rows_on_driver(connection, statement, params)
+        result = await connection.execute(statement, params)  # type: ignore[call-overload]
+        return list(result.all()) if result.returns_rows else []
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
