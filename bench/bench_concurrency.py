@@ -507,9 +507,11 @@ async def compare_source(baseline: Path, database: str, samples: int) -> list[Ro
             order = list(sources) if index % 2 == 0 else list(reversed(sources))
             for way in order:
                 ws, chat_id = probes[way]
+                # First: after the other server's turns, so this one has finished what
+                # follows its own last turn (a new chat's title) and the ping waits for none.
+                floors[way].append(await round_trip(ws))
                 taken[(way, kinds[0])].append(await first_token(ws, chat_id))
                 taken[(way, kinds[1])].append(await first_token(ws, None))
-                floors[way].append(await round_trip(ws))
         # Each sample is two messages (one in each kind of chat), each a whole short turn
         # (and a ping, next to nothing).
         cpu = {
