@@ -34,7 +34,8 @@ scripted engine, whose first token costs it nothing: all of that time is blogcha
 `--compare-source CHECKOUT` measures that own time to first token (in a running chat and in
 a new chat) and the server CPU per message on two idle servers side by side, one serving
 this tree and one a checkout of another revision (`git archive REV | tar -x -C DIR`), the
-samples alternating between them.
+samples alternating between them, with the floor under them: a `ping`'s round trip through
+the same socket, reader loop and writer, with no chat work.
 """
 
 from __future__ import annotations
@@ -350,6 +351,16 @@ async def first_token(ws: ClientConnection, chat_id: str | None) -> float:
     return (received - sent) / 1e9
 
 
+async def round_trip(ws: ClientConnection) -> float:
+    """Seconds from sending a `ping` to its `pong`: a frame's way through the socket, the
+    reader loop and the writer with no chat work at all (the floor under the first token)."""
+    sent = time.monotonic_ns()
+    await ws.send(json.dumps({"type": "ping", "requestId": "floor"}))
+    while json.loads(await ws.recv())["type"] != "pong":
+        pass
+    return (time.monotonic_ns() - sent) / 1e9
+
+
 async def chat_of(ws: ClientConnection) -> str:
     """Start a chat on this connection (a short answer, read to its end); its id."""
     await ws.send(chat_frame("tokens=2 rate=0"))
@@ -476,6 +487,7 @@ async def compare_source(baseline: Path, database: str, samples: int) -> list[Ro
     taken: dict[tuple[str, str], list[float]] = {
         (way, kind): [] for way in sources for kind in kinds
     }
+    floors: dict[str, list[float]] = {way: [] for way in sources}
     with contextlib.ExitStack() as stack:
         # Both started before any socket opens: starting one blocks this loop meanwhile.
         benches = {
@@ -495,9 +507,13 @@ async def compare_source(baseline: Path, database: str, samples: int) -> list[Ro
             order = list(sources) if index % 2 == 0 else list(reversed(sources))
             for way in order:
                 ws, chat_id = probes[way]
+                # First: after the other server's turns, so this one has finished what
+                # follows its own last turn (a new chat's title) and the ping waits for none.
+                floors[way].append(await round_trip(ws))
                 taken[(way, kinds[0])].append(await first_token(ws, chat_id))
                 taken[(way, kinds[1])].append(await first_token(ws, None))
-        # Each sample is two messages (one in each kind of chat), each a whole short turn.
+        # Each sample is two messages (one in each kind of chat), each a whole short turn
+        # (and a ping, next to nothing).
         cpu = {
             way: (cpu_seconds(bench.ps) - before[way]) / (2 * samples)
             for way, bench in benches.items()
@@ -509,7 +525,14 @@ async def compare_source(baseline: Path, database: str, samples: int) -> list[Ro
             "server CPU per message and its two-token turn: baseline / this tree",
             f"{cpu['baseline'] * 1e3:.2f} / {cpu['this tree'] * 1e3:.2f} ms"
             f" ({cpu['this tree'] / cpu['baseline']:.2f})",
-        )
+        ),
+        info_row(
+            BENCH,
+            "floor: a ping's round trip, p50, baseline / this tree",
+            " / ".join(f"{summarize(floors[way]).p50 * 1000:.2f} ms" for way in sources),
+            note="the socket, the reader loop and the writer, no chat work: part of each"
+            " first token's time",
+        ),
     ]
     for kind in kinds:
         for way in sources:

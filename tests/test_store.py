@@ -23,7 +23,7 @@ from blogchat.store import (
     Store,
     ToolCallRecord,
 )
-from blogchat.store.chats import conversation_order
+from blogchat.store.chats import StaleOwner, conversation_order
 from blogchat.store.tables import Chat, LoginSession, Message, ToolCall, User
 
 # A fixed instant with microseconds, so that a lossy round-trip shows.
@@ -382,6 +382,62 @@ async def test_a_readers_message_is_saved_with_its_chats_seqs_and_model_in_one_g
     assert (again.last_seq, again.model) == (2000, "sonnet")
     await store.chats.add_user_message(user_message(chat, 3), owner_id=chat.owner_id, reserve=5)
     assert (await last_seq_of(store, chat.id)) == 2000
+
+
+async def test_a_readers_message_row_is_stored_exactly_as_the_orm_stores_a_message(
+    store: Store,
+) -> None:
+    # The message path writes its row with statements of its own (on SQLite, on the driver
+    # itself): column for column, what lands must be what any other save writes, down to
+    # how a timestamp is spelled (SQLite keeps text, and orders chats by it).
+    chat = await make_chat(store)
+    fast = user_message(chat, 1, client_address="203.0.113.9", created_at=T0, updated_at=T0)
+    assert await store.chats.add_user_message(fast, owner_id=chat.owner_id) is None
+    slow = dataclasses.replace(fast, id=new_id(), client_message_id=new_id(), seq_start=2)
+    slow.seq_end = 2
+    await store.chats.add_message(slow)
+    async with store.db.engine.connect() as connection:
+        rows = {
+            row[0]: row[1:]
+            for row in await connection.execute(
+                select(Message.__table__).where(Message.chat_id == chat.id)
+            )
+        }
+        raw = await connection.exec_driver_sql("SELECT id, created_at, content FROM messages")
+        spelled = {row[0]: row[1:] for row in raw}
+    columns = [column.name for column in Message.__table__.columns][1:]
+    differ = [
+        name
+        for name, a, b in zip(columns, rows[fast.id], rows[slow.id], strict=True)
+        if a != b and name not in {"client_message_id", "seq_start", "seq_end", "updated_at"}
+    ]
+    assert differ == []
+    assert spelled[fast.id] == spelled[slow.id]
+
+
+async def test_a_user_message_saved_with_a_stale_fence_is_refused_and_nothing_is_written(
+    store: Store,
+) -> None:
+    chat = await make_chat(store)
+    first = user_message(chat, 1, "from the owner")
+    assert await store.chats.add_user_message(first, owner_id=chat.owner_id, fence=5) is None
+    fenced = await store.chats.get_chat(chat.id)
+    assert fenced is not None
+    assert fenced.lease_fence == 5
+    # An older owner (a lower token) saves nothing: neither the message nor the chat.
+    late = user_message(chat, 2, "from an older owner")
+    with pytest.raises(StaleOwner):
+        await store.chats.add_user_message(
+            late, owner_id=chat.owner_id, fence=4, reserve=1000, model="opus"
+        )
+    assert [m.id for m in await store.chats.get_messages(chat.id)] == [first.id]
+    after = await store.chats.get_chat(chat.id)
+    assert after is not None
+    assert (after.lease_fence, after.last_seq, after.model) == (5, 0, "haiku")
+    # The same token saves again.
+    again = user_message(chat, 3, "from the owner again")
+    assert await store.chats.add_user_message(again, owner_id=chat.owner_id, fence=5) is None
+    assert [m.id for m in await store.chats.get_messages(chat.id)] == [first.id, again.id]
 
 
 async def test_a_message_its_owner_sent_before_is_returned_and_nothing_is_written(

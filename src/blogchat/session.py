@@ -17,7 +17,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 from blogchat import protocol as wire
 from blogchat.content import Blog
@@ -553,7 +553,7 @@ class ChatSession:
             persona=persona,
             model_alias=pending.model_alias,
             model_id=pending.model_id,
-            history=_past(conversation_order(self.history), pending.user),
+            history=PastConversation(self.history, pending.user),
             anonymous=pending.anonymous,
             post=self.blog.post(self.chat.post_slug) if self.chat.post_slug else None,
             rewritten=pending.rewritten,
@@ -892,6 +892,36 @@ class ChatSession:
     def _ensure_open(self) -> None:
         if self.state is SessionState.CLOSED:
             raise SessionClosed(self.chat.id)
+
+
+class PastConversation(Sequence[PastMessage]):
+    """The conversation before a user message, as the engine takes it (`TurnRequest.history`),
+    built the first time it is read: an engine that keeps its own context (a warm agent
+    process) never reads it, and building it costs time proportional to the chat's length
+    on the way to every turn's first token."""
+
+    def __init__(self, history: list[MessageRecord], user: MessageRecord) -> None:
+        # (A copy of the list: the session's own goes on changing.)
+        self._history = list(history)
+        self._user = user
+        self._built: Sequence[PastMessage] | None = None
+
+    def _messages(self) -> Sequence[PastMessage]:
+        if self._built is None:
+            self._built = _past(conversation_order(self._history), self._user)
+        return self._built
+
+    @overload
+    def __getitem__(self, index: int) -> PastMessage: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[PastMessage]: ...
+
+    def __getitem__(self, index: int | slice) -> PastMessage | Sequence[PastMessage]:
+        return self._messages()[index]
+
+    def __len__(self) -> int:
+        return len(self._messages())
 
 
 def _past(messages: list[MessageRecord], user: MessageRecord) -> Sequence[PastMessage]:

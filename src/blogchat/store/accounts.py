@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Insert, bindparam, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from blogchat.store.database import Database, runs_to_completion
-from blogchat.store.tables import Chat, LoginSession, User, utcnow
+from blogchat.store.tables import Chat, LoginSession, User, UTCDateTime, utcnow
 
 
 class EmailTaken(Exception):
@@ -33,11 +34,18 @@ def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-async def ensure_user(session: AsyncSession, user_id: str) -> None:
+@functools.cache
+def _new_user(dialect: str) -> Insert:
+    """Insert an anonymous visitor's row unless it exists (bound: user_id, now)."""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    values = {"id": bindparam("user_id"), "created_at": bindparam("now", type_=UTCDateTime)}
+    return insert(User).values(values).on_conflict_do_nothing()
+
+
+async def ensure_user(db: Database, connection: AsyncConnection, user_id: str) -> None:
     """Create the row of an anonymous visitor the first time it owns something."""
-    values = {"id": user_id, "created_at": utcnow()}
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    await session.execute(dialect.insert(User).values(values).on_conflict_do_nothing())
+    statement = _new_user(connection.dialect.name)
+    await db.run_prepared(connection, statement, {"user_id": user_id, "now": utcnow()})
 
 
 class AccountStore:

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, cast
 
 from sqlalchemy import (
+    Integer,
     Select,
     Table,
+    Update,
     bindparam,
     case,
     delete,
     exists,
     func,
     insert,
-    literal,
     select,
     update,
 )
@@ -232,8 +234,9 @@ def _new_row(record: MessageRecord) -> dict[str, Any]:
     }
 
 
-def _sent_by(owner_id: str, client_message_id: str) -> Select[str]:
-    """The ids of the user messages an owner sent with this clientMessageId."""
+def _sent_by(owner_id: Any, client_message_id: Any) -> Select[str]:
+    """The ids of the user messages an owner sent with this clientMessageId (values or bound
+    parameters)."""
     return (
         select(Message.id)
         .join(Chat, Chat.id == Message.chat_id)
@@ -242,6 +245,84 @@ def _sent_by(owner_id: str, client_message_id: str) -> Select[str]:
             Message.client_message_id == client_message_id,
             Message.role == "user",
         )
+    )
+
+
+# The statements of a message's way to its first token, built once: building one costs more
+# CPU than the database takes to run it. Their values are bound parameters.
+_MESSAGES = cast(Table, Message.__table__)
+_CHATS = cast(Table, Chat.__table__)
+_NEW_ROW_COLUMNS = list(
+    _new_row(MessageRecord(id="", chat_id="", role="user", seq_start=0, seq_end=0))
+)
+# One statement is the idempotency lookup and the insert: it inserts nothing when the owner
+# sent this clientMessageId before. Its parameters are the row's columns prefixed with "new_"
+# and "sender" (no parameter may be named after a column of either table: in an UPDATE,
+# SQLAlchemy takes such a parameter for one more column to set).
+_INSERT_USER_MESSAGE = insert(_MESSAGES).from_select(
+    _NEW_ROW_COLUMNS,
+    select(
+        *(bindparam(f"new_{name}", type_=_MESSAGES.c[name].type) for name in _NEW_ROW_COLUMNS)
+    ).where(~exists(_sent_by(bindparam("sender"), bindparam("new_client_message_id")))),
+)
+
+_NEW_USER_MESSAGE = _INSERT_USER_MESSAGE.returning(_MESSAGES.c.id)
+_FIND_SENT = _sent_by(bindparam("owner_id"), bindparam("client_message_id")).limit(1)
+_CHAT_COLUMNS = (
+    "id",
+    "owner_id",
+    "title",
+    "persona",
+    "model",
+    "last_seq",
+    "lease_fence",
+    "created_by",
+    "post_slug",
+    "created_at",
+    "updated_at",
+)
+_INSERT_CHAT = insert(_CHATS).values(
+    {name: bindparam(f"new_{name}", type_=_CHATS.c[name].type) for name in _CHAT_COLUMNS}
+)
+
+
+@functools.cache
+def _touch_chat(reserve: bool, model: bool, fence: bool, *, returning: bool = False) -> Update:
+    """The update of a chat a user message's save makes: its activity time, and its seq
+    reservation (`reserve`), model and fencing token (a `fence`: only if no higher token
+    saved) when those are given, `returning` the chat's id if asked. Bound: chat_id, now,
+    and reserve, chat_model, fence."""
+    chat = _CHATS
+    values: dict[str, Any] = {"updated_at": bindparam("now", type_=chat.c.updated_at.type)}
+    statement = update(chat).where(chat.c.id == bindparam("chat_id"))
+    if reserve:
+        upto = bindparam("reserve", type_=Integer)
+        values["last_seq"] = case((chat.c.last_seq < upto, upto), else_=chat.c.last_seq)
+    if model:
+        values["model"] = bindparam("chat_model", type_=chat.c.model.type)
+    if fence:
+        token = bindparam("fence", type_=Integer)
+        statement = statement.where(chat.c.lease_fence <= token)
+        values["lease_fence"] = token
+    statement = statement.values(values)
+    return statement.returning(chat.c.id) if returning else statement
+
+
+@functools.cache
+def _save_user_message(reserve: bool, model: bool, fence: bool) -> Select[Any]:
+    """On PostgreSQL, the insert and the chat's update in one statement (one round trip to
+    the database fewer): how many messages it inserted (0: sent before) and how many chats it
+    updated (none when nothing was inserted, or when a higher token saved to the chat)."""
+    inserted = _NEW_USER_MESSAGE.cte("inserted")
+    touched = (
+        _touch_chat(reserve, model, fence)
+        .where(exists(select(inserted.c.id)))
+        .returning(_CHATS.c.id)
+        .cte("touched")
+    )
+    return select(
+        select(func.count()).select_from(inserted).scalar_subquery(),
+        select(func.count()).select_from(touched).scalar_subquery(),
     )
 
 
@@ -300,22 +381,10 @@ class ChatStore:
     @runs_to_completion
     async def create_chat(self, chat: ChatRecord) -> ChatRecord:
         """Store a new chat (and its anonymous owner's row, the first time)."""
-        async with self.db.session() as session:
-            await ensure_user(session, chat.owner_id)
-            session.add(
-                Chat(
-                    id=chat.id,
-                    owner_id=chat.owner_id,
-                    title=chat.title,
-                    persona=chat.persona,
-                    model=chat.model,
-                    last_seq=chat.last_seq,
-                    created_by=chat.created_by,
-                    post_slug=chat.post_slug,
-                    created_at=chat.created_at,
-                    updated_at=chat.updated_at,
-                )
-            )
+        async with self.db.transaction() as connection:
+            await ensure_user(self.db, connection, chat.owner_id)
+            values = {f"new_{name}": getattr(chat, name) for name in _CHAT_COLUMNS}
+            await self.db.run_prepared(connection, _INSERT_CHAT, values)
         return chat
 
     @runs_to_completion
@@ -456,18 +525,27 @@ class ChatStore:
         self, owner_id: str, client_message_id: str
     ) -> MessageRecord | None:
         """The user message a visitor sent with this clientMessageId, in any of its chats."""
-        async with self.db.session() as session:
-            return await self._sent_before(session, owner_id, client_message_id)
+        # Every new chat's message is looked up first, and almost never found: the lookup
+        # is a statement built once; only a resend loads the whole message.
+        async with self.db.transaction() as connection:
+            params = {"owner_id": owner_id, "client_message_id": client_message_id}
+            rows = await self.db.run_prepared(connection, _FIND_SENT, params)
+            if not rows:
+                return None
+            found: str = rows[0][0]
+            async with self.db.sessions(bind=connection) as session:
+                return await self._sent_message(session, found)
 
     async def _sent_before(
         self, session: AsyncSession, owner_id: str, client_message_id: str
     ) -> MessageRecord | None:
-        # Every message a reader sends is looked up first, and almost never found: the
-        # plain id query keeps that path short; a resend loads the whole message.
         found = await session.scalar(_sent_by(owner_id, client_message_id).limit(1))
-        if found is None:
-            return None
-        row = await session.get(Message, found, options=[selectinload(Message.tool_calls)])
+        return None if found is None else await self._sent_message(session, found)
+
+    @staticmethod
+    async def _sent_message(session: AsyncSession, message_id: str) -> MessageRecord | None:
+        """A sent user message, with the ids of the messages it replaced."""
+        row = await session.get(Message, message_id, options=[selectinload(Message.tool_calls)])
         if row is None:
             return None
         record = _message_record(row)
@@ -499,41 +577,40 @@ class ChatStore:
         (StaleOwner). Returns None when the message was saved.
 
         A message's way to its first token goes through here, so it is short: the lookup
-        and the insert are one statement, the chat's update another, then the commit.
+        and the insert are one statement, the chat's update another (on PostgreSQL, both are
+        one), then the commit.
         """
         assert record.client_message_id is not None
-        messages = cast(Table, Message.__table__)
-        chat = cast(Table, Chat.__table__)
-        row = _new_row(record)
-        new = select(*(literal(value, messages.c[name].type) for name, value in row.items()))
-        inserted = insert(messages).from_select(
-            list(row), new.where(~exists(_sent_by(owner_id, record.client_message_id)))
-        )
-        values: dict[str, Any] = {"updated_at": utcnow()}
-        if reserve is not None:
-            values["last_seq"] = case((chat.c.last_seq < reserve, reserve), else_=chat.c.last_seq)
-        if model is not None:
-            values["model"] = model
-        touch = update(chat).where(chat.c.id == record.chat_id)
-        if fence is not None:
-            # The same statement checks the token and advances it.
-            touch = touch.where(chat.c.lease_fence <= fence)
-            values["lease_fence"] = fence
+        flags = (reserve is not None, model is not None, fence is not None)
+        params: dict[str, Any] = {f"new_{name}": value for name, value in _new_row(record).items()}
+        params |= {"sender": owner_id, "chat_id": record.chat_id, "now": utcnow()}
+        for name, value in (("reserve", reserve), ("chat_model", model), ("fence", fence)):
+            if value is not None:
+                params[name] = value
         try:
-            async with self.db.session() as session:
-                result = await session.execute(inserted)
-                if not result.rowcount:  # type: ignore[attr-defined]
-                    return await self._sent_before(session, owner_id, record.client_message_id)
+            async with self.db.transaction() as connection:
+                if connection.dialect.name == "postgresql":
+                    counts = (await connection.execute(_save_user_message(*flags), params)).one()
+                    inserted, touched = counts[0], counts[1]
+                else:
+                    # (SQLite has no INSERT inside WITH; its statements run on the driver.)
+                    rows = await self.db.rows_on_driver(connection, _NEW_USER_MESSAGE, params)
+                    inserted, touched = len(rows), None
+                if not inserted:
+                    async with self.db.sessions(bind=connection) as session:
+                        return await self._sent_before(session, owner_id, record.client_message_id)
                 if admit is not None:
                     await admit()
                 if record.replaces:
-                    await session.execute(
+                    await connection.execute(
                         update(Message)
                         .where(Message.chat_id == record.chat_id, Message.id.in_(record.replaces))
                         .values(superseded_by=record.id)
                     )
-                touched = await session.execute(touch.values(values))
-                if not touched.rowcount:  # type: ignore[attr-defined]
+                if touched is None:
+                    touch = _touch_chat(*flags, returning=True)
+                    touched = len(await self.db.rows_on_driver(connection, touch, params))
+                if not touched:
                     # (Without a fence the chat always matches: the insert needs it.)
                     raise StaleOwner(record.chat_id)
         except IntegrityError as exc:
