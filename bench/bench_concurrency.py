@@ -81,6 +81,11 @@ GOAL_P99_MS = 50.0
 GOAL_IDLE_KB = 100.0
 
 
+# How long after its last token is due a stream may go without its `done` before it counts
+# as an error (never a hang: a turn that never ends, or a `done` that never arrives).
+DONE_GRACE_SECONDS = 30.0
+
+
 @dataclass
 class Stream:
     """What one streaming client saw."""
@@ -89,6 +94,8 @@ class Stream:
     tokens: int = 0
     errors: list[str] = field(default_factory=list)
     done: bool = False
+    # No `done` within the deadline.
+    late: bool = False
 
 
 async def visitors(bench: BenchServer, count: int) -> list[str]:
@@ -111,38 +118,54 @@ async def open_many(
     return sockets
 
 
-async def stream(ws: ClientConnection, tokens: int, rate: float, delay: float) -> Stream:
-    """Start a chat after `delay` seconds and read it to its end, timing every token."""
+async def stream(
+    ws: ClientConnection,
+    tokens: int,
+    rate: float,
+    delay: float,
+    grace: float = DONE_GRACE_SECONDS,
+) -> Stream:
+    """Start a chat after `delay` seconds and read it to its end, timing every token; a
+    `done` not there `grace` seconds after the last token was due is an error."""
     seen = Stream()
     await asyncio.sleep(delay)
     await ws.send(chat_frame(f"tokens={tokens} rate={rate:g}"))
-    last_seq: int | None = None
+    due = tokens / rate if rate > 0 else 0.0
     try:
-        while True:
-            frame = await ws.recv()
-            received = time.monotonic_ns()
-            event = json.loads(frame)
-            kind = event["type"]
-            if "seq" in event:
-                if last_seq is not None and event["seq"] != last_seq + 1:
-                    seen.errors.append(f"seq {event['seq']} after {last_seq}")
-                last_seq = event["seq"]
-            if kind == "token":
-                produced = int(event["text"][1:].split(" ", 1)[0])
-                seen.delays.append((received - produced) / 1e9)
-                seen.tokens += 1
-            elif kind == "done":
-                if event["reason"] != "complete":
-                    seen.errors.append(f"done with reason {event['reason']}")
-                seen.done = True
-                break
-            elif kind == "error":
-                seen.errors.append(f"error {event['code']}: {event['message']}")
+        async with asyncio.timeout(due + grace):
+            await _read_to_done(ws, seen)
+    except TimeoutError:
+        seen.late = True
+        seen.errors.append(f"no done {due + grace:g} s after the message")
     except ConnectionClosed as exc:
         seen.errors.append(f"connection closed: {exc}")
     if seen.tokens != tokens:
         seen.errors.append(f"{seen.tokens} tokens of {tokens}")
     return seen
+
+
+async def _read_to_done(ws: ClientConnection, seen: Stream) -> None:
+    last_seq: int | None = None
+    while True:
+        frame = await ws.recv()
+        received = time.monotonic_ns()
+        event = json.loads(frame)
+        kind = event["type"]
+        if "seq" in event:
+            if last_seq is not None and event["seq"] != last_seq + 1:
+                seen.errors.append(f"seq {event['seq']} after {last_seq}")
+            last_seq = event["seq"]
+        if kind == "token":
+            produced = int(event["text"][1:].split(" ", 1)[0])
+            seen.delays.append((received - produced) / 1e9)
+            seen.tokens += 1
+        elif kind == "done":
+            if event["reason"] != "complete":
+                seen.errors.append(f"done with reason {event['reason']}")
+            seen.done = True
+            return
+        elif kind == "error":
+            seen.errors.append(f"error {event['code']}: {event['message']}")
 
 
 async def open_spread(benches: list[BenchServer], cookies: list[str]) -> list[ClientConnection]:
@@ -257,12 +280,14 @@ async def measure(
                 except (TimeoutError, ConnectionClosed):
                     dead += 1
         await asyncio.gather(*(ws.close() for ws in [*sockets, probe]))
+        tracebacks = sum(bench.failures() for bench in benches)
 
     delays = [delay for result in results for delay in result.delays]
     loaded = summarize(delays)
     alone_summary = summarize(baseline.delays)
     errors = [error for result in results for error in result.errors] + baseline.errors
     errors += [f"{dead} idle connection(s) dead"] if dead else []
+    late = sum(result.late for result in [*results, baseline])
     idle_per = (rss_open - rss_before) / connections
     delivered = sum(result.tokens for result in results)
 
@@ -300,6 +325,22 @@ async def measure(
             ratio=None,
             passed=not errors,
             note="; ".join(errors[:5]),
+        )
+    )
+    rows.append(
+        info_row(
+            BENCH,
+            f"streams with no `done` {DONE_GRACE_SECONDS:g} s after their last token was due",
+            f"{late} of {len(results) + 1}",
+            note="each counted among the errors",
+        )
+    )
+    rows.append(
+        info_row(
+            BENCH,
+            "tracebacks in the servers' logs",
+            str(tracebacks),
+            note="BLOGCHAT_BENCH_LOG_DIR keeps the logs",
         )
     )
     rows.append(

@@ -23,11 +23,12 @@ from blogchat.connection import (
     CLOSE_GOING_AWAY,
     CLOSE_TOO_MANY,
     CLOSE_UNAUTHORIZED,
+    CLOSE_UNAVAILABLE,
     Connection,
     ConnectionState,
 )
 from blogchat.origins import origin_allowed
-from blogchat.quotas import Connections
+from blogchat.quotas import Connections, CountsUnreachable
 from blogchat.session import ChatSessions
 from blogchat.settings import Settings
 from blogchat.visitors import COOKIE_NAME, Visitor, Visitors
@@ -38,6 +39,10 @@ log = logging.getLogger(__name__)
 DRAIN_SECONDS = 2.0
 
 STILL_ANSWERING = "The answer to your last subscribe to this chat is still on its way."
+# What a client refused with 503 is told to wait before it tries again, in seconds.
+UNAVAILABLE_RETRY_AFTER = 5
+UNAVAILABLE = "the server cannot take connections right now; try again shortly"
+
 # A subscribe answer this large (a history, in characters) is sent at most once at a time
 # per connection and chat; smaller ones are not worth holding a repeat off for.
 LARGE_ANSWER = 64 * 1024
@@ -48,6 +53,7 @@ class _Refusal:
     status: int
     code: int
     reason: str
+    retry_after: int | None = None
 
 
 class Hub:
@@ -73,13 +79,25 @@ class Hub:
 
     async def serve(self, websocket: WebSocket) -> None:
         """Run one WebSocket connection from upgrade to close."""
-        visitor, refusal = await self._authenticate(websocket)
+        unavailable = _Refusal(503, CLOSE_UNAVAILABLE, UNAVAILABLE, UNAVAILABLE_RETRY_AFTER)
+        address = client_address(websocket.scope)
+        try:
+            visitor, refusal = await self._authenticate(websocket)
+            slot = None if visitor is None else await self.caps.open(visitor.id, address)
+        except CountsUnreachable:
+            # Logged once by the counts, not once per connection refused.
+            await self._refuse(websocket, unavailable)
+            return
+        except Exception:
+            # Never uvicorn's bare 500: the client is told to come back (a database that
+            # did not answer the sign-in check, say).
+            log.exception("a WebSocket upgrade failed")
+            await self._refuse(websocket, unavailable)
+            return
         if refusal is not None or visitor is None:
             assert refusal is not None
             await self._refuse(websocket, refusal)
             return
-        address = client_address(websocket.scope)
-        slot = await self.caps.open(visitor.id, address)
         if slot is None:
             await self._refuse(websocket, _Refusal(429, CLOSE_TOO_MANY, "too many connections"))
             return
@@ -130,8 +148,16 @@ class Hub:
         # Refuse the handshake with a plain HTTP status where the server supports it, so
         # nothing is ever accepted; otherwise close before accepting (HTTP 403).
         if "websocket.http.response" in websocket.scope.get("extensions", {}):
+            headers = {}
+            if refusal.retry_after is not None:
+                headers["Retry-After"] = str(refusal.retry_after)
             await websocket.send_denial_response(
-                Response(refusal.reason, status_code=refusal.status, media_type="text/plain")
+                Response(
+                    refusal.reason,
+                    status_code=refusal.status,
+                    media_type="text/plain",
+                    headers=headers,
+                )
             )
         else:
             await websocket.close(refusal.code, refusal.reason)
