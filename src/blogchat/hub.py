@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import math
 from dataclasses import dataclass
@@ -48,6 +49,25 @@ UNAVAILABLE = "the server cannot take connections right now; try again shortly"
 LARGE_ANSWER = 64 * 1024
 
 
+# Set in a connection's task once its upgrade was refused with an HTTP status.
+_DENIED: contextvars.ContextVar[bool] = contextvars.ContextVar("denied", default=False)
+
+
+class _DeniedHandshakeFilter(logging.Filter):
+    """Drops uvicorn's "returned without completing handshake" error after a refusal the hub
+    sent: its websockets-sansio protocol never marks a denial response as the handshake's
+    end (uvicorn PR #3138), so every 401/403/429/503 would log an ERROR."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_DENIED.get() and "without completing handshake" in record.getMessage())
+
+
+def _quiet_denials() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(each, _DeniedHandshakeFilter) for each in logger.filters):
+        logger.addFilter(_DeniedHandshakeFilter())
+
+
 @dataclass(frozen=True)
 class _Refusal:
     status: int
@@ -74,6 +94,7 @@ class Hub:
         self.sessions = sessions
         self.caps = caps or Connections(settings)
         self.connections: dict[str, Connection] = {}
+        _quiet_denials()
 
     # --- the connection ---------------------------------------------------------------
 
@@ -148,6 +169,7 @@ class Hub:
         # Refuse the handshake with a plain HTTP status where the server supports it, so
         # nothing is ever accepted; otherwise close before accepting (HTTP 403).
         if "websocket.http.response" in websocket.scope.get("extensions", {}):
+            _DENIED.set(True)
             headers = {}
             if refusal.retry_after is not None:
                 headers["Retry-After"] = str(refusal.retry_after)
