@@ -62,6 +62,7 @@ from bench.support import (
     REPO,
     BenchServer,
     Row,
+    Summary,
     chat_frame,
     cluster,
     cpu_seconds,
@@ -218,15 +219,15 @@ async def measure(
     database: str,
     profile: Path | None = None,
     instances: int = 1,
-) -> list[Row]:
-    """Run the whole scenario; return the result rows."""
+) -> tuple[list[Row], Summary]:
+    """Run the whole scenario; return the result rows and the token delays under load."""
     raise_file_limit()
     client = psutil.Process()
     rows: list[Row] = []
     tokens = int(rate * seconds)
     with contextlib.ExitStack() as stack:
         if instances > 1:
-            benches = stack.enter_context(cluster(instances, engine="scripted"))
+            benches = stack.enter_context(cluster(instances, engine="scripted", profile=profile))
         else:
             benches = [
                 stack.enter_context(server(engine="scripted", database=database, profile=profile))
@@ -370,7 +371,7 @@ async def measure(
             f"{connections} open, {peak.peak / MB:.0f} MB peak under load",
         )
     )
-    return rows
+    return rows, loaded
 
 
 async def first_token(ws: ClientConnection, chat_id: str | None) -> float:
@@ -595,6 +596,34 @@ async def idle_rows(connections: int, database: str) -> list[Row]:
     ]
 
 
+def await_alone(args: argparse.Namespace, clustered: Summary) -> list[Row]:
+    """The same load on one instance without Redis, right after the cluster's (`--alone`):
+    its rows, renamed, and the cluster's token delays over its."""
+    rows, alone = asyncio.run(
+        measure(args.connections, args.chats, args.rate, args.seconds, "postgresql")
+    )
+    renamed = [
+        Row(
+            bench=row.bench,
+            metric=f"one instance without Redis: {row.metric}",
+            goal="-",
+            measured=row.measured,
+            note=row.note,
+        )
+        for row in rows
+        if row.metric.startswith(("token delay under load", "errors", "server CPU"))
+    ]
+    return [
+        *renamed,
+        info_row(
+            BENCH,
+            f"token delay, {args.instances} instances / one without Redis (next run)",
+            f"{clustered.p50 / alone.p50:.1f}× p50, {clustered.p99 / alone.p99:.1f}× p99",
+            note="the same load one after the other, so the machine's noise may differ",
+        ),
+    ]
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     """Parse arguments, run, print; returns the rows for the runner."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -609,6 +638,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
         type=int,
         default=1,
         help="servers in cluster mode sharing the load (2 or more: PostgreSQL and Redis)",
+    )
+    parser.add_argument(
+        "--alone",
+        action="store_true",
+        help="with --instances: then the same load on one instance without Redis (PostgreSQL)",
     )
     parser.add_argument("--profile", type=Path, help="profile the loaded server into this file")
     parser.add_argument(
@@ -646,7 +680,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         )
         return rows
     database = "postgresql" if args.instances > 1 else args.database
-    rows = asyncio.run(
+    rows, loaded = asyncio.run(
         measure(
             args.connections,
             args.chats,
@@ -657,6 +691,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
             args.instances,
         )
     )
+    if args.alone and args.instances > 1:
+        rows += await_alone(args, loaded)
     if not args.skip_idle:
         rows += asyncio.run(idle_rows(args.connections, database))
     where = f"{args.instances} instances in cluster mode, " if args.instances > 1 else ""

@@ -397,10 +397,11 @@ def server(**kwargs: Any) -> Iterator[BenchServer]:
 @contextlib.contextmanager
 def cluster(count: int, **kwargs: Any) -> Iterator[list[BenchServer]]:
     """`count` started BenchServers in cluster mode (docs/cluster.md): one PostgreSQL schema
-    and one Redis key prefix, both dropped afterwards."""
+    and one Redis key prefix, both dropped afterwards. A `profile` path profiles the first."""
     schema = f"bench_{uuid.uuid4().hex[:12]}"
     prefix = f"bench-{uuid.uuid4().hex}"
     extra = kwargs.pop("env", {})
+    profile = kwargs.pop("profile", None)
     servers: list[BenchServer] = []
     try:
         # One after the other: the first one migrates the database.
@@ -411,7 +412,13 @@ def cluster(count: int, **kwargs: Any) -> Iterator[list[BenchServer]]:
                 "BLOGCHAT_INSTANCE_ID": f"bench-{index}",
                 **extra,
             }
-            bench = BenchServer(database="postgresql", schema=schema, env=env, **kwargs)
+            bench = BenchServer(
+                database="postgresql",
+                schema=schema,
+                env=env,
+                profile=profile if index == 0 else None,
+                **kwargs,
+            )
             servers.append(bench)
             bench.start()
         yield servers
