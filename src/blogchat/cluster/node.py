@@ -121,6 +121,9 @@ class ClusterNode:
         self._stale: set[str] = set()
         # Leases the sweeper took, for the session it opens with each.
         self._claimed: dict[str, Lease] = {}
+        # Leases taken whose sessions are still opening (reading the database, which on a
+        # loaded machine can take longer than a lease lasts): renewed with the owned ones.
+        self._opening: dict[str, Lease] = {}
 
     # --- life -------------------------------------------------------------------------
 
@@ -159,6 +162,7 @@ class ClusterNode:
             chat.id, floor=fresh.last_seq, fence_floor=fresh.lease_fence
         )
         if isinstance(claim, Lease):
+            self._opening[chat.id] = claim
             try:
                 # Read again under the lease: a chat's last owner deletes it before it lets
                 # the lease go, so a chat still here now is not being deleted.
@@ -168,6 +172,9 @@ class ClusterNode:
             except BaseException:
                 await self.bus.release(claim)
                 raise
+            finally:
+                if self._opening.get(chat.id) is claim:
+                    del self._opening[chat.id]
         return await self._follow(fresh, sessions)
 
     def follows(self, session: ChatSession) -> bool:
@@ -353,17 +360,23 @@ class ClusterNode:
 
     async def _renew_owned(self) -> None:
         owned = list(self.owned.items())
-        if not owned:
+        opening = [(c, lease) for c, lease in self._opening.items() if c not in self.owned]
+        if not owned and not opening:
             return
+        leases = [session.lease for _, session in owned] + [lease for _, lease in opening]
         try:
-            renewed = await self.bus.renew_all([session.lease for _, session in owned])
+            renewed = await self.bus.renew_all(leases)
         except Exception:
-            log.exception("could not renew the leases of %d chats", len(owned))
+            log.exception("could not renew the leases of %d chats", len(leases))
             return
         for (chat_id, session), kept in zip(owned, renewed, strict=True):
             # (A session given up meanwhile is no longer this instance's to lose.)
             if not kept and self.owned.get(chat_id) is session:
                 self._lost(chat_id)
+        for (chat_id, _), kept in zip(opening, renewed[len(owned) :], strict=True):
+            if not kept:
+                # Its session, once open, finds its writes refused and gives the chat up.
+                log.warning("chat %s: lease lapsed while its session was opening", chat_id)
 
     async def _check_followed(self) -> None:
         """A chat followed here whose lease lapsed (its owner died or hangs) is taken
