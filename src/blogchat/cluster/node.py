@@ -369,7 +369,7 @@ class ClusterNode:
         except Exception:
             log.exception("could not renew the leases of %d chats", len(leases))
             return
-        for (chat_id, session), kept in zip(owned, renewed, strict=True):
+        for (chat_id, session), kept in zip(owned, renewed[: len(owned)], strict=True):
             # (A session given up meanwhile is no longer this instance's to lose.)
             if not kept and self.owned.get(chat_id) is session:
                 self._lost(chat_id)
