@@ -63,6 +63,7 @@ from bench.support import (
     REPO,
     BenchServer,
     Row,
+    Summary,
     chat_frame,
     cluster,
     cpu_seconds,
@@ -82,6 +83,11 @@ GOAL_P99_MS = 50.0
 GOAL_IDLE_KB = 100.0
 
 
+# How long after its last token is due a stream may go without its `done` before it counts
+# as an error (never a hang: a turn that never ends, or a `done` that never arrives).
+DONE_GRACE_SECONDS = 30.0
+
+
 @dataclass
 class Stream:
     """What one streaming client saw."""
@@ -90,6 +96,8 @@ class Stream:
     tokens: int = 0
     errors: list[str] = field(default_factory=list)
     done: bool = False
+    # No `done` within the deadline.
+    late: bool = False
 
 
 async def visitors(bench: BenchServer, count: int) -> list[str]:
@@ -112,38 +120,54 @@ async def open_many(
     return sockets
 
 
-async def stream(ws: ClientConnection, tokens: int, rate: float, delay: float) -> Stream:
-    """Start a chat after `delay` seconds and read it to its end, timing every token."""
+async def stream(
+    ws: ClientConnection,
+    tokens: int,
+    rate: float,
+    delay: float,
+    grace: float = DONE_GRACE_SECONDS,
+) -> Stream:
+    """Start a chat after `delay` seconds and read it to its end, timing every token; a
+    `done` not there `grace` seconds after the last token was due is an error."""
     seen = Stream()
     await asyncio.sleep(delay)
     await ws.send(chat_frame(f"tokens={tokens} rate={rate:g}"))
-    last_seq: int | None = None
+    due = tokens / rate if rate > 0 else 0.0
     try:
-        while True:
-            frame = await ws.recv()
-            received = time.monotonic_ns()
-            event = json.loads(frame)
-            kind = event["type"]
-            if "seq" in event:
-                if last_seq is not None and event["seq"] != last_seq + 1:
-                    seen.errors.append(f"seq {event['seq']} after {last_seq}")
-                last_seq = event["seq"]
-            if kind == "token":
-                produced = int(event["text"][1:].split(" ", 1)[0])
-                seen.delays.append((received - produced) / 1e9)
-                seen.tokens += 1
-            elif kind == "done":
-                if event["reason"] != "complete":
-                    seen.errors.append(f"done with reason {event['reason']}")
-                seen.done = True
-                break
-            elif kind == "error":
-                seen.errors.append(f"error {event['code']}: {event['message']}")
+        async with asyncio.timeout(due + grace):
+            await _read_to_done(ws, seen)
+    except TimeoutError:
+        seen.late = True
+        seen.errors.append(f"no done {due + grace:g} s after the message")
     except ConnectionClosed as exc:
         seen.errors.append(f"connection closed: {exc}")
     if seen.tokens != tokens:
         seen.errors.append(f"{seen.tokens} tokens of {tokens}")
     return seen
+
+
+async def _read_to_done(ws: ClientConnection, seen: Stream) -> None:
+    last_seq: int | None = None
+    while True:
+        frame = await ws.recv()
+        received = time.monotonic_ns()
+        event = json.loads(frame)
+        kind = event["type"]
+        if "seq" in event:
+            if last_seq is not None and event["seq"] != last_seq + 1:
+                seen.errors.append(f"seq {event['seq']} after {last_seq}")
+            last_seq = event["seq"]
+        if kind == "token":
+            produced = int(event["text"][1:].split(" ", 1)[0])
+            seen.delays.append((received - produced) / 1e9)
+            seen.tokens += 1
+        elif kind == "done":
+            if event["reason"] != "complete":
+                seen.errors.append(f"done with reason {event['reason']}")
+            seen.done = True
+            return
+        elif kind == "error":
+            seen.errors.append(f"error {event['code']}: {event['message']}")
 
 
 async def open_spread(benches: list[BenchServer], cookies: list[str]) -> list[ClientConnection]:
@@ -196,15 +220,15 @@ async def measure(
     database: str,
     profile: Path | None = None,
     instances: int = 1,
-) -> list[Row]:
-    """Run the whole scenario; return the result rows."""
+) -> tuple[list[Row], Summary]:
+    """Run the whole scenario; return the result rows and the token delays under load."""
     raise_file_limit()
     client = psutil.Process()
     rows: list[Row] = []
     tokens = int(rate * seconds)
     with contextlib.ExitStack() as stack:
         if instances > 1:
-            benches = stack.enter_context(cluster(instances, engine="scripted"))
+            benches = stack.enter_context(cluster(instances, engine="scripted", profile=profile))
         else:
             benches = [
                 stack.enter_context(server(engine="scripted", database=database, profile=profile))
@@ -258,12 +282,14 @@ async def measure(
                 except (TimeoutError, ConnectionClosed):
                     dead += 1
         await asyncio.gather(*(ws.close() for ws in [*sockets, probe]))
+        tracebacks = sum(bench.failures() for bench in benches)
 
     delays = [delay for result in results for delay in result.delays]
     loaded = summarize(delays)
     alone_summary = summarize(baseline.delays)
     errors = [error for result in results for error in result.errors] + baseline.errors
     errors += [f"{dead} idle connection(s) dead"] if dead else []
+    late = sum(result.late for result in [*results, baseline])
     idle_per = (rss_open - rss_before) / connections
     delivered = sum(result.tokens for result in results)
 
@@ -304,6 +330,22 @@ async def measure(
         )
     )
     rows.append(
+        info_row(
+            BENCH,
+            f"streams with no `done` {DONE_GRACE_SECONDS:g} s after their last token was due",
+            f"{late} of {len(results) + 1}",
+            note="each counted among the errors",
+        )
+    )
+    rows.append(
+        info_row(
+            BENCH,
+            "tracebacks in the servers' logs",
+            str(tracebacks),
+            note="BLOGCHAT_BENCH_LOG_DIR keeps the logs",
+        )
+    )
+    rows.append(
         goal_row(
             BENCH,
             "server RSS per idle connection (deflate negotiated)",
@@ -330,7 +372,7 @@ async def measure(
             f"{connections} open, {peak.peak / MB:.0f} MB peak under load",
         )
     )
-    return rows
+    return rows, loaded
 
 
 async def first_token(ws: ClientConnection, chat_id: str | None) -> float:
@@ -577,6 +619,34 @@ async def idle_rows(connections: int, database: str) -> list[Row]:
     ]
 
 
+def await_alone(args: argparse.Namespace, clustered: Summary) -> list[Row]:
+    """The same load on one instance without Redis, right after the cluster's (`--alone`):
+    its rows, renamed, and the cluster's token delays over its."""
+    rows, alone = asyncio.run(
+        measure(args.connections, args.chats, args.rate, args.seconds, "postgresql")
+    )
+    renamed = [
+        Row(
+            bench=row.bench,
+            metric=f"one instance without Redis: {row.metric}",
+            goal="-",
+            measured=row.measured,
+            note=row.note,
+        )
+        for row in rows
+        if row.metric.startswith(("token delay under load", "errors", "server CPU"))
+    ]
+    return [
+        *renamed,
+        info_row(
+            BENCH,
+            f"token delay, {args.instances} instances / one without Redis (next run)",
+            f"{clustered.p50 / alone.p50:.1f}× p50, {clustered.p99 / alone.p99:.1f}× p99",
+            note="the same load one after the other, so the machine's noise may differ",
+        ),
+    ]
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     """Parse arguments, run, print; returns the rows for the runner."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -591,6 +661,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
         type=int,
         default=1,
         help="servers in cluster mode sharing the load (2 or more: PostgreSQL and Redis)",
+    )
+    parser.add_argument(
+        "--alone",
+        action="store_true",
+        help="with --instances: then the same load on one instance without Redis (PostgreSQL)",
     )
     parser.add_argument("--profile", type=Path, help="profile the loaded server into this file")
     parser.add_argument(
@@ -628,7 +703,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         )
         return rows
     database = "postgresql" if args.instances > 1 else args.database
-    rows = asyncio.run(
+    rows, loaded = asyncio.run(
         measure(
             args.connections,
             args.chats,
@@ -639,6 +714,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
             args.instances,
         )
     )
+    if args.alone and args.instances > 1:
+        rows += await_alone(args, loaded)
     if not args.skip_idle:
         rows += asyncio.run(idle_rows(args.connections, database))
     where = f"{args.instances} instances in cluster mode, " if args.instances > 1 else ""

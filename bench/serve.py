@@ -119,7 +119,9 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, help="write cProfile statistics here at exit")
     args = parser.parse_args()
     settings = load_settings()
-    logging.basicConfig(level=settings.log_level)
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+    )
     if args.engine == "scripted":
 
         def scripted(*_: Any) -> AgentEngine:

@@ -34,6 +34,9 @@ POSTGRES_URL = os.environ.get(
     "BLOGCHAT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
 REDIS_URL = os.environ.get("BLOGCHAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# Where bench servers write their logs (stdout and stderr), kept after the run; unset: a
+# temporary directory, removed with the server (a failure still prints the log's end).
+LOG_DIR = os.environ.get("BLOGCHAT_BENCH_LOG_DIR")
 
 
 # --- the machine --------------------------------------------------------------------------
@@ -289,7 +292,7 @@ class BenchServer:
             command.append("--no-deflate")
         if self.profile is not None:
             command += ["--profile", str(self.profile)]
-        log = (data / "server.log").open("ab")
+        log = self.log_path().open("ab")
         self.process = subprocess.Popen(
             command, cwd=self.source, env=env, stdout=log, stderr=subprocess.STDOUT
         )
@@ -308,11 +311,23 @@ class BenchServer:
         self.stop()
         raise RuntimeError(f"bench server did not start:\n{printed}")
 
+    def log_path(self) -> Path:
+        """The file the server's output goes to (module's LOG_DIR, else its data dir)."""
+        if LOG_DIR:
+            name = self.env.get("BLOGCHAT_INSTANCE_ID", "server")
+            Path(LOG_DIR).mkdir(parents=True, exist_ok=True)
+            return Path(LOG_DIR) / f"{name}-{self.port}.log"
+        assert self._tmp is not None
+        return Path(self._tmp.name) / "server.log"
+
     def log(self) -> str:
         """What the server printed."""
-        assert self._tmp is not None
-        path = Path(self._tmp.name) / "server.log"
+        path = self.log_path()
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def failures(self) -> int:
+        """How many tracebacks the server logged (an exception nobody handled, or logged)."""
+        return self.log().count("Traceback (most recent call last)")
 
     def stop(self) -> None:
         """SIGTERM, wait, and clean up the data directory (and PostgreSQL schema)."""
@@ -323,12 +338,28 @@ class BenchServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+        if self._tmp is not None:
+            self._report_failures()
         if self._schema is not None:
             _drop_schema(self._schema)
             self._schema = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+    def _report_failures(self) -> None:
+        # A benchmark's errors are the client's view; the server's own reasons are here.
+        failures = self.failures()
+        if not failures:
+            return
+        where = f" (whole log: {self.log_path()})" if LOG_DIR else ""
+        text = self.log()
+        first = text[text.find("Traceback (most recent call last)") :][:4000]
+        print(
+            f"\nbench server on port {self.port} logged {failures} traceback(s){where};"
+            f" the first:\n{first}",
+            file=sys.stderr,
+        )
 
     def __enter__(self) -> BenchServer:
         return self.start()
@@ -366,10 +397,11 @@ def server(**kwargs: Any) -> Iterator[BenchServer]:
 @contextlib.contextmanager
 def cluster(count: int, **kwargs: Any) -> Iterator[list[BenchServer]]:
     """`count` started BenchServers in cluster mode (docs/cluster.md): one PostgreSQL schema
-    and one Redis key prefix, both dropped afterwards."""
+    and one Redis key prefix, both dropped afterwards. A `profile` path profiles the first."""
     schema = f"bench_{uuid.uuid4().hex[:12]}"
     prefix = f"bench-{uuid.uuid4().hex}"
     extra = kwargs.pop("env", {})
+    profile = kwargs.pop("profile", None)
     servers: list[BenchServer] = []
     try:
         # One after the other: the first one migrates the database.
@@ -380,7 +412,13 @@ def cluster(count: int, **kwargs: Any) -> Iterator[list[BenchServer]]:
                 "BLOGCHAT_INSTANCE_ID": f"bench-{index}",
                 **extra,
             }
-            bench = BenchServer(database="postgresql", schema=schema, env=env, **kwargs)
+            bench = BenchServer(
+                database="postgresql",
+                schema=schema,
+                env=env,
+                profile=profile if index == 0 else None,
+                **kwargs,
+            )
             servers.append(bench)
             bench.start()
         yield servers

@@ -980,6 +980,59 @@ async def test_a_zombie_owner_writes_nothing_after_its_chat_was_taken_over(
         assert min(seqs_of(answered)) > seen[-1]["seq"]
 
 
+async def test_a_lease_taken_is_kept_while_its_session_opens_for_longer_than_the_lease(
+    fleet_of: Any, postgres_database: Database, redis_client: redis.asyncio.Redis
+) -> None:
+    fleet = fleet_of("a", "b", env={"BLOGCHAT_SESSION_IDLE_SECONDS": "0.2"})
+    async with Visitor(fleet) as visitor:
+        first = await visitor.connect("a")
+        await first.chat(QUESTION)
+        chat_id = (await first.expect("chat_created"))["chatId"]
+        await first.until("done")
+        await first.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while await holder_of(redis_client, fleet, chat_id):
+            assert loop.time() < deadline, "a never gave the idle chat up"
+            await asyncio.sleep(0.05)
+        # The chat's row locked: a takes the lease, then waits for the row to claim the
+        # chat in the database (a loaded database, as when 100 chats start at once).
+        lock = await asyncpg.connect(
+            POSTGRES_URL, server_settings={"search_path": postgres_database.schema or "public"}
+        )
+        try:
+            locked = lock.transaction()
+            await locked.start()
+            await lock.execute("SELECT 1 FROM chats WHERE id = $1 FOR UPDATE", chat_id)
+            reader = await visitor.connect("a")
+            await reader.send(type="subscribe", chatId=chat_id, afterSeq=0)
+            while not (held := await holder_of(redis_client, fleet, chat_id)):
+                assert loop.time() < deadline + 30, "a never took the lease"
+                await asyncio.sleep(0.05)
+            assert held.startswith("a:")
+            # Renewed three times (a whole lease's length) while the session still opens.
+            member, renewals, score = (
+                f"{chat_id} a",
+                0,
+                await redis_client.zscore(f"{fleet.prefix}:leases", f"{chat_id} a"),
+            )
+            while renewals < 3:
+                assert await holder_of(redis_client, fleet, chat_id) == held, "lease lost"
+                now = await redis_client.zscore(f"{fleet.prefix}:leases", member)
+                if now is not None and score is not None and now > score:
+                    renewals, score = renewals + 1, now
+                await asyncio.sleep(0.05)
+            await locked.rollback()
+        finally:
+            await lock.close()
+        subscribed = await reader.until("subscribed", timeout=30)
+        assert subscribed[-1]["chatId"] == chat_id
+        assert await holder_of(redis_client, fleet, chat_id) == held
+    b_log = fleet.servers["b"].log_path
+    assert b_log is not None
+    assert "taking it over" not in b_log.read_text(errors="replace")
+
+
 async def logged(server: ServerProcess, line: str) -> None:
     """Wait until a server's log has this line (its lifecycle events are logged)."""
     assert server.log_path is not None

@@ -10,9 +10,10 @@ test, two `RedisSlots` standing for two instances. Then real server processes (t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio
@@ -24,6 +25,7 @@ from blogchat.settings import Settings
 from tests import test_cluster
 from tests.support.client import ChatSocket, Event
 from tests.support.redis import REDIS_URL, forget_prefix, require_redis, unique_prefix
+from tests.support.relay import Relay
 from tests.support.server import Database
 from tests.test_cluster import QUESTION, Fleet, Visitor, sql
 
@@ -326,3 +328,67 @@ async def test_a_killed_instances_running_turns_and_websockets_free_themselves(
         assert holders
         assert all(holder.startswith("b:") for holder in holders), holders
     print(f"\nkilled instance's WebSockets free on another after {freed:.2f} s (lease 3 s)")
+
+
+async def test_websockets_opening_at_once_beyond_the_redis_pool_wait_for_a_connection(
+    limited_fleet: Any,
+) -> None:
+    # 4 connections, two of them the instance's pub/sub: 60 upgrades at once each count
+    # themselves in Redis, and wait for one of the other two rather than fail.
+    fleet = limited_fleet("a", redis_max_connections=4)
+    async with Visitor(fleet) as visitor:
+        sockets = await asyncio.gather(*(visitor.connect("a") for _ in range(60)))
+        assert len(sockets) == 60
+        assert (await ask(sockets[-1], QUESTION))[-1]["reason"] == "complete"
+    log = fleet.servers["a"].log_path.read_text(errors="replace")
+    assert "Traceback" not in log, log
+
+
+@pytest.fixture
+def redis_relay() -> Iterator[Relay]:
+    """The test Redis through a relay a test can cut (set up before the fleet, so that the
+    instances stop before it does)."""
+    asyncio.run(require_redis())
+    target = urlsplit(REDIS_URL)
+    assert target.hostname is not None
+    with Relay(target.hostname, target.port or 6379) as relay:
+        yield relay
+
+
+async def test_an_instance_that_cannot_reach_redis_refuses_websockets_with_503_logged_once(
+    redis_relay: Relay, limited_fleet: Any
+) -> None:
+    target = urlsplit(REDIS_URL)
+    through_relay = target._replace(netloc=f"127.0.0.1:{redis_relay.port}").geturl()
+    fleet = limited_fleet("a", redis_url=through_relay)
+    server = fleet.servers["a"]
+    async with Visitor(fleet) as visitor:
+        await visitor.connect("a")
+        redis_relay.cut()
+        for _ in range(3):
+            with pytest.raises(InvalidStatus) as refused:
+                await visitor.connect("a")
+            response = refused.value.response
+            assert response.status_code == 503
+            assert response.headers["Retry-After"] == "5"
+            assert b"try again shortly" in response.body
+        redis_relay.restore()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while True:
+            try:
+                ws = await visitor.connect("a")
+                break
+            except InvalidStatus as still:
+                status = still.response.status_code
+                assert status == 503, f"refused with {status}"
+                assert loop.time() < deadline, "Redis came back, WebSockets did not"
+            await asyncio.sleep(0.05)
+        # Taken again: the connection works end to end.
+        assert (await ask(ws, QUESTION))[-1]["reason"] == "complete"
+    log = server.log_path.read_text(errors="replace")
+    assert log.count("Redis out of reach, connections places cannot be counted") == 1, log
+    assert log.count("Redis reachable again: connections places counted") == 1, log
+    assert "Exception in ASGI application" not in log
+    assert "a WebSocket upgrade failed" not in log
+    assert "without completing handshake" not in log

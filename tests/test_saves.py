@@ -170,3 +170,34 @@ async def test_an_answer_whose_chat_was_deleted_holds_up_none_of_the_others(
     assert (await saved(store, kept)).text == "Before. After."
     assert await store.chats.get_messages(gone.record.chat_id) == []
     await saves.aclose()
+
+
+async def test_an_owners_answers_are_saved_only_until_a_higher_token_claims_the_chat(
+    store: Store,
+) -> None:
+    saves = PartialSaves(store.chats, interval=3600)
+    owned, other = await running_answer(store), await running_answer(store)
+    saves.track(owned, fence=1)
+    saves.track(other, fence=1)
+    for draft in (owned, other):
+        say(draft, "Before. ")
+    await saves.save_now()  # whole rows, fenced
+    for draft in (owned, other):
+        say(draft, "Under token 1. ")
+    await saves.save_now()  # one bulk update, fenced
+    assert (await saved(store, owned)).text == "Before. Under token 1. "
+    # Another instance takes `owned`'s chat over (token 2): the old owner's saves of it
+    # land no more; the other chat's still do.
+    await store.chats.claim(owned.record.chat_id, 2)
+    for draft in (owned, other):
+        say(draft, "After.")
+    await saves.save_now()
+    assert (await saved(store, owned)).text == "Before. Under token 1. "
+    assert (await saved(store, other)).text == "Before. Under token 1. After."
+    # So is a whole save (tool calls changed) of a taken-over answer.
+    record = owned.record
+    base = {"chat_id": record.chat_id, "message_id": record.id}
+    owned.apply(wire.ToolUse(tool_use_id="t1", name="searchBlogContent", input={}, seq=9, **base))
+    await saves.save_now()
+    assert (await saved(store, owned)).tool_calls == []
+    await saves.aclose()

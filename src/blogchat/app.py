@@ -133,7 +133,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         telemetry = telemetry_for(settings)
         # Counters in memory for one instance; several instances share them on Redis.
-        limiter = RateLimiter(settings.rate_limit_storage, prefix=settings.redis_prefix)
+        limiter = RateLimiter(
+            settings.rate_limit_storage,
+            prefix=settings.redis_prefix,
+            max_connections=settings.redis_max_connections,
+        )
         quotas = Quotas(settings, limiter, store.usage.spending)
         titles = Titles(settings, store, quotas)
         sessions = ChatSessions(

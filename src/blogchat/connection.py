@@ -25,6 +25,10 @@ CLOSE_SLOW_CONSUMER = 4008
 # The visitor or its address has too many connections open (where a handshake cannot be
 # refused with HTTP 429).
 CLOSE_TOO_MANY = 4429
+# The server cannot take the connection now (with several instances: Redis, where open
+# connections are counted, is out of reach); try again shortly. Where a handshake cannot be
+# refused with HTTP 503.
+CLOSE_UNAVAILABLE = 4503
 CLOSE_GOING_AWAY = 1001
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import math
 from dataclasses import dataclass
@@ -23,11 +24,12 @@ from blogchat.connection import (
     CLOSE_GOING_AWAY,
     CLOSE_TOO_MANY,
     CLOSE_UNAUTHORIZED,
+    CLOSE_UNAVAILABLE,
     Connection,
     ConnectionState,
 )
 from blogchat.origins import origin_allowed
-from blogchat.quotas import Connections
+from blogchat.quotas import Connections, CountsUnreachable
 from blogchat.session import ChatSessions
 from blogchat.settings import Settings
 from blogchat.visitors import COOKIE_NAME, Visitor, Visitors
@@ -38,9 +40,32 @@ log = logging.getLogger(__name__)
 DRAIN_SECONDS = 2.0
 
 STILL_ANSWERING = "The answer to your last subscribe to this chat is still on its way."
+# What a client refused with 503 is told to wait before it tries again, in seconds.
+UNAVAILABLE_RETRY_AFTER = 5
+UNAVAILABLE = "the server cannot take connections right now; try again shortly"
+
 # A subscribe answer this large (a history, in characters) is sent at most once at a time
 # per connection and chat; smaller ones are not worth holding a repeat off for.
 LARGE_ANSWER = 64 * 1024
+
+
+# Set in a connection's task once its upgrade was refused with an HTTP status.
+_DENIED: contextvars.ContextVar[bool] = contextvars.ContextVar("denied", default=False)
+
+
+class _DeniedHandshakeFilter(logging.Filter):
+    """Drops uvicorn's "returned without completing handshake" error after a refusal the hub
+    sent: its websockets-sansio protocol never marks a denial response as the handshake's
+    end (uvicorn PR #3138), so every 401/403/429/503 would log an ERROR."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_DENIED.get() and "without completing handshake" in record.getMessage())
+
+
+def _quiet_denials() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(each, _DeniedHandshakeFilter) for each in logger.filters):
+        logger.addFilter(_DeniedHandshakeFilter())
 
 
 @dataclass(frozen=True)
@@ -48,6 +73,7 @@ class _Refusal:
     status: int
     code: int
     reason: str
+    retry_after: int | None = None
 
 
 class Hub:
@@ -68,18 +94,31 @@ class Hub:
         self.sessions = sessions
         self.caps = caps or Connections(settings)
         self.connections: dict[str, Connection] = {}
+        _quiet_denials()
 
     # --- the connection ---------------------------------------------------------------
 
     async def serve(self, websocket: WebSocket) -> None:
         """Run one WebSocket connection from upgrade to close."""
-        visitor, refusal = await self._authenticate(websocket)
+        unavailable = _Refusal(503, CLOSE_UNAVAILABLE, UNAVAILABLE, UNAVAILABLE_RETRY_AFTER)
+        address = client_address(websocket.scope)
+        try:
+            visitor, refusal = await self._authenticate(websocket)
+            slot = None if visitor is None else await self.caps.open(visitor.id, address)
+        except CountsUnreachable:
+            # Logged once by the counts, not once per connection refused.
+            await self._refuse(websocket, unavailable)
+            return
+        except Exception:
+            # Never uvicorn's bare 500: the client is told to come back (a database that
+            # did not answer the sign-in check, say).
+            log.exception("a WebSocket upgrade failed")
+            await self._refuse(websocket, unavailable)
+            return
         if refusal is not None or visitor is None:
             assert refusal is not None
             await self._refuse(websocket, refusal)
             return
-        address = client_address(websocket.scope)
-        slot = await self.caps.open(visitor.id, address)
         if slot is None:
             await self._refuse(websocket, _Refusal(429, CLOSE_TOO_MANY, "too many connections"))
             return
@@ -130,8 +169,17 @@ class Hub:
         # Refuse the handshake with a plain HTTP status where the server supports it, so
         # nothing is ever accepted; otherwise close before accepting (HTTP 403).
         if "websocket.http.response" in websocket.scope.get("extensions", {}):
+            _DENIED.set(True)
+            headers = {}
+            if refusal.retry_after is not None:
+                headers["Retry-After"] = str(refusal.retry_after)
             await websocket.send_denial_response(
-                Response(refusal.reason, status_code=refusal.status, media_type="text/plain")
+                Response(
+                    refusal.reason,
+                    status_code=refusal.status,
+                    media_type="text/plain",
+                    headers=headers,
+                )
             )
         else:
             await websocket.close(refusal.code, refusal.reason)

@@ -210,12 +210,18 @@ class Slot:
 Caps = Sequence[tuple[str, int]]
 
 
+class CountsUnreachable(Exception):
+    """The shared counts (Redis, with several instances) cannot be reached now: nothing was
+    taken, and whether there is room is unknown."""
+
+
 class Slots(Protocol):
     """Places counted per key within caps: in this process (one instance), or in Redis
     shared by every instance (`cluster/slots.py`)."""
 
     async def take(self, caps: Caps) -> Slot | None:
-        """A place under every key's cap at once, or None (taking nothing) if one is full."""
+        """A place under every key's cap at once, or None (taking nothing) if one is full;
+        raises CountsUnreachable when the counts cannot be reached."""
         ...
 
     async def give_back(self, slot: Slot) -> None:
@@ -365,9 +371,11 @@ class TurnGate:
                     continue
                 try:
                     slot = await self._slots.take(keys)
+                except CountsUnreachable:
+                    # The waiters wait (a later pass, or their wait's end, settles them); the
+                    # slots logged the outage once.
+                    break
                 except Exception:
-                    # Shared counts out of reach: the waiters wait (a later pass, or their
-                    # wait's end, settles them).
                     log.exception("could not count a running turn")
                     break
                 if slot is None:
@@ -410,7 +418,8 @@ class Connections:
         self._slots = slots or MemorySlots()
 
     async def open(self, visitor: str, address: str) -> Slot | None:
-        """Count a new connection, unless the visitor or the address has too many open."""
+        """Count a new connection, unless the visitor or the address has too many open;
+        raises CountsUnreachable when the shared counts cannot be reached."""
         return await self._slots.take(
             [(f"visitor:{visitor}", self._visitor_cap), (f"address:{address}", self._address_cap)]
         )

@@ -33,6 +33,11 @@ from limits.storage import storage_from_string
 if TYPE_CHECKING:
     import redis.asyncio
 
+# On Redis: how long a hit may wait for one of the pool's connections (then it fails as if
+# Redis were out of reach), and how long connecting may take.
+POOL_WAIT_SECONDS = 10.0
+CONNECT_SECONDS = 5.0
+
 
 @dataclass(frozen=True)
 class Rate:
@@ -63,7 +68,9 @@ class Decision:
 class RateLimiter:
     """Counts hits of named rates per key: `memory://` or `redis://host:port/db` storage."""
 
-    def __init__(self, storage_uri: str = "memory://", *, prefix: str = "blogchat") -> None:
+    def __init__(
+        self, storage_uri: str = "memory://", *, prefix: str = "blogchat", max_connections: int = 64
+    ) -> None:
         scheme = urlsplit(storage_uri).scheme
         self._pool: redis.asyncio.ConnectionPool | None = None
         if scheme == "memory":
@@ -72,9 +79,14 @@ class RateLimiter:
             # Imported only here: the client costs about 20 MB that one instance never needs.
             import redis.asyncio
 
-            # Our own pool, so that closing the limiter closes its connections.
-            self._pool = redis.asyncio.ConnectionPool.from_url(
-                storage_uri.replace("redis+unix", "unix")
+            # Our own pool, so that closing the limiter closes its connections; bounded, and
+            # a hit waits for a free connection rather than fail (redis-py's default pool
+            # raises past 100 commands under way: a burst of messages).
+            self._pool = redis.asyncio.BlockingConnectionPool.from_url(
+                storage_uri.replace("redis+unix", "unix"),
+                max_connections=max_connections,
+                timeout=POOL_WAIT_SECONDS,
+                socket_connect_timeout=CONNECT_SECONDS,
             )
             storage = storage_from_string(
                 f"async+{storage_uri}",

@@ -10,6 +10,10 @@ save is a row of one bulk UPDATE.
 
 A turn ends with `settle`: it waits for a save of its answer under way, so that the final
 save, which follows, is the last one to land.
+
+With several instances, an owner's running answers carry its lease's token (`track`'s
+`fence`): each of their saves lands only while no higher token saved to the chat, so an
+owner that was taken over cannot overwrite what the new owner saved.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 
 from blogchat.drafts import Draft
 from blogchat.store import MessageRecord
-from blogchat.store.chats import ChatStore
+from blogchat.store.chats import ChatStore, StaleOwner
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,8 @@ class PartialSaves:
         self.interval = interval
         self._drafts: dict[str, Draft] = {}
         self._saved: dict[str, _Saved] = {}
+        # The owner's token of each fenced answer (several instances).
+        self._fences: dict[str, int] = {}
         # The save under way, and the answers it holds.
         self._round: asyncio.Task[None] | None = None
         self._in_round: frozenset[str] = frozenset()
@@ -54,9 +60,12 @@ class PartialSaves:
     def __len__(self) -> int:
         return len(self._drafts)
 
-    def track(self, draft: Draft) -> None:
-        """Save this running answer every interval from now on, until `settle` or `forget`."""
+    def track(self, draft: Draft, fence: int | None = None) -> None:
+        """Save this running answer every interval from now on, until `settle` or `forget`;
+        with a `fence`, only while no higher token saved to its chat."""
         self._drafts[draft.record.id] = draft
+        if fence is not None:
+            self._fences[draft.record.id] = fence
         if self._ticker is None or self._ticker.done():
             self._ticker = asyncio.create_task(self._tick(), name="partial-saves")
 
@@ -64,6 +73,7 @@ class PartialSaves:
         """Save this answer no more (a save of it under way may still land)."""
         self._drafts.pop(draft.record.id, None)
         self._saved.pop(draft.record.id, None)
+        self._fences.pop(draft.record.id, None)
 
     async def settle(self, draft: Draft) -> None:
         """Save this answer no more, once a save of it under way has landed: the turn's
@@ -107,19 +117,26 @@ class PartialSaves:
     async def _save(self, due: list[MessageRecord]) -> None:
         whole: list[MessageRecord] = []
         rows: list[MessageRecord] = []
+        # Taken now: a turn settled meanwhile forgets its answer's token.
+        fences = {record.id: self._fences[record.id] for record in due if record.id in self._fences}
         for record in due:
             saved = self._saved.get(record.id)
             fresh = saved is None or saved.tools != _tools_of(record)
             (whole if fresh else rows).append(record)
         for record in whole:
             try:
-                await self.chats.save_message(record)
+                await self.chats.save_message(record, fence=fences.get(record.id))
+            except StaleOwner:
+                # Another instance took the chat over: its owner's log and final save are
+                # refused too, and end the turn here.
+                log.warning("chat %s: partial answer not saved: taken over", record.chat_id)
+                continue
             except Exception:
                 log.exception("chat %s: could not save the partial answer", record.chat_id)
                 continue
             self._mark_saved(record)
         try:
-            await self.chats.save_partial_answers(rows)
+            await self.chats.save_partial_answers(rows, fences)
         except Exception:
             log.exception("could not save %d partial answer(s)", len(rows))
             return

@@ -169,6 +169,9 @@ class ChatSession:
         self.blog = blog
         # The process's saver of running answers (None: this session saves its own).
         self.saves = saves
+        # The token the saver's saves of this session's answers carry (an owner's, with
+        # several instances), or None.
+        self.save_fence: int | None = None
         self.telemetry = telemetry or Telemetry()
         self.limits = limits or SessionLimits()
         self.gate = gate
@@ -572,7 +575,7 @@ class ChatSession:
         finished = asyncio.Event()
         saver = None
         if self.saves is not None:
-            self.saves.track(draft)
+            self.saves.track(draft, self.save_fence)
         else:
             saver = asyncio.create_task(self._save_periodically(draft, finished))
         self._consumer = asyncio.create_task(self._consume(request, draft, trace))

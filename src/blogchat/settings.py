@@ -102,6 +102,16 @@ class Settings(BaseSettings):
         validation_alias=_env("BLOGCHAT_REDIS_PREFIX"),
         description="Prefix of every Redis key, so several blogs (or tests) share one Redis.",
     )
+    redis_max_connections: int = Field(
+        default=64,
+        ge=4,
+        le=10000,
+        validation_alias=_env("BLOGCHAT_REDIS_MAX_CONNECTIONS"),
+        description=(
+            "Connections to Redis one instance opens at most, per pool (its chats' and its "
+            "rate limits'); a command waits for a free one rather than fail."
+        ),
+    )
     chat_lease_seconds: float = Field(
         default=5.0,
         ge=1.0,

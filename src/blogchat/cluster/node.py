@@ -50,6 +50,10 @@ VISITOR_LOCK_SECONDS = 30.0
 MOVED = "This chat just moved to another instance. Try again."
 # The most lapsed leases one sweep looks at.
 SWEEP_BATCH = 100
+# How long a command may wait for one of the pool's connections (then it fails as if Redis
+# were out of reach), and how long connecting may take.
+REDIS_POOL_WAIT_SECONDS = 10.0
+REDIS_CONNECT_SECONDS = 5.0
 
 
 class ClusterNode:
@@ -62,11 +66,18 @@ class ClusterNode:
         self.lease_seconds = settings.chat_lease_seconds
         # Named, so that an operator (or a test) can tell its connections apart.
         name = "".join(c if c.isalnum() or c in "-_.:" else "_" for c in self.instance)
-        self.client = redis.asyncio.Redis.from_url(
+        # A bounded pool whose commands wait for a free connection: redis-py's default pool
+        # raises once 100 commands are under way, which 400 WebSockets opening at once on
+        # one instance reached (each counts itself under the shared caps).
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
             settings.redis_url,
+            max_connections=settings.redis_max_connections,
+            timeout=REDIS_POOL_WAIT_SECONDS,
+            socket_connect_timeout=REDIS_CONNECT_SECONDS,
             decode_responses=True,
             client_name=f"blogchat:{settings.redis_prefix}:{name}",
         )
+        self.client = redis.asyncio.Redis.from_pool(pool)
         self.bus = Bus(
             self.client,
             settings.redis_prefix,
@@ -110,6 +121,9 @@ class ClusterNode:
         self._stale: set[str] = set()
         # Leases the sweeper took, for the session it opens with each.
         self._claimed: dict[str, Lease] = {}
+        # Leases taken whose sessions are still opening (reading the database, which on a
+        # loaded machine can take longer than a lease lasts): renewed with the owned ones.
+        self._opening: dict[str, Lease] = {}
 
     # --- life -------------------------------------------------------------------------
 
@@ -148,6 +162,7 @@ class ClusterNode:
             chat.id, floor=fresh.last_seq, fence_floor=fresh.lease_fence
         )
         if isinstance(claim, Lease):
+            self._opening[chat.id] = claim
             try:
                 # Read again under the lease: a chat's last owner deletes it before it lets
                 # the lease go, so a chat still here now is not being deleted.
@@ -157,6 +172,9 @@ class ClusterNode:
             except BaseException:
                 await self.bus.release(claim)
                 raise
+            finally:
+                if self._opening.get(chat.id) is claim:
+                    del self._opening[chat.id]
         return await self._follow(fresh, sessions)
 
     def fence_of(self, chat_id: str) -> int | None:
@@ -363,17 +381,23 @@ class ClusterNode:
 
     async def _renew_owned(self) -> None:
         owned = list(self.owned.items())
-        if not owned:
+        opening = [(c, lease) for c, lease in self._opening.items() if c not in self.owned]
+        if not owned and not opening:
             return
+        leases = [session.lease for _, session in owned] + [lease for _, lease in opening]
         try:
-            renewed = await self.bus.renew_all([session.lease for _, session in owned])
+            renewed = await self.bus.renew_all(leases)
         except Exception:
-            log.exception("could not renew the leases of %d chats", len(owned))
+            log.exception("could not renew the leases of %d chats", len(leases))
             return
-        for (chat_id, session), kept in zip(owned, renewed, strict=True):
+        for (chat_id, session), kept in zip(owned, renewed[: len(owned)], strict=True):
             # (A session given up meanwhile is no longer this instance's to lose.)
             if not kept and self.owned.get(chat_id) is session:
                 self._lost(chat_id)
+        for (chat_id, _), kept in zip(opening, renewed[len(owned) :], strict=True):
+            if not kept:
+                # Its session, once open, finds its writes refused and gives the chat up.
+                log.warning("chat %s: lease lapsed while its session was opening", chat_id)
 
     async def _check_followed(self) -> None:
         """A chat followed here whose lease lapsed (its owner died or hangs) is taken

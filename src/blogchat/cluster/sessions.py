@@ -228,10 +228,9 @@ class OwnedSession(ChatSession):
         **options: Any,
     ) -> None:
         options["store"] = fenced_store(options["store"], lease.fence, lambda: on_lost(chat.id))
-        # The process's batched saver writes through the unfenced store: an owner saves its
-        # running answers itself, each save fenced by its lease.
-        options["saves"] = None
         super().__init__(chat, history, **options)
+        # The process's batched saver saves the running answers, fenced by the lease.
+        self.save_fence = lease.fence
         self.lease = lease
         self.shared = FencedLog(memory, bus, lease, on_lost, self._delivered, self._said_here)
         self.log = self.shared

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, cast
@@ -663,14 +663,21 @@ class ChatStore:
             await self._touch(session, record.chat_id, fence)
 
     @runs_to_completion
-    async def save_partial_answers(self, records: Sequence[MessageRecord]) -> None:
+    async def save_partial_answers(
+        self, records: Sequence[MessageRecord], fences: Mapping[str, int] | None = None
+    ) -> None:
         """Update running answers already saved once, all in one statement (executemany):
-        their text, thinking and seqs. Their rows and tool calls are `save_message`'s."""
+        their text, thinking and seqs. Their rows and tool calls are `save_message`'s. An
+        answer with a token in `fences` (its id: its owner's, with several instances) is
+        updated only while no higher token saved to its chat; otherwise it is left as is."""
         if not records:
             return
+        fences = fences or {}
         now = utcnow()
-        rows = [
-            {
+        plain: list[dict[str, Any]] = []
+        fenced: list[dict[str, Any]] = []
+        for record in records:
+            row = {
                 "answer_id": record.id,
                 "text": record.text,
                 "thinking": record.thinking,
@@ -678,11 +685,16 @@ class ChatStore:
                 "seq_end": record.seq_end,
                 "updated_at": now,
             }
-            for record in records
-        ]
+            fence = fences.get(record.id)
+            if fence is None:
+                plain.append(row)
+            else:
+                fenced.append({**row, "fence": fence})
         # One Core statement with a parameter set per answer (executemany). An answer whose
-        # chat was deleted meanwhile matches no row, and holds up none of the others.
+        # chat was deleted meanwhile, or (fenced) taken over, matches no row, and holds up
+        # none of the others.
         messages = cast(Table, Message.__table__)
+        chats = cast(Table, Chat.__table__)
         statement = (
             update(messages)
             .where(messages.c.id == bindparam("answer_id"))
@@ -694,9 +706,15 @@ class ChatStore:
                 updated_at=bindparam("updated_at"),
             )
         )
+        owner_fence = (
+            select(chats.c.lease_fence).where(chats.c.id == messages.c.chat_id).scalar_subquery()
+        )
         async with self.db.session() as session:
             connection = await session.connection()
-            await connection.execute(statement, rows)
+            if plain:
+                await connection.execute(statement, plain)
+            if fenced:
+                await connection.execute(statement.where(owner_fence <= bindparam("fence")), fenced)
 
     @runs_to_completion
     async def get_messages(self, chat_id: str) -> list[MessageRecord]:
