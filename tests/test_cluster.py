@@ -193,6 +193,20 @@ async def holder_of(client: redis.asyncio.Redis, fleet: Fleet, chat_id: str) -> 
     return value.decode() if isinstance(value, bytes) else (value or "")
 
 
+async def answered_on_a_watched_from_b(
+    visitor: Visitor,
+) -> tuple[ChatSocket, str, ChatSocket, list[Event]]:
+    """A question being answered on a, read from b too: a's socket, the chat, b's socket
+    and what b got up to its first token."""
+    owner = await visitor.connect("a")
+    await owner.chat(QUESTION)
+    chat_id = (await owner.expect("chat_created"))["chatId"]
+    await owner.until("token")
+    watcher = await visitor.connect("b")
+    await watcher.send(type="subscribe", chatId=chat_id, afterSeq=0)
+    return owner, chat_id, watcher, await watcher.until("token")
+
+
 def seqs_of(events: list[Event]) -> list[int]:
     return [event["seq"] for event in transcript(events)]
 
@@ -938,13 +952,7 @@ async def test_a_zombie_owner_writes_nothing_after_its_chat_was_taken_over(
 ) -> None:
     fleet = fleet_of("a", "b", speed=20)
     async with Visitor(fleet) as visitor:
-        owner = await visitor.connect("a")
-        await owner.chat(QUESTION)
-        chat_id = (await owner.expect("chat_created"))["chatId"]
-        await owner.until("token")
-        watcher = await visitor.connect("b")
-        await watcher.send(type="subscribe", chatId=chat_id, afterSeq=0)
-        seen = await watcher.until("token")
+        owner, chat_id, watcher, seen = await answered_on_a_watched_from_b(visitor)
         zombie = fleet.servers["a"]
         assert zombie.process is not None
         # Paused past its lease (a long GC pause, a frozen VM): b takes the chat over.
@@ -1083,13 +1091,7 @@ async def test_a_follower_whose_log_was_lost_mid_answer_is_rebuilt_from_the_new_
 ) -> None:
     fleet = fleet_of("a", "b", speed=20)
     async with Visitor(fleet) as visitor:
-        owner = await visitor.connect("a")
-        await owner.chat(QUESTION)
-        chat_id = (await owner.expect("chat_created"))["chatId"]
-        await owner.until("token")
-        watcher = await visitor.connect("b")
-        await watcher.send(type="subscribe", chatId=chat_id, afterSeq=0)
-        seen = await watcher.until("token")
+        owner, chat_id, watcher, seen = await answered_on_a_watched_from_b(visitor)
         follower = fleet.servers["b"]
         assert follower.process is not None
         # Redis loses the chat mid-answer while b looks away; a gives the chat up (its
