@@ -112,6 +112,11 @@ class RateLimiter:
             return Decision(allowed=True)
         return await self._refusal(item, keys)
 
+    @property
+    def remote(self) -> bool:
+        """Whether the counts live on Redis (each test or hit a round trip to it)."""
+        return self._pool is not None
+
     async def clear(self, rate: Rate, *keys: str) -> None:
         """Forget every hit of this rate for this key."""
         await self._window.clear(_item(rate), *keys)
