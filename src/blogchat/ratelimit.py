@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from limits import RateLimitItemPerSecond
@@ -33,10 +33,27 @@ from limits.storage import storage_from_string
 if TYPE_CHECKING:
     import redis.asyncio
 
-# On Redis: how long a hit may wait for one of the pool's connections (then it fails as if
-# Redis were out of reach), and how long connecting may take.
+# On Redis: how long a command may wait for one of the pool's connections (then it fails as
+# if Redis were out of reach), and how long connecting may take.
 POOL_WAIT_SECONDS = 10.0
 CONNECT_SECONDS = 5.0
+
+
+def redis_pool(url: str, max_connections: int, **options: Any) -> redis.asyncio.ConnectionPool:
+    """A bounded Redis pool whose commands wait for a free connection (up to
+    POOL_WAIT_SECONDS, then they fail as if Redis were out of reach): redis-py's default pool
+    raises once 100 commands are under way, which a burst of messages or of WebSockets
+    opening at once reaches. `options` go to the connections (`decode_responses`, ...)."""
+    # Imported only here: the client costs about 20 MB that one instance never needs.
+    import redis.asyncio
+
+    return redis.asyncio.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=POOL_WAIT_SECONDS,
+        socket_connect_timeout=CONNECT_SECONDS,
+        **options,
+    )
 
 
 @dataclass(frozen=True)
@@ -76,18 +93,8 @@ class RateLimiter:
         if scheme == "memory":
             storage = storage_from_string("async+memory://")
         elif scheme in ("redis", "rediss", "redis+unix"):
-            # Imported only here: the client costs about 20 MB that one instance never needs.
-            import redis.asyncio
-
-            # Our own pool, so that closing the limiter closes its connections; bounded, and
-            # a hit waits for a free connection rather than fail (redis-py's default pool
-            # raises past 100 commands under way: a burst of messages).
-            self._pool = redis.asyncio.BlockingConnectionPool.from_url(
-                storage_uri.replace("redis+unix", "unix"),
-                max_connections=max_connections,
-                timeout=POOL_WAIT_SECONDS,
-                socket_connect_timeout=CONNECT_SECONDS,
-            )
+            # Our own pool, so that closing the limiter closes its connections.
+            self._pool = redis_pool(storage_uri.replace("redis+unix", "unix"), max_connections)
             storage = storage_from_string(
                 f"async+{storage_uri}",
                 implementation="redispy",

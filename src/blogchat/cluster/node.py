@@ -33,6 +33,7 @@ from blogchat.cluster.sessions import (
 )
 from blogchat.cluster.slots import RedisSlots
 from blogchat.eventlog import MemoryEventLog
+from blogchat.ratelimit import redis_pool
 from blogchat.session import ChatSession, ChatSessions, PendingTurn, SessionClosed
 from blogchat.settings import Settings
 from blogchat.store import STREAMING, ChatRecord, Store
@@ -50,10 +51,6 @@ VISITOR_LOCK_SECONDS = 30.0
 MOVED = "This chat just moved to another instance. Try again."
 # The most lapsed leases one sweep looks at.
 SWEEP_BATCH = 100
-# How long a command may wait for one of the pool's connections (then it fails as if Redis
-# were out of reach), and how long connecting may take.
-REDIS_POOL_WAIT_SECONDS = 10.0
-REDIS_CONNECT_SECONDS = 5.0
 
 
 class ClusterNode:
@@ -66,14 +63,11 @@ class ClusterNode:
         self.lease_seconds = settings.chat_lease_seconds
         # Named, so that an operator (or a test) can tell its connections apart.
         name = "".join(c if c.isalnum() or c in "-_.:" else "_" for c in self.instance)
-        # A bounded pool whose commands wait for a free connection: redis-py's default pool
-        # raises once 100 commands are under way, which 400 WebSockets opening at once on
-        # one instance reached (each counts itself under the shared caps).
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
+        # (400 WebSockets opening at once on one instance, each counting itself under the
+        # shared caps, emptied redis-py's default pool.)
+        pool = redis_pool(
             settings.redis_url,
-            max_connections=settings.redis_max_connections,
-            timeout=REDIS_POOL_WAIT_SECONDS,
-            socket_connect_timeout=REDIS_CONNECT_SECONDS,
+            settings.redis_max_connections,
             decode_responses=True,
             client_name=f"blogchat:{settings.redis_prefix}:{name}",
         )
