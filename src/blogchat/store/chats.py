@@ -326,6 +326,20 @@ def _save_user_message(reserve: bool, model: bool, fence: bool) -> Select[Any]:
     )
 
 
+async def advance_fence(session: Any, chat_id: str, fence: int, **values: Any) -> None:
+    """Within a write's transaction: advance the chat's fencing token to `fence` (and set
+    `values`), or raise StaleOwner if a higher token saved to the chat. The same statement
+    checks the token and advances it: no extra round trip; refused, the whole write rolls
+    back. Its row lock orders the write with a new owner's `claim`."""
+    result = await session.execute(
+        update(Chat)
+        .where(Chat.id == chat_id, Chat.lease_fence <= fence)
+        .values(lease_fence=fence, **values)
+    )
+    if not getattr(result, "rowcount", 0):
+        raise StaleOwner(chat_id)
+
+
 def _tool_call_columns(record: MessageRecord) -> list[dict[str, Any]]:
     """The rows of a message's tool calls, in call order."""
     return [
@@ -512,13 +526,7 @@ class ChatStore:
         owner ever saves. StaleOwner if a higher token saved already. Its activity time
         stays: taking a chat over is not using it."""
         async with self.db.session() as session:
-            result = await session.execute(
-                update(Chat)
-                .where(Chat.id == chat_id, Chat.lease_fence <= fence)
-                .values(lease_fence=fence)
-            )
-            if not getattr(result, "rowcount", 0):
-                raise StaleOwner(chat_id)
+            await advance_fence(session, chat_id, fence)
 
     @runs_to_completion
     async def find_client_message(
@@ -804,12 +812,4 @@ class ChatStore:
                 update(Chat).where(Chat.id == chat_id).values(updated_at=utcnow())
             )
             return
-        # The same statement checks the token and advances it: no extra round trip. Refused,
-        # the whole save rolls back.
-        result = await session.execute(
-            update(Chat)
-            .where(Chat.id == chat_id, Chat.lease_fence <= fence)
-            .values(updated_at=utcnow(), lease_fence=fence)
-        )
-        if not result.rowcount:
-            raise StaleOwner(chat_id)
+        await advance_fence(session, chat_id, fence, updated_at=utcnow())

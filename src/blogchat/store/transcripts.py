@@ -11,6 +11,7 @@ a chat (its id is the chat's), and only the chat's current owner may change its 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from datetime import datetime
@@ -26,12 +27,12 @@ from claude_agent_sdk import (
     SessionSummaryEntry,
     fold_session_summary,
 )
-from sqlalchemy import delete, exists, func, select, update
+from sqlalchemy import delete, exists, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from blogchat.store.chats import StaleOwner
+from blogchat.store.chats import StaleOwner, advance_fence
 from blogchat.store.database import Database, runs_to_completion
-from blogchat.store.tables import AgentTranscriptEntry, Chat, utcnow
+from blogchat.store.tables import AgentTranscriptEntry, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +77,8 @@ class TranscriptStore(SessionStore):
             return
         fence = self.fences(chat_id)
         if fence is not None:
-            result = await session.execute(
-                update(Chat)
-                .where(Chat.id == chat_id, Chat.lease_fence <= fence)
-                .values(lease_fence=fence)
-            )
-            if result.rowcount:
+            with contextlib.suppress(StaleOwner):
+                await advance_fence(session, chat_id, fence)
                 return
         log.warning("chat %s: transcript write refused: another instance owns the chat", chat_id)
         raise StaleOwner(chat_id)
