@@ -1,13 +1,15 @@
-"""Quotas in process: turn rates, token budgets and the fair-share gate, on a moved clock."""
+"""Quotas in process: turn rates (in memory and on a real Redis), token budgets and the
+fair-share gate, on a moved clock."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Literal
 
 import pytest
+import redis.asyncio
 import time_machine
 
 from blogchat.quotas import (
@@ -23,6 +25,7 @@ from blogchat.quotas import (
 )
 from blogchat.ratelimit import RateLimiter
 from blogchat.settings import Settings
+from tests.support.redis import REDIS_URL, forget_prefix, require_redis, unique_prefix
 
 ALICE = Who("alice", "203.0.113.7", anonymous=True)
 BOB = Who("bob", "203.0.113.7", anonymous=True)
@@ -55,10 +58,31 @@ def clock() -> Iterator[time_machine.Traveller]:
         yield traveller
 
 
+@pytest.fixture(params=["memory", "redis"])
+async def limiter(request: pytest.FixtureRequest) -> AsyncIterator[RateLimiter]:
+    """The turn counts in memory (one instance), then on Redis (several), alone on their
+    keys."""
+    if request.param == "memory":
+        yield RateLimiter()
+        return
+    await require_redis()
+    prefix = unique_prefix()
+    limiter = RateLimiter(REDIS_URL, prefix=prefix)
+    try:
+        yield limiter
+    finally:
+        await limiter.aclose()
+        client = redis.asyncio.Redis.from_url(REDIS_URL)
+        try:
+            await forget_prefix(client, prefix)
+        finally:
+            await client.aclose()
+
+
 async def test_an_anonymous_visitor_gets_its_turns_per_hour_then_a_refusal_with_the_wait(
-    tmp_path: Path, clock: time_machine.Traveller
+    tmp_path: Path, clock: time_machine.Traveller, limiter: RateLimiter
 ) -> None:
-    quotas = Quotas(settings(tmp_path, visitor_turns_per_hour=3), RateLimiter(), Ledger().since)
+    quotas = Quotas(settings(tmp_path, visitor_turns_per_hour=3), limiter, Ledger().since)
     for _ in range(3):
         await quotas.admit(ALICE)
         clock.shift(60)
@@ -75,11 +99,11 @@ async def test_an_anonymous_visitor_gets_its_turns_per_hour_then_a_refusal_with_
 
 
 async def test_all_anonymous_visitors_of_one_address_share_its_rate(
-    tmp_path: Path, clock: time_machine.Traveller
+    tmp_path: Path, clock: time_machine.Traveller, limiter: RateLimiter
 ) -> None:
     quotas = Quotas(
         settings(tmp_path, visitor_turns_per_hour=10, address_turns_per_hour=4),
-        RateLimiter(),
+        limiter,
         Ledger().since,
     )
     for who in (ALICE, BOB, ALICE, BOB):
@@ -92,10 +116,54 @@ async def test_all_anonymous_visitors_of_one_address_share_its_rate(
     await quotas.admit(DAN)
 
 
-async def test_a_registered_reader_has_a_daily_rate_of_their_own(
-    tmp_path: Path, clock: time_machine.Traveller
+async def test_a_refusal_holds_until_the_window_frees_a_place_and_not_a_moment_longer(
+    tmp_path: Path, clock: time_machine.Traveller, limiter: RateLimiter
 ) -> None:
-    quotas = Quotas(settings(tmp_path, user_turns_per_day=2), RateLimiter(), Ledger().since)
+    # (On Redis the refusal is remembered and `check` answers from it, asking nothing.)
+    quotas = Quotas(settings(tmp_path, visitor_turns_per_hour=2), limiter, Ledger().since)
+    await quotas.admit(ALICE)
+    clock.shift(600)
+    await quotas.admit(ALICE)
+    for elapsed in (0, 1200, HOUR - 600 - 1):
+        clock.move_to(1_800_000_000.0 + 600 + elapsed)
+        with pytest.raises(QuotaExceeded) as refused:
+            await quotas.admit(ALICE)
+        assert refused.value.retry_after == pytest.approx(HOUR - 600 - elapsed, abs=1)
+    clock.move_to(1_800_000_000.0 + HOUR + 1)
+    await quotas.admit(ALICE)
+    with pytest.raises(QuotaExceeded):
+        await quotas.admit(ALICE)
+
+
+async def test_a_visitor_refused_by_its_address_keeps_its_turns_in_memory_and_one_less_on_redis(
+    tmp_path: Path, clock: time_machine.Traveller, limiter: RateLimiter
+) -> None:
+    quotas = Quotas(
+        settings(tmp_path, visitor_turns_per_hour=2, address_turns_per_hour=2),
+        limiter,
+        Ledger().since,
+    )
+    await quotas.admit(ALICE)
+    await quotas.admit(ALICE)
+    clock.shift(1800)
+    with pytest.raises(QuotaExceeded) as refused:
+        await quotas.admit(BOB)
+    assert "Your network has sent" in refused.value.message
+    clock.shift(HOUR - 1800 + 1)  # Alice's two turns leave the address's window.
+    await quotas.admit(BOB)
+    if limiter.remote:
+        # Redis asks each rate once, Bob's own first: the refused message kept its hit.
+        with pytest.raises(QuotaExceeded) as refused:
+            await quotas.admit(BOB)
+        assert "You have sent the most messages allowed in an hour (2)" in refused.value.message
+    else:
+        await quotas.admit(BOB)
+
+
+async def test_a_registered_reader_has_a_daily_rate_of_their_own(
+    tmp_path: Path, clock: time_machine.Traveller, limiter: RateLimiter
+) -> None:
+    quotas = Quotas(settings(tmp_path, user_turns_per_day=2), limiter, Ledger().since)
     await quotas.admit(DAN)
     await quotas.admit(DAN)
     with pytest.raises(QuotaExceeded) as refused:

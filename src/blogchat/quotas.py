@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from blogchat.ratelimit import Decision, Rate, RateLimiter
+from blogchat.ratelimit import Rate, RateLimiter
 from blogchat.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,8 @@ HOUR = 3600
 # How long token totals read from the database are trusted before they are read again (what
 # other instances spent shows up within this long; this instance's own at once).
 USAGE_FRESH_SECONDS = 10.0
+# Refusals by the shared turn counts remembered at most (then the lapsed ones are dropped).
+REFUSALS_KEPT = 10_000
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ class Quotas:
         self.address_tokens = Budget("tokens-address", settings.address_tokens_per_day, DAY)
         self.user_tokens = Budget("tokens-user", settings.user_tokens_per_day, DAY)
         self._tallies: dict[tuple[str, str], _Tally] = {}
+        # (rate, key) -> until when a hit refused by the shared counts stays refused.
+        self._refused: dict[tuple[str, str], float] = {}
 
     async def admit(self, who: Who) -> None:
         """Count one more turn for `who`, or raise QuotaExceeded (counting nothing)."""
@@ -101,8 +105,24 @@ class Quotas:
         await self.count(who)
 
     async def check(self, who: Who) -> None:
-        """Raise QuotaExceeded if `who` may not start a turn now; count nothing."""
-        await self._test_rates(self._rates(who))
+        """Raise QuotaExceeded if `who` may not start a turn now; count nothing.
+
+        On Redis the turn rates are not asked here: each would be a round trip on the
+        message's way to its first token, and `count` asks them anyway. A rate refused
+        lately is refused here until its window frees a place, so a visitor who keeps
+        sending past a limit costs no round trip and no transaction."""
+        rates = self._rates(who)
+        if self.limiter.remote:
+            self._refused_lately(rates)
+        else:
+            for rate, key in rates:
+                decision = await self.limiter.test(rate, key)
+                if not decision.allowed:
+                    raise QuotaExceeded(
+                        "rate_limited",
+                        _too_many_turns(rate, decision.retry_after),
+                        decision.retry_after,
+                    )
         for budget, kind, key in self._budgets(who):
             wait = await self._over_budget(budget, kind, key)
             if wait is not None:
@@ -110,32 +130,45 @@ class Quotas:
 
     async def count(self, who: Who) -> None:
         """Count one more turn for `who` (after `check`), or raise QuotaExceeded if its turn
-        rates allow none now (counting nothing). Uses no store: the message path counts a
-        turn inside the transaction that saves its message."""
-        rates = self._rates(who)
-        await self._test_rates(rates)
-        await self._each(self.limiter.hit, rates)
+        rates allow none now. Uses no store: the message path counts a turn inside the
+        transaction that saves its message.
 
-    async def _test_rates(self, rates: list[tuple[Rate, str]]) -> None:
-        decisions = await self._each(self.limiter.test, rates)
-        for (rate, _), decision in zip(rates, decisions, strict=True):
+        Each rate counts a hit only if it has room (one step each on Redis), the visitor's
+        own first, so a visitor past its own limit has nothing counted. A rate shared with
+        others (the address's) that refuses after it leaves the visitor's own hit counted:
+        one of that visitor's turns, once per window on each instance, as the refusal is
+        remembered (see `check`; in memory `check` asked every rate, so only a race gets
+        that far)."""
+        for rate, key in self._rates(who):
+            decision = await self.limiter.hit(rate, key)
             if not decision.allowed:
+                if self.limiter.remote:
+                    self._remember_refusal(rate, key, decision.retry_after)
                 raise QuotaExceeded(
                     "rate_limited",
                     _too_many_turns(rate, decision.retry_after),
                     decision.retry_after,
                 )
 
-    async def _each(
-        self,
-        call: Callable[[Rate, str], Awaitable[Decision]],
-        rates: list[tuple[Rate, str]],
-    ) -> list[Decision]:
-        """`call` for each rate and key, in order. On Redis they go side by side: each is a
-        round trip, and a message's way to its first token has up to six of them."""
-        if self.limiter.remote and len(rates) > 1:
-            return list(await asyncio.gather(*(call(rate, key) for rate, key in rates)))
-        return [await call(rate, key) for rate, key in rates]
+    def _remember_refusal(self, rate: Rate, key: str, retry_after: float) -> None:
+        now = self._clock()
+        if len(self._refused) >= REFUSALS_KEPT:
+            self._refused = {k: until for k, until in self._refused.items() if until > now}
+        self._refused[(rate.name, key)] = now + retry_after
+
+    def _refused_lately(self, rates: list[tuple[Rate, str]]) -> None:
+        """Raise QuotaExceeded for a rate that refused a hit whose window has not freed a
+        place since (hits only leave a moving window, oldest first, so none can pass
+        before then: the refusal is exact, never early)."""
+        now = self._clock()
+        for rate, key in rates:
+            until = self._refused.get((rate.name, key))
+            if until is None:
+                continue
+            if until <= now:
+                del self._refused[(rate.name, key)]
+                continue
+            raise QuotaExceeded("rate_limited", _too_many_turns(rate, until - now), until - now)
 
     def spent(self, who: Who, tokens: int) -> None:
         """A turn of `who` ended having used `tokens` (just saved with its answer)."""
@@ -146,6 +179,7 @@ class Quotas:
                 tally.spending.append((now, tokens))
 
     def _rates(self, who: Who) -> list[tuple[Rate, str]]:
+        """The turn rates a message of `who` counts against: the visitor's own first."""
         if not who.anonymous:
             return [(self.user_turns, who.visitor)]
         rates = [(self.visitor_turns, who.visitor)]
