@@ -152,7 +152,7 @@ async def test_a_visitor_refused_by_its_address_keeps_its_turns_in_memory_and_on
     clock.shift(HOUR - 1800 + 1)  # Alice's two turns leave the address's window.
     await quotas.admit(BOB)
     if limiter.remote:
-        # Redis asks each rate once, Bob's own first: the refused message kept its hit.
+        # Redis asks each rate once, side by side: the refused message kept its own hit.
         with pytest.raises(QuotaExceeded) as refused:
             await quotas.admit(BOB)
         assert "You have sent the most messages allowed in an hour (2)" in refused.value.message

@@ -133,14 +133,18 @@ class Quotas:
         rates allow none now. Uses no store: the message path counts a turn inside the
         transaction that saves its message.
 
-        Each rate counts a hit only if it has room (one step each on Redis), the visitor's
-        own first, so a visitor past its own limit has nothing counted. A rate shared with
-        others (the address's) that refuses after it leaves the visitor's own hit counted:
-        one of that visitor's turns, once per window on each instance, as the refusal is
-        remembered (see `check`; in memory `check` asked every rate, so only a race gets
-        that far)."""
-        for rate, key in self._rates(who):
-            decision = await self.limiter.hit(rate, key)
+        Each rate counts a hit only if it has room (one step on Redis). In memory, where
+        `check` asked every rate just before, they go in turn and a refusal (only a race
+        gets one) counts nothing. On Redis they go side by side, each a round trip on the
+        message's way to its first token: when one refuses, the other's hit stays counted,
+        one turn of the visitor's or of its address's, once per window on each instance
+        (the refusal is remembered, see `check`)."""
+        rates = self._rates(who)
+        if self.limiter.remote:
+            decisions = await asyncio.gather(*(self.limiter.hit(rate, key) for rate, key in rates))
+        else:
+            decisions = [await self.limiter.hit(rate, key) for rate, key in rates]
+        for (rate, key), decision in zip(rates, decisions, strict=True):
             if not decision.allowed:
                 if self.limiter.remote:
                     self._remember_refusal(rate, key, decision.retry_after)
@@ -179,7 +183,7 @@ class Quotas:
                 tally.spending.append((now, tokens))
 
     def _rates(self, who: Who) -> list[tuple[Rate, str]]:
-        """The turn rates a message of `who` counts against: the visitor's own first."""
+        """The turn rates a message of `who` counts against."""
         if not who.anonymous:
             return [(self.user_turns, who.visitor)]
         rates = [(self.visitor_turns, who.visitor)]

@@ -711,6 +711,7 @@ class ChatSession:
         if self._interrupted and outcome.reason == "stopped":
             outcome.warning = RESTARTED
         self._interrupted = False
+        await self._before_the_end()
         async with self._lock:
             try:
                 if outcome.failure is not None:
@@ -868,6 +869,10 @@ class ChatSession:
     async def _flush(self) -> None:
         """Wait until the events published so far went out (here they did at once; an owner
         among several instances sends each to the shared log first)."""
+
+    async def _before_the_end(self) -> None:
+        """Before a turn's end is worked out and saved: here every event went out at once
+        (an owner among several instances lets the last ones reach the shared log first)."""
 
     async def _reserve(self, upto: int) -> None:
         await self.store.chats.reserve_seq(self.chat.id, upto)

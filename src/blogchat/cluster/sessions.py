@@ -36,6 +36,8 @@ CUT_OFF = "The server answering this chat stopped; the answer was cut short. Ask
 BATCH = 256
 # Retries of an append that failed on the connection, before the owner gives the chat up.
 APPEND_RETRIES = 5
+# How long a turn's end waits for its last events to reach the shared log (seconds).
+FLUSH_BEFORE_THE_END = 1.0
 
 
 class NotOwner(Exception):
@@ -290,6 +292,13 @@ class OwnedSession(ChatSession):
         await self.shared.flush()
         if self.shared.lost:
             raise StaleOwner(self.chat.id)
+
+    async def _before_the_end(self) -> None:
+        """The turn's last events reach the shared log, and so their readers, before the
+        turn's end is worked out and saved: that work (on this event loop too) would hold
+        their append up. Not for long if Redis stalls: the end goes on regardless."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.shared.flush(), FLUSH_BEFORE_THE_END)
 
     async def _settle(self, reserved: int, published: int) -> bool:
         """Give back the seqs after the last one the shared log has: once what is on its
