@@ -20,6 +20,8 @@ from typing import Any
 
 import redis.asyncio
 from redis.asyncio.client import PubSub
+from redis.asyncio.lock import Lock
+from redis.exceptions import LockError
 
 from blogchat import policy
 from blogchat import protocol as wire
@@ -500,15 +502,32 @@ class ClusterNode:
 
     @asynccontextmanager
     async def visitor_lock(self, visitor_id: str) -> AsyncIterator[None]:
-        """Held while one reader's message is checked and saved, on whichever instance."""
+        """Held while one reader's message is checked and saved, on whichever instance.
+
+        It is given back in a task of its own, queued behind what the saved message set
+        going (its turn taking a place, its event on the way to the shared log): those are
+        on the way to the first token, and a reader's next message is seldom that quick
+        (it would wait a few milliseconds)."""
         lock = self.client.lock(
             f"{self.bus.prefix}:vlock:{visitor_id}",
             timeout=VISITOR_LOCK_SECONDS,
             sleep=0.005,
             blocking_timeout=VISITOR_LOCK_SECONDS,
         )
-        async with lock:
+        # (What `async with lock` does, but for the release.)
+        if not await lock.acquire():
+            raise LockError("Unable to acquire lock within the time specified")
+        try:
             yield
+        finally:
+            self._spawn(self._unlock(lock))
+
+    @staticmethod
+    async def _unlock(lock: Lock) -> None:
+        try:
+            await lock.release()
+        except LockError:
+            log.warning("a reader's lock was no longer held when given back")
 
     # --- forwarded commands -----------------------------------------------------------
 
