@@ -29,6 +29,7 @@ from blogchat.engines.base import (
     TurnRequest,
 )
 from blogchat.protocol import parse_server_message
+from blogchat.quotas import MemorySlots, TurnGate
 from blogchat.seqs import BLOCK
 from blogchat.session import NO_SEQS, NOT_SAVED, AlreadySent, ChatSession, SessionTimings
 from blogchat.settings import Settings
@@ -134,7 +135,9 @@ async def store(settings: Settings) -> AsyncIterator[Store]:
 
 @pytest.fixture
 def open_session(store: Store, content: Content) -> Callable[..., Any]:
-    async def open_(engine: AgentEngine, chat: ChatRecord | None = None) -> ChatSession:
+    async def open_(
+        engine: AgentEngine, chat: ChatRecord | None = None, gate: TurnGate | None = None
+    ) -> ChatSession:
         if chat is None:
             chat = await store.chats.create_chat(
                 ChatRecord(
@@ -156,6 +159,7 @@ def open_session(store: Store, content: Content) -> Callable[..., Any]:
             blog=content.blog,
             render=lambda text: f"<p>{text}</p>",
             timings=SessionTimings(save_interval=3600),
+            gate=gate,
         )
 
     return open_
@@ -457,3 +461,58 @@ async def test_a_failed_turn_sends_its_error_then_done_and_the_chat_goes_on(
         ("error", "Half ", "Claude is overloaded right now."),
         ("complete", "Recovered.", None),
     ]
+
+
+async def test_a_message_to_an_idle_chat_has_its_place_taken_while_saved_and_never_kept(
+    store: Store, open_session: Callable[..., Any], settings: Settings
+) -> None:
+    # (With several instances the place is a round trip to Redis: taken alongside the
+    # message's save, it is off the way to the first token.)
+    slots = MemorySlots()
+    gate = TurnGate(settings, capacity=None, slots=slots)
+    first = Script(answer_events("One."), hold_at=1)
+    second = Script(answer_events("Two."))
+    session = await open_session(ScriptedEngine(first, second), gate=gate)
+    place = f"visitor:{session.chat.owner_id}"
+    listener = Listener()
+    session.subscribe(listener, after_seq=None, request_id=None)
+    message_id = str(uuid.uuid4())
+    await session.accept(
+        client_message_id=message_id,
+        text="First?",
+        model_alias="haiku",
+        model_id="scripted-model",
+        anonymous=True,
+    )
+    await first.started.wait()
+    assert (gate.running, slots.count(place)) == (1, 1)
+    # Sent again while its turn runs: nothing is saved, no second place is taken.
+    with pytest.raises(AlreadySent):
+        await session.accept(
+            client_message_id=message_id,
+            text="First?",
+            model_alias="haiku",
+            model_id="scripted-model",
+            anonymous=True,
+        )
+    assert (gate.running, slots.count(place)) == (1, 1)
+    first.gate.set()
+    await listener.until("done")
+    await turns_over(session)
+    assert (gate.running, slots.count(place)) == (0, 0)
+    await ask(session, "Second?")
+    await listener.until("done", count=2)
+    await turns_over(session)
+    assert (gate.running, slots.count(place)) == (0, 0)
+    # A message the database refuses gives the place it took back before it fails.
+    await refuse_writes(store, "messages", on="INSERT")
+    with pytest.raises(Exception, match="the database refuses"):
+        await ask(session, "Refused?")
+    assert (gate.running, slots.count(place)) == (0, 0)
+
+
+async def turns_over(session: ChatSession) -> None:
+    """Wait until the session's turns ended (its runner with them)."""
+    runner = session._runner
+    if runner is not None:
+        await runner

@@ -152,6 +152,34 @@ async def test_every_append_is_published_in_order_with_its_epoch(
     assert {event.epoch for event in seen} == {lease.epoch}
 
 
+async def test_overlapping_appends_skip_what_the_log_has_and_publish_each_event_once(
+    client: redis.asyncio.Redis,
+) -> None:
+    a = bus(client, "a")
+    lease = await a.acquire(CHAT, floor=0)
+    assert isinstance(lease, Lease)
+    pubsub = client.pubsub()
+    await pubsub.subscribe(a.channel(CHAT))
+    assert (await pubsub.get_message(timeout=5) or {}).get("type") == "subscribe"
+    # Each append carries every event not confirmed yet, in whichever order they land.
+    assert await a.append(lease, frames(1, 3)) == 3
+    assert await a.append(lease, frames(1, 2)) == 3  # Landed after the one above.
+    assert await a.append(lease, frames(2, 5)) == 5
+    # An event the log has must be the same: otherwise it is no overlap but a gap.
+    for bad in ([(4, "changed"), (5, '{"seq":5}')], [(5, '{"seq":5}'), (7, "hole")]):
+        with pytest.raises(SeqGap):
+            await a.append(lease, bad)
+    await a.append(lease, frames(6, 6))  # The last one published: every earlier one came.
+    seen: list[LiveEvent] = []
+    while not seen or seen[-1].seq != 6:
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+        assert message is not None, "an appended event was not published"
+        seen.append(Bus.parse_live(message["data"]))
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    assert [(event.seq, event.frame) for event in seen] == frames(1, 6)
+    assert (await a.read(CHAT)).events == frames(1, 6)
+
+
 async def test_frames_without_a_seq_are_said_in_order_by_the_holder_only(
     client: redis.asyncio.Redis,
 ) -> None:

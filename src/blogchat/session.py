@@ -40,7 +40,7 @@ from blogchat.engines.base import (
 )
 from blogchat.eventlog import EventLog, Fanout, MemoryEventLog, MemoryFanout, Subscriber
 from blogchat.personas import Persona, Personas
-from blogchat.quotas import GateTimeout, Quotas, TurnGate, Who
+from blogchat.quotas import GateTimeout, Quotas, Slot, TurnGate, Who
 from blogchat.saves import PartialSaves
 from blogchat.seqs import SeqCounter, SeqsExhausted
 from blogchat.store import ChatRecord, MessageRecord, Store
@@ -197,6 +197,10 @@ class ChatSession:
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
+        # The place taken for the turn of a message to an idle chat while it was being
+        # saved (see `_place_at_once`): that message's id, and the place being taken.
+        self._placed: tuple[str, asyncio.Task[Slot | None]] | None = None
+        self._unplacing: set[asyncio.Task[None]] = set()
         self._consumer: asyncio.Task[_Outcome] | None = None
         self._hard_stop: asyncio.TimerHandle | None = None
         self._aborted = False
@@ -370,6 +374,7 @@ class ChatSession:
                 client_address=address or None,
                 replaces=[message.id for message in replaces],
             )
+            placing = self._place_at_once(Who(self.chat.owner_id, address, anonymous))
             try:
                 previous = await self.store.chats.add_user_message(
                     record,
@@ -381,14 +386,19 @@ class ChatSession:
             except asyncio.CancelledError:
                 # The save goes on without us (store.database.runs_to_completion) and may
                 # land: its seq is never handed out again.
+                self._unplace(placing)
                 raise
             except BaseException:
                 # Nothing was published with this seq: the next event takes it.
                 self.seqs.give_back(seq)
+                await self._give_back(placing)
                 raise
             if previous is not None:
                 self.seqs.give_back(seq)
+                await self._give_back(placing)
                 raise AlreadySent(previous)
+            if placing is not None:
+                self._placed = (record.id, placing)
             if reserve is not None:
                 self.seqs.reserved_to(reserve)
             new_model = model_alias != self.chat.model
@@ -408,10 +418,38 @@ class ChatSession:
                 self._say(
                     wire.ChatUpdated(chat_id=self.chat.id, chat=chat_info(self.chat)).to_json()
                 )
-        self.enqueue(
-            PendingTurn(record, model_alias, model_id, anonymous, rewritten=bool(replaces))
-        )
+        try:
+            self.enqueue(
+                PendingTurn(record, model_alias, model_id, anonymous, rewritten=bool(replaces))
+            )
+        finally:
+            if self._placed is not None and (self._runner is None or self._runner.done()):
+                self._unplace(self._placed[1])  # No turn runs now (shutting down).
+                self._placed = None
         return record
+
+    def _place_at_once(self, who: Who) -> asyncio.Task[Slot | None] | None:
+        """A message to an idle chat has its turn's place taken while it is being saved:
+        with several instances that is a round trip to the shared counts, which the turn
+        then no longer makes on its way to the first token."""
+        if self.gate is None or self.busy or self._draining or self._placed is not None:
+            return None
+        return asyncio.create_task(self.gate.take_now(who))
+
+    async def _give_back(self, placing: asyncio.Task[Slot | None] | None) -> None:
+        """Give back the place taken for a turn that will not run (once it is taken)."""
+        if placing is None:
+            return
+        slot = await asyncio.shield(placing)
+        if slot is not None and self.gate is not None:
+            await self.gate.leave(slot)
+
+    def _unplace(self, placing: asyncio.Task[Slot | None] | None) -> None:
+        """`_give_back`, in a task of its own (where nothing may wait)."""
+        if placing is not None:
+            task = asyncio.create_task(self._give_back(placing))
+            self._unplacing.add(task)
+            task.add_done_callback(self._unplacing.discard)
 
     def enqueue(self, *turns: PendingTurn) -> None:
         """Queue saved user messages for their answers, in order (new ones, or those left
@@ -485,6 +523,14 @@ class ChatSession:
     # --- the turn loop ----------------------------------------------------------------
 
     async def _run_queue(self) -> None:
+        try:
+            await self._run_waiting()
+        finally:
+            if self._placed is not None:
+                self._unplace(self._placed[1])
+                self._placed = None
+
+    async def _run_waiting(self) -> None:
         while self._queue and self.state is not SessionState.CLOSED:
             if self._unwatched_for() >= self.limits.unwatched:
                 await self._drop_waiting()
@@ -511,6 +557,18 @@ class ChatSession:
         self._stop.clear()
         self._aborted = False
         who = pending.who(self.chat.owner_id)
+        taken: Slot | None = None
+        if self._placed is not None:
+            message_id, placing = self._placed
+            self._placed = None
+            if message_id == pending.user.id:
+                try:
+                    taken = await asyncio.shield(placing)
+                except asyncio.CancelledError:
+                    self._unplace(placing)
+                    raise
+            else:
+                self._unplace(placing)
         if self.gate is None:
             await self._play_turn(pending, draft)
         else:
@@ -519,6 +577,7 @@ class ChatSession:
                     who,
                     wait=self.limits.turn_wait,
                     on_place=lambda place: self._waiting_at(draft, place),
+                    taken=taken,
                 ):
                     await self._play_turn(pending, draft)
             except GateTimeout:

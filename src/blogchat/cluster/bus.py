@@ -90,6 +90,8 @@ return 0
 
 # KEYS: meta, ev, live. ARGV: fence, epoch, max events, log ttl, then seq, frame, ...
 # A token is only current within its epoch: after a lost log the tokens start again.
+# Events the log has already, the same, are skipped: appends may overlap, each carrying
+# every event not yet confirmed (cluster.sessions.FencedLog), and either may land first.
 _APPEND = """
 local meta = redis.call('HMGET', KEYS[1], 'fence', 'epoch', 'seq')
 if meta[1] ~= ARGV[1] or meta[2] ~= ARGV[2] then
@@ -97,12 +99,24 @@ if meta[1] ~= ARGV[1] or meta[2] ~= ARGV[2] then
 end
 local epoch = meta[2]
 local top = tonumber(meta[3])
-for i = 5, #ARGV, 2 do
-  if tonumber(ARGV[i]) ~= top + (i - 3) / 2 then
+local first = 5
+while first <= #ARGV and tonumber(ARGV[first]) <= top do
+  local id = ARGV[first] .. '-0'
+  local found = redis.call('XRANGE', KEYS[2], id, id)
+  if #found == 0 or found[1][2][2] ~= ARGV[first + 1] then
+    return {-2, top}
+  end
+  first = first + 2
+end
+for i = first, #ARGV, 2 do
+  if tonumber(ARGV[i]) ~= top + (i - first) / 2 + 1 then
     return {-2, top}
   end
 end
-for i = 5, #ARGV, 2 do
+if first > #ARGV then
+  return {1, top}
+end
+for i = first, #ARGV, 2 do
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], ARGV[i] .. '-0', 'f', ARGV[i + 1])
   redis.call('PUBLISH', KEYS[3], epoch .. ' ' .. ARGV[i] .. ' ' .. ARGV[i + 1])
   top = tonumber(ARGV[i])
@@ -364,7 +378,9 @@ class Bus:
 
     async def append(self, lease: Lease, events: list[tuple[int, str]]) -> int:
         """Append events (seq, frame) and publish them, in one step; returns the last seq.
-        Raises Fenced for a stale lease, SeqGap if the first seq does not follow the log."""
+        Those the log has already, the same, are skipped (appends may overlap). Raises
+        Fenced for a stale lease, SeqGap if the others do not follow the log, or one it
+        has differs."""
         if not events:
             raise ValueError("nothing to append")
         chat_id = lease.chat_id

@@ -36,6 +36,8 @@ CUT_OFF = "The server answering this chat stopped; the answer was cut short. Ask
 BATCH = 256
 # Retries of an append that failed on the connection, before the owner gives the chat up.
 APPEND_RETRIES = 5
+# Appends of one chat's events under way at once (each carries those not confirmed yet).
+APPENDS_IN_FLIGHT = 2
 # How long a turn's end waits for its last events to reach the shared log (seconds).
 FLUSH_BEFORE_THE_END = 1.0
 
@@ -49,7 +51,13 @@ class FencedLog:
     order, in batches, fenced by the lease), and only once it is there to this instance:
     to its copy of the log, for resumes, and to `deliver`, for its readers. So every event
     any reader was sent is in the shared log, and an owner that takes over after a crash
-    continues right after the log's last seq."""
+    continues right after the log's last seq.
+
+    Appends overlap, up to APPENDS_IN_FLIGHT: a new event does not wait for the append
+    before it to be confirmed (a round trip) before it is sent; each append carries every
+    event not confirmed yet, the script skips those the log has, and an event is delivered
+    once any append carrying it is confirmed. (A turn's first token would otherwise wait
+    for its question's append, then for its own.)"""
 
     def __init__(
         self,
@@ -67,6 +75,10 @@ class FencedLog:
         self._deliver = deliver
         self._said = said
         self._pending: deque[tuple[Literal["append", "trim", "say"], int, str]] = deque()
+        # The last seq the shared log confirmed, and the last one an append under way carries.
+        self._confirmed = 0
+        self._sent = 0
+        self._flying: set[asyncio.Task[int]] = set()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -105,9 +117,11 @@ class FencedLog:
         """Flush, then stop writing."""
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.flush(), 10)
-        self._writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._writer
+        for task in (self._writer, *self._flying):
+            task.cancel()
+        for task in (self._writer, *self._flying):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     def _queue(self, kind: Literal["append", "trim", "say"], seq: int, frame: str) -> None:
         if self.lost:
@@ -122,44 +136,77 @@ class FencedLog:
             self._wake.clear()
             while self._pending and not self.lost:
                 kind, seq, frame = self._pending[0]
+                if kind == "append":
+                    self._send_appends()
+                    break  # (What lands wakes this loop again.)
+                if self._flying:
+                    break  # A trim or a frame without a seq waits for the appends before it.
                 try:
                     if kind == "trim":
                         await self.bus.trim(self.lease, seq)
                         self._pending.popleft()
                         self.memory.trim(seq)
-                        continue
-                    if kind == "say":
+                    else:
                         await self.bus.say(self.lease, seq, frame)
                         self._pending.popleft()
                         if self._said is not None:
                             self._said(frame)
-                        continue
-                    batch: list[tuple[int, str]] = []
-                    for item in self._pending:
-                        if item[0] != "append" or len(batch) == BATCH:
-                            break
-                        batch.append((item[1], item[2]))
-                    await self._append(batch)
                 except Exception as exc:
-                    # Refused (another instance holds the chat now) or Redis is gone: this
-                    # instance may no longer speak for the chat, and what it could not
-                    # append nobody is sent.
-                    log.error("chat %s: the shared log refused us: %s", self.lease.chat_id, exc)
-                    self.lost = True
-                    self._pending.clear()
-                    self._on_lost(self.lease.chat_id)
-                    break
-                for seq, frame in batch:
-                    self._pending.popleft()
-                    self.memory.append(seq, frame)
-                    self._deliver(seq, frame)
-            self._idle.set()
+                    self._lose(exc)
+            if not self._pending and not self._flying:
+                self._idle.set()
 
-    async def _append(self, batch: list[tuple[int, str]]) -> None:
+    def _send_appends(self) -> None:
+        """Send the events at the head of the queue not under way yet, with those before
+        them not confirmed yet (the script skips the ones the log has by then)."""
+        if len(self._flying) >= APPENDS_IN_FLIGHT:
+            return
+        batch: list[tuple[int, str]] = []
+        for kind, seq, frame in self._pending:
+            if kind != "append" or len(batch) == BATCH:
+                break
+            batch.append((seq, frame))
+        if not batch or batch[-1][0] <= self._sent:
+            return
+        self._sent = batch[-1][0]
+        task = asyncio.create_task(self._append(batch))
+        self._flying.add(task)
+        task.add_done_callback(self._landed)
+
+    def _landed(self, task: asyncio.Task[int]) -> None:
+        self._flying.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._lose(exc)
+        else:
+            self._confirmed = max(self._confirmed, task.result())
+            while self._pending and not self.lost:
+                kind, seq, frame = self._pending[0]
+                if kind != "append" or seq > self._confirmed:
+                    break
+                self._pending.popleft()
+                self.memory.append(seq, frame)
+                self._deliver(seq, frame)
+        self._wake.set()
+
+    def _lose(self, exc: BaseException) -> None:
+        """Refused (another instance holds the chat now) or Redis is gone: this instance
+        may no longer speak for the chat, and what it could not append nobody is sent."""
+        if self.lost:
+            return
+        log.error("chat %s: the shared log refused us: %s", self.lease.chat_id, exc)
+        self.lost = True
+        self._pending.clear()
+        self._on_lost(self.lease.chat_id)
+
+    async def _append(self, batch: list[tuple[int, str]]) -> int:
+        """Append a batch (retried on a failed connection); the last seq it carries."""
         for attempt in range(APPEND_RETRIES):
             try:
                 await self.bus.append(self.lease, batch)
-                return
+                return batch[-1][0]
             except Fenced:
                 raise
             except (OSError, ConnectionError) as exc:
@@ -167,6 +214,7 @@ class FencedLog:
                     raise
                 log.warning("chat %s: append failed (%s); again", self.lease.chat_id, exc)
                 await asyncio.sleep(0.05 * 2**attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
 
 
 class FencedChatStore(ChatStore):
