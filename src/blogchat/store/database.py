@@ -241,6 +241,18 @@ class Database:
         async with serial, self.engine.begin() as connection:
             yield connection
 
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[AsyncConnection]:
+        """A connection outside any transaction, for reads of statements built once
+        (`run_prepared`): each sees what was committed when it ran. On PostgreSQL it is in
+        autocommit, without the BEGIN and COMMIT round trips a transaction takes; on SQLite,
+        where a read begins no transaction, without the commit's trip to the driver's
+        thread, nor waiting for the writer under way (WAL: readers never wait for it)."""
+        async with self.engine.connect() as connection:
+            if not self.is_sqlite:
+                await connection.execution_options(isolation_level="AUTOCOMMIT")
+            yield connection
+
     async def migrate(self) -> None:
         """Bring the schema up to the newest migration.
 
