@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased, selectinload
 
 from blogchat.protocol import MessageStatus, ModelAlias
-from blogchat.store.accounts import ensure_user
+from blogchat.store.accounts import ensure_user, new_user_statement
 from blogchat.store.database import Database, runs_to_completion
 from blogchat.store.tables import AgentTranscriptEntry, Chat, Message, ToolCall, User, utcnow
 
@@ -284,6 +284,10 @@ _CHAT_COLUMNS = (
 _INSERT_CHAT = insert(_CHATS).values(
     {name: bindparam(f"new_{name}", type_=_CHATS.c[name].type) for name in _CHAT_COLUMNS}
 )
+# On PostgreSQL, the chat and its anonymous owner's row (unless it exists) are one statement:
+# one round trip fewer on a new chat's way to its first token. (The chat's foreign key is
+# checked at the statement's end, when the owner's row is there.)
+_INSERT_CHAT_AND_OWNER = _INSERT_CHAT.add_cte(new_user_statement("postgresql").cte("new_user"))
 
 
 @functools.cache
@@ -411,10 +415,14 @@ class ChatStore:
     @runs_to_completion
     async def create_chat(self, chat: ChatRecord) -> ChatRecord:
         """Store a new chat (and its anonymous owner's row, the first time)."""
+        values = {f"new_{name}": getattr(chat, name) for name in _CHAT_COLUMNS}
         async with self.db.transaction() as connection:
-            await ensure_user(self.db, connection, chat.owner_id)
-            values = {f"new_{name}": getattr(chat, name) for name in _CHAT_COLUMNS}
-            await self.db.run_prepared(connection, _INSERT_CHAT, values)
+            if self.db.is_sqlite:
+                await ensure_user(self.db, connection, chat.owner_id)
+                await self.db.run_prepared(connection, _INSERT_CHAT, values)
+            else:
+                values |= {"user_id": chat.owner_id, "now": utcnow()}
+                await connection.execute(_INSERT_CHAT_AND_OWNER, values)
         return chat
 
     @runs_to_completion
