@@ -8,15 +8,17 @@ import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import IntegrityError, StatementError
 
 from blogchat.settings import Settings
 from blogchat.store import (
     STREAMING,
     ChatRecord,
+    Database,
     DuplicateClientMessage,
     EmailTaken,
     MessageRecord,
@@ -25,6 +27,8 @@ from blogchat.store import (
 )
 from blogchat.store.chats import StaleOwner, conversation_order
 from blogchat.store.tables import Chat, LoginSession, Message, ToolCall, User
+from tests.support.server import Database as Backend
+from tests.support.server import settings_for
 
 # A fixed instant with microseconds, so that a lossy round-trip shows.
 T0 = datetime(2026, 3, 14, 15, 9, 26, 535897, tzinfo=UTC)
@@ -598,6 +602,52 @@ async def test_a_transaction_that_reads_then_writes_waits_for_a_concurrent_write
     titles = {c.id: c.title for c in await store.chats.list_chats(chat.owner_id)}
     titles.update({c.id: c.title for c in await store.chats.list_chats(other.owner_id)})
     assert titles == {chat.id: "first", other.id: "second"}
+
+
+async def test_a_sqlite_connection_returned_in_a_transaction_is_rolled_back(
+    tmp_path: Path,
+) -> None:
+    # The pool leaves a committed connection alone; one that comes back with a write the
+    # connection did not commit (run on the driver itself) is rolled back before reuse.
+    store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'blogchat.db'}")
+    try:
+        chat = await make_chat(store, title="before")
+        async with store.db.engine.connect() as connection:
+            raw = await connection.get_raw_connection()
+            driver = raw.driver_connection
+            assert driver is not None
+            await driver.execute("UPDATE chats SET title = 'uncommitted' WHERE id = ?", [chat.id])
+            assert driver.in_transaction
+        # (One connection in the pool: the next transaction gets the same one.)
+        assert (await store.chats.get_chat(chat.id)).title == "before"  # type: ignore[union-attr]
+        await store.chats.update_chat(chat.id, title="after")
+        assert (await store.chats.get_chat(chat.id)).title == "after"  # type: ignore[union-attr]
+    finally:
+        await store.close()
+
+
+async def test_a_postgresql_connection_idle_past_its_ping_time_is_replaced_if_dead(
+    postgres_database: Backend, tmp_path: Path
+) -> None:
+    # Connections are pinged only after a while idle in the pool: one whose server end
+    # went away meanwhile is replaced before a transaction uses it.
+    settings = settings_for(postgres_database, tmp_path)
+    db = Database(settings.database, schema=settings.database_schema, ping_after_idle=0)
+    other = Database(settings.database, schema=settings.database_schema)
+    try:
+        async with db.transaction() as connection:
+            first = await connection.scalar(text("SELECT pg_backend_pid()"))
+        async with other.transaction() as connection:
+            ended = await connection.scalar(
+                text("SELECT pg_terminate_backend(:pid)"), {"pid": first}
+            )
+            assert ended
+        async with db.transaction() as connection:
+            second = await connection.scalar(text("SELECT pg_backend_pid()"))
+        assert second != first
+    finally:
+        await db.dispose()
+        await other.dispose()
 
 
 async def test_a_write_whose_caller_is_cancelled_still_ends_and_blocks_no_other_writer(

@@ -35,7 +35,7 @@ def _token_hash(token: str) -> str:
 
 
 @functools.cache
-def _new_user(dialect: str) -> Insert:
+def new_user_statement(dialect: str) -> Insert:
     """Insert an anonymous visitor's row unless it exists (bound: user_id, now)."""
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     values = {"id": bindparam("user_id"), "created_at": bindparam("now", type_=UTCDateTime)}
@@ -44,7 +44,7 @@ def _new_user(dialect: str) -> Insert:
 
 async def ensure_user(db: Database, connection: AsyncConnection, user_id: str) -> None:
     """Create the row of an anonymous visitor the first time it owns something."""
-    statement = _new_user(connection.dialect.name)
+    statement = new_user_statement(connection.dialect.name)
     await db.run_prepared(connection, statement, {"user_id": user_id, "now": utcnow()})
 
 

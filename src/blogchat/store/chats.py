@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased, selectinload
 
 from blogchat.protocol import MessageStatus, ModelAlias
-from blogchat.store.accounts import ensure_user
+from blogchat.store.accounts import ensure_user, new_user_statement
 from blogchat.store.database import Database, runs_to_completion
 from blogchat.store.tables import AgentTranscriptEntry, Chat, Message, ToolCall, User, utcnow
 
@@ -284,6 +284,10 @@ _CHAT_COLUMNS = (
 _INSERT_CHAT = insert(_CHATS).values(
     {name: bindparam(f"new_{name}", type_=_CHATS.c[name].type) for name in _CHAT_COLUMNS}
 )
+# On PostgreSQL, the chat and its anonymous owner's row (unless it exists) are one statement:
+# one round trip fewer on a new chat's way to its first token. (The chat's foreign key is
+# checked at the statement's end, when the owner's row is there.)
+_INSERT_CHAT_AND_OWNER = _INSERT_CHAT.add_cte(new_user_statement("postgresql").cte("new_user"))
 
 
 @functools.cache
@@ -326,6 +330,28 @@ def _save_user_message(reserve: bool, model: bool, fence: bool) -> Select[Any]:
     )
 
 
+# A message's save (`ChatStore.save_message`: an answer, partial or final), built once: the
+# ORM's load, flush and identity map cost several times the statements' own time at every
+# turn's end. Its parameters are the row's columns prefixed with "new_", and "message_id".
+_SAVED_COLUMNS = list(
+    _columns(MessageRecord(id="", chat_id="", role="user", seq_start=0, seq_end=0))
+)
+_UPDATE_SAVED_MESSAGE = (
+    update(_MESSAGES)
+    .where(_MESSAGES.c.id == bindparam("message_id"))
+    .values(
+        {name: bindparam(f"new_{name}", type_=_MESSAGES.c[name].type) for name in _SAVED_COLUMNS}
+    )
+)
+_INSERT_SAVED_MESSAGE = insert(_MESSAGES).values(
+    {name: bindparam(f"new_{name}", type_=_MESSAGES.c[name].type) for name in _NEW_ROW_COLUMNS}
+)
+_TOOL_CALLS = cast(Table, ToolCall.__table__)
+_DELETE_TOOL_CALLS = delete(_TOOL_CALLS).where(_TOOL_CALLS.c.message_id == bindparam("message_id"))
+_TOUCH_CHAT = _touch_chat(reserve=False, model=False, fence=False)
+_TOUCH_FENCED_CHAT = _touch_chat(reserve=False, model=False, fence=True)
+
+
 async def advance_fence(session: Any, chat_id: str, fence: int, **values: Any) -> None:
     """Within a write's transaction: advance the chat's fencing token to `fence` (and set
     `values`), or raise StaleOwner if a higher token saved to the chat. The same statement
@@ -355,12 +381,6 @@ def _tool_call_columns(record: MessageRecord) -> list[dict[str, Any]]:
         }
         for position, call in enumerate(record.tool_calls)
     ]
-
-
-def _apply(row: Message, record: MessageRecord) -> None:
-    for column, value in _columns(record).items():
-        setattr(row, column, value)
-    row.tool_calls = [ToolCall(**columns) for columns in _tool_call_columns(record)]
 
 
 def like_escape(text: str) -> str:
@@ -395,10 +415,14 @@ class ChatStore:
     @runs_to_completion
     async def create_chat(self, chat: ChatRecord) -> ChatRecord:
         """Store a new chat (and its anonymous owner's row, the first time)."""
+        values = {f"new_{name}": getattr(chat, name) for name in _CHAT_COLUMNS}
         async with self.db.transaction() as connection:
-            await ensure_user(self.db, connection, chat.owner_id)
-            values = {f"new_{name}": getattr(chat, name) for name in _CHAT_COLUMNS}
-            await self.db.run_prepared(connection, _INSERT_CHAT, values)
+            if self.db.is_sqlite:
+                await ensure_user(self.db, connection, chat.owner_id)
+                await self.db.run_prepared(connection, _INSERT_CHAT, values)
+            else:
+                values |= {"user_id": chat.owner_id, "now": utcnow()}
+                await connection.execute(_INSERT_CHAT_AND_OWNER, values)
         return chat
 
     @runs_to_completion
@@ -534,15 +558,17 @@ class ChatStore:
     ) -> MessageRecord | None:
         """The user message a visitor sent with this clientMessageId, in any of its chats."""
         # Every new chat's message is looked up first, and almost never found: the lookup
-        # is a statement built once; only a resend loads the whole message.
-        async with self.db.transaction() as connection:
+        # is a statement built once, read outside a transaction (a read needs none, and on
+        # PostgreSQL BEGIN and COMMIT are two round trips more); only a resend loads the
+        # whole message.
+        async with self.db.reading() as connection:
             params = {"owner_id": owner_id, "client_message_id": client_message_id}
             rows = await self.db.run_prepared(connection, _FIND_SENT, params)
-            if not rows:
-                return None
-            found: str = rows[0][0]
-            async with self.db.sessions(bind=connection) as session:
-                return await self._sent_message(session, found)
+        if not rows:
+            return None
+        found: str = rows[0][0]
+        async with self.db.session() as session:
+            return await self._sent_message(session, found)
 
     async def _sent_before(
         self, session: AsyncSession, owner_id: str, client_message_id: str
@@ -656,19 +682,26 @@ class ChatStore:
     async def save_message(self, record: MessageRecord, *, fence: int | None = None) -> None:
         """Insert or update a message with its tool calls (partial or final answers); with
         a `fence`, only if no higher token saved to the chat (StaleOwner)."""
-        async with self.db.session() as session:
-            row = await session.get(Message, record.id, options=[selectinload(Message.tool_calls)])
-            if row is None:
-                row = Message(
-                    id=record.id,
-                    chat_id=record.chat_id,
-                    role=record.role,
-                    client_message_id=record.client_message_id,
-                    created_at=record.created_at,
+        params: dict[str, Any] = {f"new_{name}": value for name, value in _new_row(record).items()}
+        params |= {"message_id": record.id, "chat_id": record.chat_id, "now": utcnow()}
+        async with self.db.transaction() as connection:
+            updated = await connection.execute(_UPDATE_SAVED_MESSAGE, params)
+            if getattr(updated, "rowcount", 0):
+                # Its tool calls are replaced, as the answer's text is.
+                await connection.execute(_DELETE_TOOL_CALLS, params)
+            else:
+                await connection.execute(_INSERT_SAVED_MESSAGE, params)
+            if record.tool_calls:
+                await connection.execute(
+                    insert(_TOOL_CALLS),
+                    [{"message_id": record.id, **call} for call in _tool_call_columns(record)],
                 )
-                session.add(row)
-            _apply(row, record)
-            await self._touch(session, record.chat_id, fence)
+            if fence is None:
+                await connection.execute(_TOUCH_CHAT, params)
+            else:
+                touched = await connection.execute(_TOUCH_FENCED_CHAT, params | {"fence": fence})
+                if not getattr(touched, "rowcount", 0):
+                    raise StaleOwner(record.chat_id)
 
     @runs_to_completion
     async def save_partial_answers(

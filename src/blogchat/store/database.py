@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 import sqlite3
+import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
@@ -18,7 +19,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import Dialect, make_url
-from sqlalchemy.exc import DBAPIError, StatementError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, StatementError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -26,7 +27,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, PoolResetState
 from sqlalchemy.schema import CreateSchema
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
@@ -118,8 +119,16 @@ class Database:
     """An async engine and its session factory."""
 
     def __init__(
-        self, url: str, *, schema: str | None = None, idle_transaction_seconds: float | None = None
+        self,
+        url: str,
+        *,
+        schema: str | None = None,
+        idle_transaction_seconds: float | None = None,
+        ping_after_idle: float = 5.0,
     ) -> None:
+        """On PostgreSQL, a connection idle in the pool for longer than `ping_after_idle`
+        seconds is pinged before it is used (a restarted server, a cut idle connection);
+        one in steady use is not."""
         self.url = make_url(url)
         self.schema = schema
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
@@ -131,8 +140,15 @@ class Database:
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
             # Writers wait for each other instead of failing with "database is locked".
             connect_args["timeout"] = 30
+            # A connection is rolled back on its return only if it is still in a
+            # transaction (`_sqlite_reset`): after a commit, the pool's rollback would be
+            # one more trip to aiosqlite's thread for nothing.
+            engine_args["pool_reset_on_return"] = None
         else:
-            engine_args.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
+            # Pinged on checkout only after a while idle (`_ping_if_idle`): pinging every
+            # checkout is three round trips (BEGIN, the ping, ROLLBACK) before each
+            # transaction, on the way to every message's first token.
+            engine_args.update(pool_size=10, max_overflow=20)
             server_settings: dict[str, str] = {}
             if schema:
                 # A private schema per test run keeps parallel tests apart.
@@ -150,6 +166,16 @@ class Database:
         )
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine.sync_engine, "reset", _sqlite_reset)
+        else:
+            event.listen(self.engine.sync_engine, "checkin", _returned)
+
+            def ping_if_idle(
+                dbapi_connection: Any, record: ConnectionPoolEntry, _: PoolProxiedConnection
+            ) -> None:
+                _ping_if_idle(dbapi_connection, record, ping_after_idle)
+
+            event.listen(self.engine.sync_engine, "checkout", ping_if_idle)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._serial = asyncio.Lock() if self.is_sqlite else None
         # The statements `rows_on_driver` ran, compiled for SQLite.
@@ -215,6 +241,18 @@ class Database:
         async with serial, self.engine.begin() as connection:
             yield connection
 
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[AsyncConnection]:
+        """A connection outside any transaction, for reads of statements built once
+        (`run_prepared`): each sees what was committed when it ran. On PostgreSQL it is in
+        autocommit, without the BEGIN and COMMIT round trips a transaction takes; on SQLite,
+        where a read begins no transaction, without the commit's trip to the driver's
+        thread, nor waiting for the writer under way (WAL: readers never wait for it)."""
+        async with self.engine.connect() as connection:
+            if not self.is_sqlite:
+                await connection.execution_options(isolation_level="AUTOCOMMIT")
+            yield connection
+
     async def migrate(self) -> None:
         """Bring the schema up to the newest migration.
 
@@ -256,6 +294,32 @@ def _upgrade(connection: Connection) -> None:
     config = alembic_config()
     config.attributes["connection"] = connection
     command.upgrade(config, "head")
+
+
+def _sqlite_reset(
+    dbapi_connection: Any, _record: ConnectionPoolEntry, state: PoolResetState
+) -> None:
+    """A connection back in the pool: rolled back if a transaction is still open on it
+    (one that failed half-way), as the pool's own reset would, and left alone otherwise."""
+    if state.asyncio_safe and dbapi_connection.driver_connection.in_transaction:
+        dbapi_connection.rollback()
+
+
+def _returned(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    record.info["returned_at"] = time.monotonic()
+
+
+def _ping_if_idle(dbapi_connection: Any, record: ConnectionPoolEntry, after: float) -> None:
+    """Ping a connection taken from the pool after `after` seconds idle there; one that
+    fails the ping is replaced (the pool reconnects on DisconnectionError). A new
+    connection, and one in steady use, go without."""
+    returned = record.info.get("returned_at")
+    if returned is None or time.monotonic() - returned < after:
+        return
+    try:
+        dbapi_connection.ping()
+    except Exception as exc:
+        raise DisconnectionError(f"the idle connection failed its ping: {exc}") from exc
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
