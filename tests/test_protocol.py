@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel
+from pydantic_core import PydanticSerializationError
 
 from blogchat import protocol as wire
 
@@ -89,6 +90,42 @@ def test_server_messages_are_camel_case_and_leave_out_absent_optional_fields() -
     error = wire.Error(code="not_found", message="gone")
     assert '"retryable":false' in error.to_json()
     assert "seq" not in error.to_json()
+
+
+@given(
+    kind=st.sampled_from([wire.Token, wire.Thinking]),
+    text=st.text(),
+    ids=st.text(min_size=1),
+    seq=st.integers(min_value=0, max_value=2**63),
+)
+def test_text_frames_are_the_bytes_of_the_generic_encoding(
+    kind: type[wire.Token] | type[wire.Thinking], text: str, ids: str, seq: int
+) -> None:
+    # Token and Thinking write their frames directly: byte for byte what every other
+    # message's encoding gives, whatever the text (quotes, control characters, any script).
+    event = kind(chat_id=ids, seq=seq, message_id=ids[::-1], text=text)
+    assert event.to_json() == event.model_dump_json(by_alias=True, exclude_none=True)
+
+
+@pytest.mark.parametrize("text", ['say "hi"\\n\t\x00\x1f\x7f', "\u2028 été 漢字 🙂", ""])
+def test_text_frames_escape_as_the_generic_encoding(text: str) -> None:
+    token = wire.Token(chat_id="c1", seq=7, message_id="m1", text=text)
+    assert token.to_json() == token.model_dump_json(by_alias=True, exclude_none=True)
+    assert json.loads(token.to_json()) == {
+        "type": "token",
+        "chatId": "c1",
+        "seq": 7,
+        "messageId": "m1",
+        "text": text,
+    }
+
+
+def test_a_text_frame_with_a_lone_surrogate_fails_as_the_generic_encoding() -> None:
+    token = wire.Token(chat_id="c1", seq=7, message_id="m1", text="\ud800")
+    with pytest.raises(PydanticSerializationError, match="surrogates not allowed"):
+        token.model_dump_json(by_alias=True, exclude_none=True)
+    with pytest.raises(PydanticSerializationError, match="surrogates not allowed"):
+        token.to_json()
 
 
 def test_a_tool_call_without_output_yet_keeps_its_output_key() -> None:

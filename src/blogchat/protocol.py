@@ -22,7 +22,7 @@ from pydantic import (
     model_serializer,
 )
 from pydantic.alias_generators import to_camel
-from pydantic_core import PydanticUndefined
+from pydantic_core import PydanticUndefined, to_json
 
 PROTOCOL_VERSION = 1
 
@@ -282,6 +282,20 @@ class UserMessage(WireModel):
     replaces: list[str] | None = None
 
 
+def _text_frame(kind: str, chat_id: str, seq: int, message_id: str, text: str) -> str:
+    """The frame of a piece of text (`token`, `thinking`), written directly: the same bytes
+    as `WireModel.to_json` (the same string encoder, fields in declaration order), for a
+    third of its cost, paid on every piece of every answer."""
+    return (
+        f'{{"type":"{kind}","chatId":{_string(chat_id)},"seq":{seq:d},'
+        f'"messageId":{_string(message_id)},"text":{_string(text)}}}'
+    )
+
+
+def _string(value: str) -> str:
+    return to_json(value).decode()
+
+
 class Thinking(WireModel):
     """A piece of extended-thinking text."""
 
@@ -290,6 +304,10 @@ class Thinking(WireModel):
     seq: int
     message_id: str
     text: str
+
+    def to_json(self) -> str:
+        """The frame (see `_text_frame`)."""
+        return _text_frame(self.type, self.chat_id, self.seq, self.message_id, self.text)
 
 
 class Token(WireModel):
@@ -300,6 +318,10 @@ class Token(WireModel):
     seq: int
     message_id: str
     text: str
+
+    def to_json(self) -> str:
+        """The frame (see `_text_frame`)."""
+        return _text_frame(self.type, self.chat_id, self.seq, self.message_id, self.text)
 
 
 class ToolUse(WireModel):
