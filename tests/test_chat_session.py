@@ -172,9 +172,9 @@ async def last_seq(store: Store, chat_id: str) -> int:
     return record.last_seq
 
 
-async def ask(session: ChatSession, text: str) -> None:
+async def ask(session: ChatSession, text: str, client_message_id: str | None = None) -> None:
     await session.accept(
-        client_message_id=str(uuid.uuid4()),
+        client_message_id=client_message_id or str(uuid.uuid4()),
         text=text,
         model_alias="haiku",
         model_id="scripted-model",
@@ -477,24 +477,12 @@ async def test_a_message_to_an_idle_chat_has_its_place_taken_while_saved_and_nev
     listener = Listener()
     session.subscribe(listener, after_seq=None, request_id=None)
     message_id = str(uuid.uuid4())
-    await session.accept(
-        client_message_id=message_id,
-        text="First?",
-        model_alias="haiku",
-        model_id="scripted-model",
-        anonymous=True,
-    )
+    await ask(session, "First?", message_id)
     await first.started.wait()
     assert (gate.running, slots.count(place)) == (1, 1)
     # Sent again while its turn runs: nothing is saved, no second place is taken.
     with pytest.raises(AlreadySent):
-        await session.accept(
-            client_message_id=message_id,
-            text="First?",
-            model_alias="haiku",
-            model_id="scripted-model",
-            anonymous=True,
-        )
+        await ask(session, "First?", message_id)
     assert (gate.running, slots.count(place)) == (1, 1)
     first.gate.set()
     await listener.until("done")

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio
+from redis.asyncio.client import PubSub
 
 from blogchat import protocol as wire
 from blogchat.cluster.bus import Bus, Fenced, Holder, Lease, Listed, LiveEvent, LogRead, SeqGap
@@ -45,6 +46,27 @@ async def lapse(client: redis.asyncio.Redis, one: Bus, chat_id: str = CHAT) -> N
 
 def frames(first: int, last: int) -> list[tuple[int, str]]:
     return [(seq, f'{{"seq":{seq}}}') for seq in range(first, last + 1)]
+
+
+async def listening(client: redis.asyncio.Redis, one: Bus) -> PubSub:
+    """A subscriber to the chat's live channel, its subscription confirmed."""
+    pubsub = client.pubsub()
+    await pubsub.subscribe(one.channel(CHAT))
+    confirmation = await pubsub.get_message(timeout=5)
+    assert confirmation is not None
+    assert confirmation["type"] == "subscribe"
+    return pubsub
+
+
+async def published(pubsub: PubSub, *, until_seq: int) -> list[LiveEvent]:
+    """Every event published to the subscriber up to `until_seq`, in order; then it closes."""
+    seen: list[LiveEvent] = []
+    while not seen or seen[-1].seq != until_seq:
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+        assert message is not None, "an appended event was not published"
+        seen.append(Bus.parse_live(message["data"]))
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    return seen
 
 
 async def test_a_lease_is_held_by_one_instance_at_a_time(client: redis.asyncio.Redis) -> None:
@@ -135,19 +157,10 @@ async def test_every_append_is_published_in_order_with_its_epoch(
     a = bus(client, "a")
     lease = await a.acquire(CHAT, floor=0)
     assert isinstance(lease, Lease)
-    pubsub = client.pubsub()
-    await pubsub.subscribe(a.channel(CHAT))
-    confirmation = await pubsub.get_message(timeout=5)
-    assert confirmation is not None
-    assert confirmation["type"] == "subscribe"
+    pubsub = await listening(client, a)
     await a.append(lease, frames(1, 2))
     await a.append(lease, frames(3, 3))
-    seen: list[LiveEvent] = []
-    while len(seen) < 3:
-        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
-        assert message is not None, "an appended event was not published"
-        seen.append(Bus.parse_live(message["data"]))
-    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    seen = await published(pubsub, until_seq=3)
     assert [(event.seq, event.frame) for event in seen] == frames(1, 3)
     assert {event.epoch for event in seen} == {lease.epoch}
 
@@ -158,9 +171,7 @@ async def test_overlapping_appends_skip_what_the_log_has_and_publish_each_event_
     a = bus(client, "a")
     lease = await a.acquire(CHAT, floor=0)
     assert isinstance(lease, Lease)
-    pubsub = client.pubsub()
-    await pubsub.subscribe(a.channel(CHAT))
-    assert (await pubsub.get_message(timeout=5) or {}).get("type") == "subscribe"
+    pubsub = await listening(client, a)
     # Each append carries every event not confirmed yet, in whichever order they land.
     assert await a.append(lease, frames(1, 3)) == 3
     assert await a.append(lease, frames(1, 2)) == 3  # Landed after the one above.
@@ -170,12 +181,7 @@ async def test_overlapping_appends_skip_what_the_log_has_and_publish_each_event_
         with pytest.raises(SeqGap):
             await a.append(lease, bad)
     await a.append(lease, frames(6, 6))  # The last one published: every earlier one came.
-    seen: list[LiveEvent] = []
-    while not seen or seen[-1].seq != 6:
-        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
-        assert message is not None, "an appended event was not published"
-        seen.append(Bus.parse_live(message["data"]))
-    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    seen = await published(pubsub, until_seq=6)
     assert [(event.seq, event.frame) for event in seen] == frames(1, 6)
     assert (await a.read(CHAT)).events == frames(1, 6)
 
