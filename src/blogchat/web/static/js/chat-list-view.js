@@ -23,6 +23,8 @@ export class ChatListView {
   #chats = [];
   #editing = null;
   #confirming = null;
+  // While a title is edited, what the reader typed there, for a redraw to keep.
+  #typed = null;
 
   /**
    * @param {object} options
@@ -57,6 +59,18 @@ export class ChatListView {
   }
 
   #draw() {
+    // The list is redrawn when it changes (an answer ends, another tab renames): a title
+    // being edited keeps what the reader typed, the caret and the focus.
+    const old = this.list.querySelector(".chat-item__input");
+    this.#typed = old
+      ? {
+          chatId: old.closest(".chat-item")?.dataset.id,
+          value: old.value,
+          start: old.selectionStart,
+          end: old.selectionEnd,
+          focused: document.activeElement === old,
+        }
+      : null;
     this.empty.hidden = this.#chats.length > 0;
     if (this.query) {
       this.empty.textContent = `No chat mentions “${this.query}”.`;
@@ -102,9 +116,10 @@ export class ChatListView {
     const li = h("li", { class: "chat-item", dataset: { id: chat.id } });
     if (current) li.classList.add("chat-item--current");
     if (this.#editing === chat.id) {
+      const typed = this.#typed?.chatId === chat.id ? this.#typed : null;
       const input = h("input", {
         class: "input chat-item__input",
-        value: chat.title,
+        value: typed ? typed.value : chat.title,
         maxlength: 200,
         "aria-label": "Chat title",
         enterkeyhint: "done",
@@ -150,8 +165,13 @@ export class ChatListView {
       });
       li.append(form);
       queueMicrotask(() => {
-        input.focus();
-        input.select();
+        if (!typed) {
+          input.focus();
+          input.select();
+        } else if (typed.focused) {
+          input.focus();
+          input.setSelectionRange(typed.start, typed.end);
+        }
       });
       return li;
     }
