@@ -118,11 +118,7 @@ class Quotas:
             for rate, key in rates:
                 decision = await self.limiter.test(rate, key)
                 if not decision.allowed:
-                    raise QuotaExceeded(
-                        "rate_limited",
-                        _too_many_turns(rate, decision.retry_after),
-                        decision.retry_after,
-                    )
+                    raise _too_many_turns(rate, decision.retry_after)
         for budget, kind, key in self._budgets(who):
             wait = await self._over_budget(budget, kind, key)
             if wait is not None:
@@ -148,11 +144,7 @@ class Quotas:
             if not decision.allowed:
                 if self.limiter.remote:
                     self._remember_refusal(rate, key, decision.retry_after)
-                raise QuotaExceeded(
-                    "rate_limited",
-                    _too_many_turns(rate, decision.retry_after),
-                    decision.retry_after,
-                )
+                raise _too_many_turns(rate, decision.retry_after)
 
     def _remember_refusal(self, rate: Rate, key: str, retry_after: float) -> None:
         now = self._clock()
@@ -172,7 +164,7 @@ class Quotas:
             if until <= now:
                 del self._refused[(rate.name, key)]
                 continue
-            raise QuotaExceeded("rate_limited", _too_many_turns(rate, until - now), until - now)
+            raise _too_many_turns(rate, until - now)
 
     def spent(self, who: Who, tokens: int) -> None:
         """A turn of `who` ended having used `tokens` (just saved with its answer)."""
@@ -232,13 +224,15 @@ def _in(seconds: float) -> str:
     return f"{round(seconds / 3600)} hours"
 
 
-def _too_many_turns(rate: Rate, retry_after: float) -> str:
+def _too_many_turns(rate: Rate, retry_after: float) -> QuotaExceeded:
+    """The refusal of a message by a turn rate with no room for `retry_after` seconds."""
     who = "Your network has" if rate.name == "turns-address" else "You have"
     window = "an hour" if rate.seconds == HOUR else "a day"
-    return (
+    message = (
         f"{who} sent the most messages allowed in {window} ({rate.amount}). "
         f"Try again in {_in(retry_after)}."
     )
+    return QuotaExceeded("rate_limited", message, retry_after)
 
 
 def _out_of_tokens(budget: Budget, wait: float) -> str:
