@@ -385,7 +385,9 @@ async def test_an_instance_that_cannot_reach_redis_refuses_websockets_with_503_l
                 assert loop.time() < deadline, "Redis came back, WebSockets did not"
             await asyncio.sleep(0.05)
         # Taken again: the connection works end to end.
-        assert (await ask(ws, QUESTION))[-1]["reason"] == "complete"
+        events = await ask(ws, QUESTION)
+        log = server.log_path.read_text(errors="replace")
+        assert events[-1].get("reason") == "complete", (events, log)
     log = server.log_path.read_text(errors="replace")
     assert log.count("Redis out of reach, connections places cannot be counted") == 1, log
     assert log.count("Redis reachable again: connections places counted") == 1, log
