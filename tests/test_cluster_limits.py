@@ -312,6 +312,8 @@ async def test_a_killed_instances_running_turns_and_websockets_free_themselves(
         await on_a.until("token")
         with pytest.raises(InvalidStatus):
             await visitor.connect("b")
+        seconds, micros = await redis_client.time()
+        killed_ms = seconds * 1000 + micros // 1000
         fleet.servers["a"].kill()
         loop = asyncio.get_running_loop()
         killed = loop.time()
@@ -320,13 +322,20 @@ async def test_a_killed_instances_running_turns_and_websockets_free_themselves(
         events = await ask(on_b, "And espresso?")
         assert events[-1]["reason"] == "complete"
         assert not [event for event in events if event["type"] == "error"]
-        # Only b holds places now (its reader's WebSocket).
-        holders: list[str] = []
+        # b holds its reader's WebSocket; a's places were never renewed after the kill, so
+        # each lapses within one lease of it (a lapsed member stays in its sorted set,
+        # scored with the moment it lapsed, until the next take on that key drops it).
+        places: list[tuple[str, float]] = []
         async for key in redis_client.scan_iter(match=f"{fleet.prefix}:{{slots}}:*"):
-            members = await redis_client.zrange(key, 0, -1)
-            holders += [member.decode() for member in members if isinstance(member, bytes)]
-        assert holders
-        assert all(holder.startswith("b:") for holder in holders), holders
+            members = await redis_client.zrange(key, 0, -1, withscores=True)
+            places += [(member.decode(), score) for member, score in members]
+        assert any(member.startswith("b:") for member, _ in places), places
+        lapse_ms = killed_ms + fleet.lease * 1000
+        dead = [(member, score) for member, score in places if not member.startswith("b:")]
+        assert all(member.startswith("a:") and score <= lapse_ms for member, score in dead), (
+            killed_ms,
+            places,
+        )
     print(f"\nkilled instance's WebSockets free on another after {freed:.2f} s (lease 3 s)")
 
 
