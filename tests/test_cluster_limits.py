@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import pytest
@@ -327,8 +327,9 @@ async def test_a_killed_instances_running_turns_and_websockets_free_themselves(
         # scored with the moment it lapsed, until the next take on that key drops it).
         places: list[tuple[str, float]] = []
         async for key in redis_client.scan_iter(match=f"{fleet.prefix}:{{slots}}:*"):
-            members = await redis_client.zrange(key, 0, -1, withscores=True)
-            places += [(member.decode(), score) for member, score in members]
+            scored = await redis_client.zrange(key, 0, -1, withscores=True)
+            for member, score in cast(list[tuple[bytes, float]], scored):
+                places.append((member.decode(), score))
         assert any(member.startswith("b:") for member, _ in places), places
         lapse_ms = killed_ms + fleet.lease * 1000
         dead = [(member, score) for member, score in places if not member.startswith("b:")]
