@@ -330,6 +330,9 @@ async def test_a_turn_retried_after_two_failures_carries_each_question_once(
     assert answer_text(after) == "Echo: The third question."
     requests = api.main_requests()
     assert len(requests) == 5
+    # Every attempt, retries included, asks for what the settings decided.
+    for request in requests:
+        assert_as_configured(request, settings, settings.model_haiku)
     for request in requests[1:]:
         assert occurrences(request, "The first question.") == 1
         assert occurrences(request, "The second question.") == 1
@@ -355,6 +358,9 @@ async def test_a_rate_limited_request_is_retried_after_its_retry_after_with_a_st
     assert first.outcome == "error 429"
     assert second.received_at - first.received_at >= 1.0
     assert occurrences(second, "Are you busy?") == 1
+    settings = claude_server.settings
+    for request in (first, second):
+        assert_as_configured(request, settings, settings.model_haiku)
 
 
 @only_sqlite
@@ -370,6 +376,9 @@ async def test_an_overloaded_provider_is_retried_with_a_status_and_one_copy_of_t
     assert all(s["retryInMs"] > 0 and s["messageId"] == events[-1]["messageId"] for s in statuses)
     assert answer_text(events) == "Done."
     assert [occurrences(r, "Heavy load?") for r in api.main_requests()] == [1, 1, 1]
+    settings = claude_server.settings
+    for request in api.main_requests():
+        assert_as_configured(request, settings, settings.model_haiku)
 
 
 @only_sqlite

@@ -129,6 +129,8 @@ def test_a_command_is_required(tmp_path: Path) -> None:
         ("BLOGCHAT_ALLOWED_ORIGINS", "ftp://x"),
         ("DATABASE_URL", "mysql://root@localhost/blog"),
         ("BLOGCHAT_SECRET_KEY", "k"),
+        # An alias the agent program would resolve to a model of its own choosing.
+        ("BLOGCHAT_MODEL_OPUS", "opus[1m]"),
     ],
 )
 def test_a_broken_setting_exits_2_naming_the_variable(
