@@ -102,6 +102,27 @@ async def test_a_visitors_messages_past_its_hourly_turns_are_refused_exactly(
             assert allowed[-1]["reason"] == "complete"
 
 
+async def test_a_new_chat_with_an_unknown_post_or_persona_costs_no_turn(
+    limited: Callable[..., Any],
+) -> None:
+    with limited(visitor_turns_per_hour=1) as server:
+        async with Reader(server.url) as reader:
+            ws = await reader.connect()
+            unknown = [
+                ("post", "no-such-post", "bad_request"),
+                ("persona", "nobody", "persona_unknown"),
+            ]
+            for field, value, code in unknown:
+                for _ in range(3):
+                    await ws.chat("About that?", **{field: value})
+                    refused = await ws.recv(timeout=60)
+                    assert (refused["type"], refused["code"]) == ("error", code), refused
+            assert await chat_count(reader) == 0
+            # The hour's one turn is still there.
+            assert (await ask(ws, "A real question?"))[-1]["reason"] == "complete"
+            assert (await ask(ws, "And another?"))[-1]["code"] == "rate_limited"
+
+
 async def test_all_anonymous_visitors_of_one_address_share_its_turns(
     limited: Callable[..., Any], clock: time_machine.Traveller
 ) -> None:

@@ -277,12 +277,14 @@ class Chats:
         who = Who(visitor.id, address, visitor.anonymous)
         counted = False
         if message.chat_id is None:
+            # Checked before anything is counted: an unknown persona or post costs no turn.
+            persona = self._new_chat_persona(message)
             # Counted before the chat exists: a refused message creates no chat (it was
             # looked up first, so it is no resend).
             await self._admissible(who, None)
             await self._count(who, None)
             counted = True
-            session = await self._new_chat(visitor, message, text, sender)
+            session = await self._new_chat(visitor, message, persona, text, sender)
             replaces: Sequence[MessageRecord] = ()
         elif await self._forwarded(visitor, message, sender, address):
             return message.chat_id
@@ -384,12 +386,21 @@ class Chats:
                 "bad_request", "This clientMessageId was already used.", session.chat.id
             ) from None
 
-    async def _new_chat(
-        self, visitor: Visitor, message: wire.Chat, text: str, sender: Subscriber
-    ) -> ChatSession:
+    def _new_chat_persona(self, message: wire.Chat) -> Persona:
+        """The persona a new chat's message asks for, once it and its post are known."""
         persona = self._persona(message.persona)
         if message.post is not None and self.blog.post(message.post) is None:
             raise ChatError("bad_request", f"There is no post {message.post!r}.")
+        return persona
+
+    async def _new_chat(
+        self,
+        visitor: Visitor,
+        message: wire.Chat,
+        persona: Persona,
+        text: str,
+        sender: Subscriber,
+    ) -> ChatSession:
         model = message.model or policy.default_for(persona, anonymous=visitor.anonymous)
         # The engine may have an agent process started ahead for such a chat: its id.
         chat_id = self.engine.new_chat_id(persona, policy.model_id(self.settings, model))
