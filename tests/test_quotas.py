@@ -205,6 +205,69 @@ async def test_the_address_budget_is_shared_and_only_anonymous_readers_count_aga
     await quotas.admit(DAN)  # signed in: their own budget only
 
 
+async def test_an_addresss_turns_refusal_is_exact_and_frees_up_as_the_window_moves(
+    tmp_path: Path, clock: time_machine.Traveller, limiter: RateLimiter
+) -> None:
+    quotas = Quotas(
+        settings(tmp_path, visitor_turns_per_hour=10, address_turns_per_hour=2),
+        limiter,
+        Ledger().since,
+    )
+    await quotas.admit(ALICE)
+    clock.shift(300)
+    await quotas.admit(BOB)
+    eve = Who("eve", ALICE.address, anonymous=True)
+    with pytest.raises(QuotaExceeded) as refused:
+        await quotas.admit(eve)
+    assert refused.value.code == "rate_limited"
+    # Alice's turn leaves the address's window an hour after it was counted.
+    assert refused.value.retry_after == pytest.approx(HOUR - 300, abs=1)
+    assert "Your network has sent" in refused.value.message
+    clock.shift(HOUR - 300 + 1)
+    await quotas.admit(eve)
+
+
+async def test_an_addresss_token_budget_refusal_is_exact_and_frees_up_as_old_usage_leaves_the_day(
+    tmp_path: Path, clock: time_machine.Traveller
+) -> None:
+    ledger = Ledger()
+    now = 1_800_000_000.0
+    ledger.add("address", ALICE.address, now - DAY + 900, 3000)  # leaves in 15 minutes
+    ledger.add("address", ALICE.address, now - 60, 2000)
+    quotas = Quotas(settings(tmp_path, address_tokens_per_day=5000), RateLimiter(), ledger.since)
+    with pytest.raises(QuotaExceeded) as refused:
+        await quotas.admit(BOB)
+    assert refused.value.code == "budget_exceeded"
+    assert refused.value.retry_after == pytest.approx(900, abs=1)
+    clock.shift(901)
+    await quotas.admit(BOB)
+
+
+async def test_a_registered_readers_token_budget_is_their_own_exact_and_frees_up(
+    tmp_path: Path, clock: time_machine.Traveller
+) -> None:
+    ledger = Ledger()
+    now = 1_800_000_000.0
+    # Signed in, the reader's usage counts under their own id, and the address's does not.
+    ledger.add("visitor", DAN.visitor, now - DAY + 1200, 1500)  # leaves in 20 minutes
+    ledger.add("visitor", DAN.visitor, now - 30, 600)
+    ledger.add("address", DAN.address, now - 30, 10_000_000)
+    quotas = Quotas(
+        settings(tmp_path, user_tokens_per_day=2000, address_tokens_per_day=1000),
+        RateLimiter(),
+        ledger.since,
+    )
+    with pytest.raises(QuotaExceeded) as refused:
+        await quotas.admit(DAN)
+    assert refused.value.code == "budget_exceeded"
+    assert refused.value.retry_after == pytest.approx(1200, abs=1)
+    clock.shift(1201)
+    await quotas.admit(DAN)  # 600 < 2000
+    quotas.spent(DAN, 1400)
+    with pytest.raises(QuotaExceeded):
+        await quotas.admit(DAN)
+
+
 async def test_the_gate_runs_each_visitors_turns_one_at_a_time_and_others_go_ahead(
     tmp_path: Path,
 ) -> None:
@@ -236,6 +299,49 @@ async def test_the_gate_runs_each_visitors_turns_one_at_a_time_and_others_go_ahe
     done.set()
     await asyncio.gather(running, waiting)
     assert second_entered.is_set()
+    assert (gate.running, gate.waiting) == (0, 0)
+
+
+async def test_the_gate_caps_an_addresss_and_a_registered_readers_running_turns(
+    tmp_path: Path,
+) -> None:
+    gate = TurnGate(
+        settings(tmp_path, visitor_running_turns=5, address_running_turns=2, user_running_turns=1),
+        capacity=None,
+    )
+    places: list[int] = []
+    eve = Who("eve", ALICE.address, anonymous=True)
+    dan_again = asyncio.Event()
+    eve_in = asyncio.Event()
+    at_once: list[int] = []
+    async with (
+        gate.turn(ALICE, wait=10, on_place=at_once.append),
+        gate.turn(BOB, wait=10, on_place=at_once.append),
+        gate.turn(DAN, wait=10, on_place=at_once.append),
+    ):
+        # A third anonymous cookie at the address waits (its address runs 2); so does Dan's
+        # second turn (a signed-in reader runs 1, whatever the address runs).
+
+        async def eve_turn() -> None:
+            async with gate.turn(eve, wait=10, on_place=places.append):
+                eve_in.set()
+
+        async def dan_turn() -> None:
+            async with gate.turn(DAN, wait=10, on_place=places.append):
+                dan_again.set()
+
+        waiting = [asyncio.create_task(eve_turn()), asyncio.create_task(dan_turn())]
+        await asyncio.sleep(0)
+        assert (gate.running, gate.waiting, places) == (3, 2, [1, 2])
+        assert not eve_in.is_set()
+        assert not dan_again.is_set()
+        # Elsewhere, a reader runs at once.
+        async with gate.turn(CAROL, wait=10, on_place=at_once.append):
+            assert gate.running == 4
+    await asyncio.gather(*waiting)
+    assert eve_in.is_set()
+    assert dan_again.is_set()
+    assert at_once == []
     assert (gate.running, gate.waiting) == (0, 0)
 
 
