@@ -18,6 +18,7 @@ from sqlalchemy import text as sql
 from blogchat.app import Content, load_content
 from blogchat.drafts import draft_of, new_answer
 from blogchat.engines.base import (
+    STOPPED_TOOL,
     AgentEngine,
     EngineEvent,
     TextDelta,
@@ -461,6 +462,44 @@ async def test_a_failed_turn_sends_its_error_then_done_and_the_chat_goes_on(
         ("error", "Half ", "Claude is overloaded right now."),
         ("complete", "Recovered.", None),
     ]
+
+
+async def test_a_turn_cut_after_its_stop_ran_out_of_time_ends_its_running_tool_as_stopped(
+    store: Store, open_session: Callable[..., Any]
+) -> None:
+    # The engine ignores the stop while its tool runs: the session cuts the turn.
+    stuck = Script(
+        [
+            TextDelta("Let me look. "),
+            ToolStarted("t1", "searchBlogContent", {"query": "starter"}),
+            ToolFinished("t1", "never reported", is_error=False),
+            TurnEnded("complete", "scripted-model"),
+        ],
+        hold_at=2,
+    )
+    session = await open_session(ScriptedEngine(stuck))
+    listener = Listener()
+    session.subscribe(listener, after_seq=None, request_id=None)
+    await ask(session, "Starter?")
+    await listener.until("tool_use")
+    session.stop()
+    frames = await listener.until("done")
+
+    (result,) = [frame for frame in frames if frame["type"] == "tool_result"]
+    assert (result["toolUseId"], result["isError"], result["output"]) == (
+        "t1",
+        True,
+        STOPPED_TOOL,
+    )
+    assert frames[-1]["reason"] == "stopped"
+    assert result["seq"] < frames[-1]["seq"]
+    saved = await store.chats.get_messages(session.chat.id)
+    (answer,) = [m for m in saved if m.role == "assistant"]
+    assert (answer.status, answer.text) == ("stopped", "Let me look. ")
+    assert [(c.tool_use_id, c.output, c.is_error) for c in answer.tool_calls] == [
+        ("t1", STOPPED_TOOL, True)
+    ]
+    stuck.gate.set()
 
 
 async def test_a_message_to_an_idle_chat_has_its_place_taken_while_saved_and_never_kept(

@@ -699,9 +699,21 @@ async def _watch_stop(page: Page) -> None:
         """() => {
             const client = document.getElementById('chat-app').chatClient;
             window.__stop = { doneAt: null };
-            document.getElementById('stop').addEventListener('click', () => {
+            const stop = document.getElementById('stop');
+            stop.addEventListener('click', () => {
                 window.__stop.clickedAt = performance.now();
             }, { capture: true });
+            // After the page's own click handler: the first frame drawn after the click.
+            stop.addEventListener('click', () => {
+                window.__stop.stoppingAtClick = client.state.stopping;
+                requestAnimationFrame(() => {
+                    window.__stop.firstFrame = {
+                        label: stop.textContent.trim(),
+                        disabled: stop.disabled,
+                        doneBefore: window.__stop.doneAt !== null,
+                    };
+                });
+            }, { once: true });
             client.on('state', (state, event) => {
                 if (event.type === 'done' && window.__stop.doneAt === null) {
                     window.__stop.doneAt = performance.now();
@@ -755,9 +767,13 @@ async def test_stop_freezes_the_text_at_the_click_and_done_follows(
         await chat.ask(f"{QUESTION} ({round_ + 1})")
         await chat.wait_for_streamed_text(120)
         await page.locator("#stop").click()
-        await expect(page.locator("#stop")).to_contain_text("Stopping")
         await chat.wait_for_answer("stopped", count=round_ + 1)
         stopped = await _stopped_answer(page)
+        # Until `done`, the button says the stop is under way and takes no second click
+        # (an answer that stopped before the next frame never shows it).
+        assert stopped["stoppingAtClick"] is True
+        first = await (await page.wait_for_function("() => window.__stop.firstFrame")).json_value()
+        assert first["doneBefore"] or (first["label"], first["disabled"]) == ("Stopping…", True)
         saved = await _saved_answer(chat, await chat.chat_id(), index=round_)
         _assert_frozen(stopped, saved["text"])
         timings.append(stopped["doneAt"] - stopped["clickedAt"])

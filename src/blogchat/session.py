@@ -24,6 +24,7 @@ from blogchat.content import Blog
 from blogchat.drafts import Draft, new_answer
 from blogchat.engines.base import (
     STOP_DEADLINE,
+    STOPPED_TOOL,
     AgentEngine,
     EngineEvent,
     Exchange,
@@ -649,6 +650,7 @@ class ChatSession:
                 raise
             # The graceful stop ran out of time: end the turn here with what we have.
             outcome = _Outcome(reason="stopped", model=pending.model_id)
+            await self._end_open_tools(draft)
         except Exception as exc:
             log.exception("chat %s: engine crashed", self.chat.id)
             outcome = _Outcome(
@@ -731,6 +733,15 @@ class ChatSession:
             log.warning("chat %s: graceful stop timed out; cutting the turn", self.chat.id)
             self._aborted = True
             self._consumer.cancel()
+
+    async def _end_open_tools(self, draft: Draft) -> None:
+        """A cut turn's tool calls that never reported back end as stopped, as the engine's
+        own graceful stop would have ended them: no saved call is left running."""
+        for call in list(draft.record.tool_calls):
+            if call.output is None:
+                ended = ToolFinished(call.tool_use_id, STOPPED_TOOL, is_error=True)
+                with contextlib.suppress(SeqsExhausted):
+                    await self._publish_event(draft, ended)
 
     async def _publish_event(self, draft: Draft, event: EngineEvent) -> None:
         async with self._lock:

@@ -38,6 +38,11 @@ STOP_PROMISE = 2.0
 STOP_DEADLINE = 1.6
 assert STOP_DEADLINE < STOP_PROMISE, "the session must cut a turn before the protocol's limit"
 
+# What a tool call still running when its turn ends reports, in every engine and when the
+# session cuts a turn whose graceful stop ran out of time.
+STOPPED_TOOL = "Stopped before the tool finished."
+CUT_TOOL = "The turn ended before the tool finished."
+
 
 @dataclass(frozen=True)
 class TurnRequest:

@@ -32,6 +32,8 @@ from claude_agent_sdk import (
 from blogchat import policy
 from blogchat.content import Post
 from blogchat.engines.base import (
+    CUT_TOOL,
+    STOPPED_TOOL,
     AgentEngine,
     EngineEvent,
     PastMessage,
@@ -57,8 +59,6 @@ log = logging.getLogger(__name__)
 
 # The earlier conversation handed to a chat that has no stored transcript, at most.
 MAX_CONTEXT_CHARS = 40_000
-STOPPED_TOOL = "Stopped before the tool finished."
-CUT_TOOL = "The turn ended before the tool finished."
 INTERRUPTED = (
     "The server stopped while you were answering; the reader saw your answer only up to "
     "where it breaks off below."

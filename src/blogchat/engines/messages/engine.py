@@ -30,7 +30,9 @@ from anthropic import AsyncAnthropic, DefaultAioHttpClient
 from anthropic.lib.tools import BetaAsyncBuiltinFunctionTool, ToolError
 
 from blogchat.engines.base import (
+    CUT_TOOL,
     STOP_DEADLINE,
+    STOPPED_TOOL,
     AgentEngine,
     EngineEvent,
     Exchange,
@@ -45,12 +47,7 @@ from blogchat.engines.base import (
     TurnRequest,
 )
 from blogchat.engines.claude import failures
-from blogchat.engines.claude.engine import (
-    CUT_SHORT_WARNINGS,
-    CUT_TOOL,
-    STOPPED_TOOL,
-    post_context,
-)
+from blogchat.engines.claude.engine import CUT_SHORT_WARNINGS, post_context
 from blogchat.engines.messages.conversation import EPHEMERAL, Message, messages_for, with_breakpoint
 from blogchat.engines.messages.prices import price_of, request_cost
 from blogchat.engines.text import sentence_end
