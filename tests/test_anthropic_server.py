@@ -137,6 +137,25 @@ def test_rules_match_the_latest_prompt_not_tool_results(api: AnthropicTestServer
     assert api.problems == []
 
 
+def test_rules_match_the_readers_words_not_the_context_the_app_puts_before_them(
+    api: AnthropicTestServer,
+) -> None:
+    # A chat whose agent process starts over carries its earlier conversation in the
+    # prompt: a rule for a question asked before must not catch the new one.
+    api.when_user_says("refused-key", error(401), repeat_last=True)
+    api.when_user_says("And now?", text("Now it works."))
+    earlier = (
+        "<post_context>\nThe reader opened this chat from a post.\n</post_context>\n\n"
+        "<earlier_conversation>\nReader: refused-key, please\n</earlier_conversation>\n\n"
+    )
+    with httpx.Client(base_url=api.base_url) as client:
+        again = client.post("/v1/messages", json=messages_body(earlier + "And now?"))
+        first = client.post("/v1/messages", json=messages_body(earlier + "refused-key again"))
+    assert streamed_text(sse_events(again.text)) == "Now it works."
+    assert first.status_code == 401
+    assert api.last_request().question == "refused-key again"
+
+
 def test_side_requests_never_consume_scripts(api: AnthropicTestServer) -> None:
     api.when_user_says("hello", text("scripted"))
     title_request = messages_body(

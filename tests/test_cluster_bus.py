@@ -302,6 +302,30 @@ async def test_a_read_gives_the_frames_exactly_and_nothing_past_the_log(
     assert await a.read(CHAT, after_seq=3) == LogRead(lease.epoch, 3, [])
 
 
+async def test_a_dead_holder_is_outlived_when_its_lease_lapses_or_another_takes_the_chat(
+    client: redis.asyncio.Redis,
+) -> None:
+    # A sender whose message found the owner not listening waits for it to be outlived:
+    # the lease lapses, or an instance that follows the chat takes it over first (then the
+    # sender forwards to that one instead of waiting out a lease nobody will let lapse).
+    a, b, c = (bus(client, name) for name in ("a", "b", "c"))
+    dead = await a.acquire(CHAT, floor=0)
+    assert isinstance(dead, Lease)
+    found = await c.holder(CHAT)
+    assert found == Holder("a", dead.fence)
+    assert not await c.outlived(CHAT, found, within=0.3, poll=0.05), "a still holds it"
+
+    await lapse(client, a)
+    assert await c.outlived(CHAT, found, within=0, poll=0.05), "lapsed"
+
+    taken = await b.acquire(CHAT, floor=0)
+    assert isinstance(taken, Lease)
+    assert await c.outlived(CHAT, found, within=0, poll=0.05), "taken over by b"
+    assert not await c.outlived(CHAT, await c.holder(CHAT), within=0, poll=0.05)
+    # Nobody held it when the message was sent: anyone holding it now is a live owner.
+    assert await c.outlived(CHAT, None, within=0, poll=0.05)
+
+
 # --- the list of leases, for the sweep of lapsed ones -----------------------------------------
 
 

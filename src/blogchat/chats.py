@@ -338,7 +338,7 @@ class Chats:
                     session.chat.id, visitor.id, visitor.anonymous, message, address
                 )
                 return True
-            except OwnerGone:
+            except OwnerGone as gone:
                 if attempt == 0:
                     # While the dead owner's lease runs out, this instance's agent process
                     # for the chat starts (resuming its transcript): it is likely to run
@@ -348,7 +348,7 @@ class Chats:
                         session.persona,
                         policy.model_id(self.settings, self.model_for(session.chat, visitor)),
                     )
-                if attempt == 0 and await self.cluster.lapsed(session.chat.id):
+                if attempt == 0 and await self.cluster.lapsed(session.chat.id, gone.holder):
                     session = await self._session(visitor, message.chat_id)
                     continue
                 exc = unreachable()

@@ -306,6 +306,12 @@ def _as_replies(responses: ResponseSpec | Sequence[ResponseSpec]) -> list[Reply]
 
 RequestKind: TypeAlias = Literal["main", "side", "count_tokens", "probe", "unknown"]
 _SYSTEM_REMINDER = "<system-reminder>"
+# The blocks of context the Claude engine puts before the reader's words in a prompt
+# (engines/claude/engine.py: `post_context`, `_prompt`, `interrupted_exchange`).
+_APP_CONTEXT = re.compile(
+    r"\A(?:<(post_context|earlier_conversation|interrupted_exchange)>\n.*?\n</\1>\n\n)+",
+    re.DOTALL,
+)
 
 
 def _texts_of(content: object) -> list[str]:
@@ -414,6 +420,14 @@ class RecordedRequest:
         """The latest user prompt: the text that started the current agent turn."""
         prompts = self.user_prompts
         return prompts[-1] if prompts else ""
+
+    @property
+    def question(self) -> str:
+        """The latest prompt without the context the app puts before the reader's words
+        (the post, the earlier conversation, an interrupted exchange): what the reader
+        asked. A rule matches on it, so a question asked again in a chat whose earlier
+        turn failed meets the rule for the new question, not the old one."""
+        return _APP_CONTEXT.sub("", self.prompt)
 
     @property
     def first_prompt(self) -> str:
@@ -1216,14 +1230,15 @@ class AnthropicTestServer:
     ) -> Rule:
         """Serve ``responses`` to requests whose user text contains ``needle``.
 
-        ``where="prompt"`` looks at the latest user prompt (the text that started the current
-        agent turn, so tool-result round-trips of that turn match too), ``"first"`` at the
+        ``where="prompt"`` looks at the latest user prompt without the app's context
+        (`RecordedRequest.question`: the reader's words that started the current agent
+        turn, so tool-result round-trips of that turn match too), ``"first"`` at the
         conversation's first prompt and ``"any"`` at every prompt.
         """
 
         def predicate(request: RecordedRequest) -> bool:
             if where == "prompt":
-                return needle in request.prompt
+                return needle in request.question
             if where == "first":
                 return needle in request.first_prompt
             return any(needle in p for p in request.user_prompts)

@@ -30,6 +30,7 @@ see another epoch know the log they mirrored is gone and fall back to the histor
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import Sequence
@@ -373,6 +374,22 @@ class Bus:
         """Who holds the chat's lease now, if anyone."""
         value = await self.client.get(self.key(chat_id, "lease"))
         return None if value is None else _holder(_text(value))
+
+    async def outlived(
+        self, chat_id: str, holder: Holder | None, *, within: float, poll: float
+    ) -> bool:
+        """Wait, at most `within` seconds, until `holder` (found not listening) holds the
+        chat's lease no more: it lapsed, or another instance took the chat over meanwhile
+        (the chat has a live owner again). Whether it did."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            now = await self.holder(chat_id)
+            if now is None or now != holder:
+                return True
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(poll)
 
     # --- the log ----------------------------------------------------------------------
 

@@ -7,9 +7,12 @@ the Redis client.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from blogchat import protocol as wire
+
+if TYPE_CHECKING:
+    from blogchat.cluster.bus import Holder
 
 
 class Commands(Protocol):
@@ -39,4 +42,9 @@ def unreachable() -> ForwardRefused:
 
 
 class OwnerGone(Exception):
-    """Nobody listens at the owner's inbox: it died (its lease lapses soon) or just left."""
+    """Nobody listens at the owner's inbox: it died (its lease lapses soon) or just left.
+    `holder` is who held the chat's lease then (None: nobody else did)."""
+
+    def __init__(self, chat_id: str, holder: Holder | None = None) -> None:
+        super().__init__(chat_id)
+        self.holder = holder

@@ -25,7 +25,7 @@ from redis.exceptions import LockError
 
 from blogchat import policy
 from blogchat import protocol as wire
-from blogchat.cluster.bus import Bus, Lease, Listed
+from blogchat.cluster.bus import Bus, Holder, Lease, Listed
 from blogchat.cluster.commands import Commands, ForwardRefused, OwnerGone, unreachable
 from blogchat.cluster.sessions import (
     FollowerSession,
@@ -195,10 +195,16 @@ class ClusterNode:
                     await session.catch_up(after_seq)
 
     async def claim(self, session: ChatSession, sessions: ChatSessions) -> ChatSession:
-        """A follower whose chat nobody owns any more becomes the owner, its readers kept."""
-        if not self.follows(session) or await self.bus.holder(session.chat.id) is not None:
+        """A follower whose chat nobody owns any more becomes the owner, its readers kept;
+        one this instance took over meanwhile (its owner died) is that owner's session."""
+        if not self.follows(session):
             return session
-        return await sessions.reopen(session.chat.id) or session
+        holder = await self.bus.holder(session.chat.id)
+        if holder is None:
+            return await sessions.reopen(session.chat.id) or session
+        if holder.instance == self.instance:
+            return await sessions.open(session.chat)
+        return session
 
     async def _own(self, chat: ChatRecord, lease: Lease, sessions: ChatSessions) -> ChatSession:
         # First the database's token: from here on an earlier owner (paused, not dead)
@@ -479,16 +485,15 @@ class ClusterNode:
         finally:
             self._taking_over.discard(chat_id)
 
-    async def lapsed(self, chat_id: str) -> bool:
-        """Wait, at most a lease's length, for the chat's lease to lapse (its holder is not
-        listening: it died); whether it did."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.lease_seconds + 1
-        while loop.time() < deadline:
-            if await self.bus.holder(chat_id) is None:
-                return True
-            await asyncio.sleep(LAPSE_POLL_SECONDS)
-        return False
+    async def lapsed(self, chat_id: str, holder: Holder | None) -> bool:
+        """Wait, at most a lease's length, for the chat's lease to lapse (`holder` is not
+        listening: it died) or for the chat to be taken over meanwhile, by this instance
+        or another; whether either happened."""
+        if holder is not None and holder.instance == self.instance:
+            return True
+        return await self.bus.outlived(
+            chat_id, holder, within=self.lease_seconds + 1, poll=LAPSE_POLL_SECONDS
+        )
 
     async def held(self, chat_ids: Collection[str]) -> set[str]:
         """Which of these chats some live instance holds now."""
@@ -568,12 +573,11 @@ class ClusterNode:
                 try:
                     await self._request(chat.id, {"op": "delete", "chat": chat.id})
                     return
-                except OwnerGone:
+                except OwnerGone as gone:
                     # Nobody holds the chat, or its owner died: this instance takes it
-                    # (once the dead owner's lease lapsed) and deletes it itself.
-                    holder = await self.bus.holder(chat.id)
-                    elsewhere = holder is not None and holder.instance != self.instance
-                    if elsewhere and not await self.lapsed(chat.id):
+                    # (once the dead owner's lease lapsed) and deletes it itself, or
+                    # asks whichever took it over meanwhile.
+                    if not await self.lapsed(chat.id, gone.holder):
                         raise unreachable() from None
             session = await self.claim(await sessions.open(chat), sessions)
             if not self.follows(session):
@@ -614,14 +618,14 @@ class ClusterNode:
         ForwardRefused (refused, or no answer)."""
         holder = await self.bus.holder(chat_id)
         if holder is None or holder.instance == self.instance:
-            raise OwnerGone(chat_id)
+            raise OwnerGone(chat_id, holder)
         request = str(uuid.uuid4())
         reply: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._replies[request] = reply
         command = {**command, "id": request, "from": self.instance}
         try:
             if not await self.client.publish(self.bus.inbox(holder.instance), json.dumps(command)):
-                raise OwnerGone(chat_id)
+                raise OwnerGone(chat_id, holder)
             try:
                 answer = await asyncio.wait_for(reply, FORWARD_TIMEOUT)
             except TimeoutError:
